@@ -1,0 +1,50 @@
+"""`python -m gateway` / `voicepipe gateway`: the gateway process under uvicorn."""
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from gateway.app import create_app
+from shared.config import Settings
+from shared.logging import setup_logging
+
+log = logging.getLogger("voicepipe.gateway")
+
+
+class GatewayServer(uvicorn.Server):
+    """Closes client sockets with 1001 before uvicorn tears connections down, so every session
+    publishes its disconnect event during shutdown."""
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:
+            server.close()  # stop taking new connections first
+        gateway = getattr(self.config.app.state, "gateway", None)
+        if gateway is not None:
+            await gateway.close_sessions(1001, "server shutting down")
+        await super().shutdown(sockets)
+
+
+def build_server(settings: Settings, host: str | None = None, port: int | None = None) -> GatewayServer:
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host or settings.host,
+        port=port if port is not None else settings.port,
+        ws_max_size=settings.max_audio_frame_bytes,
+        ws_ping_interval=settings.ping_interval_s,
+        ws_ping_timeout=settings.ping_timeout_s,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    return GatewayServer(config)
+
+
+def main(settings: Settings | None = None, host: str | None = None, port: int | None = None) -> None:
+    settings = settings or Settings()
+    setup_logging(settings.log_level, settings.log_format, "gateway")
+    build_server(settings, host, port).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The FastAPI application: routes, correlation ids, and the gateway's life."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.hub import Gateway
+from gateway.session import serve_client
+from shared.bus import create_redis
+from shared.config import Settings
+from shared.logging import log_context
+
+STATIC = Path(__file__).parent / "static"
+
+
+class CorrelationIdMiddleware:
+    """Every HTTP response carries X-Correlation-ID (the caller's, or a new UUID4)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-correlation-id")
+        correlation_id = incoming.decode() if incoming else str(uuid.uuid4())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Correlation-ID"] = correlation_id
+            await send(message)
+
+        with log_context(correlation_id=correlation_id):
+            await self.app(scope, receive, send_with_id)
+
+
+def create_app(settings: Settings, client: aioredis.Redis | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis_client = client or create_redis(settings.redis_url_or_default, settings.redis_max_connections)
+        gateway = Gateway(settings, redis_client)
+        app.state.gateway = gateway
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.aclose()
+            if client is None:
+                await redis_client.aclose()
+
+    app = FastAPI(title="voicepipe gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(CorrelationIdMiddleware)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        gateway: Gateway = app.state.gateway
+        try:
+            async with asyncio.timeout(1):
+                await gateway.redis.ping()
+                await gateway.directory.refresh()
+        except Exception as exc:
+            return JSONResponse({"status": "not_ready", "missing": ["redis"], "detail": str(exc)}, status_code=503)
+        workers = {stage: len(found) for stage, found in gateway.directory.workers.items()}
+        if missing := gateway.directory.missing():
+            return JSONResponse({"status": "not_ready", "missing": missing, "workers": workers}, status_code=503)
+        return JSONResponse({"status": "ready", "workers": workers})
+
+    @app.websocket("/v1/ws")
+    async def client_socket(websocket: WebSocket) -> None:
+        await serve_client(app.state.gateway, websocket)
+
+    return app

@@ -1,0 +1,299 @@
+"""One client WebSocket (PROTOCOL.md §1): a receive loop beside one sender task.
+
+The receive loop turns client frames into bus messages; `deliver` turns bus messages into client
+events and queues them for the sender. Whatever way the socket ends, `serve_client`'s `finally`
+ends the conversation exactly once."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from gateway.hub import Gateway, NotReady
+from gateway.turns import Turn
+from shared.clock import now_ms_float
+from shared.logging import log_context
+from shared.messages import (
+    AudioCommit,
+    AudioIn,
+    BusMessage,
+    ResponseCancel,
+    ResponseTextDelta,
+    ResponseTextDone,
+    SpeechStarted,
+    SpeechStopped,
+    StageError,
+    TextInput,
+    TranscriptFinal,
+    TranscriptPartial,
+    TtsAudio,
+    TtsAudioDone,
+    TtsAudioStarted,
+)
+from shared.messages.client import (
+    INPUT_AUDIO,
+    BadClientMessage,
+    InputAudioCommit,
+    Ping,
+    ResponseCancelRequest,
+    TextInputRequest,
+    parse_client_message,
+    server_event,
+)
+from shared.tasks import TaskSet
+
+log = logging.getLogger("voicepipe.gateway.session")
+
+OUTBOUND_LIMIT = 4096  # queued frames for one client; past it the client is too slow and is closed
+_CLOSE = object()
+
+
+class ClientSession:
+    def __init__(self, gateway: Gateway, websocket: WebSocket, conversation_id: str, route: dict[str, str]) -> None:
+        self.gateway = gateway
+        self.websocket = websocket
+        self.conversation_id = conversation_id
+        self.correlation_id = route["correlation_id"]
+        self.route = route
+        self.turns: dict[str, Turn] = {}
+        self.active_turn: str | None = None  # the turn whose response is under way
+        self.shutting_down = False
+        self._outbound: asyncio.Queue[object] = asyncio.Queue(OUTBOUND_LIMIT)
+        self._tasks = TaskSet(f"session:{conversation_id}")
+        self._envelope = {"conversation_id": conversation_id, "correlation_id": self.correlation_id}
+
+    # ---- outbound
+    def send_event(self, type_: str, turn_id: str | None = None, **fields: object) -> None:
+        self._enqueue(server_event(type_, turn_id, **fields))
+
+    def _enqueue(self, frame: object) -> None:
+        try:
+            self._outbound.put_nowait(frame)
+        except asyncio.QueueFull:
+            log.warning("client is not reading; closing the connection")
+            self._tasks.spawn(self.close(1011, "client too slow"), name="close-slow")
+
+    async def _send_loop(self) -> None:
+        while True:
+            frame = await self._outbound.get()
+            if frame is _CLOSE:
+                return
+            if isinstance(frame, bytes):
+                await self.websocket.send_bytes(frame)
+            else:
+                await self.websocket.send_text(frame)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        with contextlib.suppress(Exception):
+            if self.websocket.application_state == WebSocketState.CONNECTED:
+                await self.websocket.close(code, reason)
+
+    # ---- the connection
+    async def run(self) -> str:
+        """Serve the client until the socket ends; returns the disconnect reason."""
+        s = self.gateway.settings
+        self.send_event(
+            "session.started",
+            conversation_id=self.conversation_id,
+            correlation_id=self.correlation_id,
+            resume_token=self.route["resume_token"],
+            resumed=False,
+            input_audio=INPUT_AUDIO,
+            output_audio={
+                "encoding": "pcm_s16le",
+                "sample_rate": self.gateway.directory.output_sample_rate() or 22050,
+                "channels": 1,
+            },
+        )
+        sender = self._tasks.spawn(self._send_loop(), name="sender")
+        self._tasks.spawn(self._lease_loop(), name="lease")
+        receiver = self._tasks.spawn(self._receive_loop(), name="receiver")
+        try:
+            done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if receiver in done:
+                return receiver.result()
+            sender.result()  # raises what broke the sender
+            return "server_error"
+        finally:
+            await self._tasks.aclose()
+
+    async def _lease_loop(self) -> None:
+        interval = max(0.5, self.gateway.settings.stale_timeout_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            await self.gateway.refresh_lease(self.conversation_id)
+
+    async def _receive_loop(self) -> str:
+        limit = self.gateway.settings.max_audio_frame_bytes
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                code = message.get("code", 1005)
+                log.info("client socket closed with code %s", code)
+                return "timeout" if code == 1011 else "client_disconnect"
+            data = message.get("bytes")
+            if data is not None:
+                if len(data) > limit:
+                    await self.close(1009, "audio frame larger than 64 KiB")
+                    return "client_disconnect"
+                await self._on_audio(data)
+            elif message.get("text") is not None:
+                if len(message["text"]) > limit:
+                    await self.close(1009, "message larger than 64 KiB")
+                    return "client_disconnect"
+                await self._on_text(message["text"])
+
+    async def _on_audio(self, pcm: bytes) -> None:
+        if len(pcm) % 2:
+            self.send_event("error", code="bad_audio", message=f"audio frame of {len(pcm)} bytes is not whole 16-bit samples")
+            return
+        if pcm:
+            inbox = self.gateway.names.inbox("vad_stt", self.route["vad_stt"])
+            await self.gateway.bus.publish(inbox, AudioIn(received_ms=now_ms_float(), pcm=pcm, **self._envelope))
+
+    async def _on_text(self, text: str) -> None:
+        try:
+            request = parse_client_message(text)
+        except BadClientMessage as exc:
+            self.send_event("error", code="bad_message", message=str(exc))
+            return
+        names, bus = self.gateway.names, self.gateway.bus
+        if isinstance(request, Ping):
+            self.send_event("pong")
+        elif isinstance(request, InputAudioCommit):
+            await bus.publish(
+                names.inbox("vad_stt", self.route["vad_stt"]), AudioCommit(received_ms=now_ms_float(), **self._envelope)
+            )
+        elif isinstance(request, TextInputRequest):
+            turn_id = uuid.uuid4().hex[:16]
+            self.turns[turn_id] = Turn(turn_id, typed=True, transcript_ms=now_ms_float())
+            self.active_turn = turn_id
+            await bus.publish(
+                names.inbox("llm", self.route["llm"]), TextInput(turn_id=turn_id, text=request.text, **self._envelope)
+            )
+        elif isinstance(request, ResponseCancelRequest):
+            await self._cancel_response()
+
+    async def _cancel_response(self) -> None:
+        turn = self.turns.get(self.active_turn) if self.active_turn else None
+        if turn is None or turn.complete:
+            return
+        turn.cancelled = True
+        self.active_turn = None
+        await self.gateway.bus.publish(
+            self.gateway.names.inbox("llm", self.route["llm"]), ResponseCancel(turn_id=turn.turn_id, **self._envelope)
+        )
+        self.send_event("response.interrupted", turn.turn_id, reason="cancelled")
+
+    # ---- inbound from the bus
+    def deliver(self, message: BusMessage) -> None:
+        """Translate one bus message into client events (called by the gateway's inbox reader)."""
+        turn_id = message.turn_id
+        turn = self.turns.get(turn_id) if turn_id else None
+        if turn is not None and turn.cancelled:
+            return  # late output of a cancelled response
+        if turn is None and turn_id is not None:
+            turn = self.turns[turn_id] = Turn(turn_id)
+        now = now_ms_float()
+        match message:
+            case SpeechStarted():
+                self.send_event("speech.started", turn_id)
+            case SpeechStopped():
+                turn.speech_end_ms, turn.decided_ms = message.speech_end_ms, message.decided_ms
+                self.send_event("speech.stopped", turn_id)
+            case TranscriptPartial():
+                self.send_event("transcript.partial", turn_id, text=message.text)
+            case TranscriptFinal():
+                turn.transcript_ms, turn.stt_ms = now, message.stt_ms
+                self.send_event("transcript.final", turn_id, text=message.text)
+                if message.text:
+                    self.active_turn = turn_id
+                else:
+                    self.turns.pop(turn_id, None)
+            case ResponseTextDelta():
+                if turn.first_token_ms is None:
+                    turn.first_token_ms = now
+                self.send_event("response.text.delta", turn_id, delta=message.delta)
+            case ResponseTextDone():
+                turn.text, turn.pieces = message.text, message.sentences
+                turn.llm_ms, turn.llm_first_piece_ms = message.llm_ms, message.first_sentence_ms
+            case TtsAudioStarted():
+                self.send_event("response.audio.started", turn_id, sample_rate=message.sample_rate)
+            case TtsAudio():
+                if turn.first_audio_ms is None:
+                    turn.first_audio_ms = now
+                self._enqueue(message.pcm)
+            case TtsAudioDone():
+                turn.audio_done = True
+                turn.tts_ms, turn.tts_first_chunk_ms = message.tts_ms, message.first_chunk_ms
+                self.send_event("response.audio.done", turn_id)
+            case StageError():
+                self.send_event("error", turn_id, code=message.code, message=message.message)
+            case _:
+                log.debug("ignored %s", message.type)
+        if turn is not None and turn.complete and turn_id in self.turns:
+            self.turns.pop(turn_id)
+            if self.active_turn == turn_id:
+                self.active_turn = None
+            self.send_event("response.done", turn_id, text=turn.text, metrics=turn.metrics())
+
+
+def _policy_error(gateway: Gateway, websocket: WebSocket) -> str | None:
+    s = gateway.settings
+    if s.client_tokens and websocket.query_params.get("token") not in s.client_tokens:
+        return "missing or invalid token"
+    origin = websocket.headers.get("origin")
+    if s.allowed_origins and origin and origin not in s.allowed_origins:
+        return f"origin {origin} is not allowed"
+    return None
+
+
+async def serve_client(gateway: Gateway, websocket: WebSocket) -> None:
+    """The whole life of one client connection."""
+    correlation_id = websocket.headers.get("x-correlation-id") or str(uuid.uuid4())
+    with log_context(correlation_id=correlation_id):
+        if (problem := _policy_error(gateway, websocket)) is not None:
+            gateway.stats.rejected += 1
+            await websocket.accept()
+            await websocket.close(1008, problem)
+            log.info("connection refused: %s", problem)
+            return
+        conversation_id = str(uuid.uuid4())
+        with log_context(conversation_id=conversation_id):
+            await _serve_conversation(gateway, websocket, conversation_id, correlation_id)
+
+
+async def _serve_conversation(gateway: Gateway, websocket: WebSocket, conversation_id: str, correlation_id: str) -> None:
+    reason, detail, opened, session = "client_disconnect", None, False, None
+    try:
+        await websocket.accept()
+        route = await gateway.open_conversation(conversation_id, correlation_id)
+        opened = True
+        log.info("conversation opened: vad_stt=%s llm=%s tts=%s", route["vad_stt"], route["llm"], route["tts"])
+        session = ClientSession(gateway, websocket, conversation_id, route)
+        gateway.sessions[conversation_id] = session
+        reason = await session.run()
+        if session.shutting_down:
+            reason, detail = "server_error", "shutdown"
+    except NotReady as exc:
+        reason = "server_error"
+        log.warning("refusing conversation: %s", exc)
+        with contextlib.suppress(Exception):
+            await websocket.send_text(server_event("error", code="not_ready", message=str(exc)))
+            await websocket.close(1011, "pipeline not ready")
+    except WebSocketDisconnect:
+        reason = "client_disconnect"
+    except asyncio.CancelledError:
+        reason, detail = "server_error", "shutdown"
+        raise
+    except Exception:
+        reason = "server_error"
+        log.exception("connection failed")
+        if session is not None:
+            await session.close(1011, "internal error")
+    finally:
+        gateway.sessions.pop(conversation_id, None)
+        await asyncio.shield(gateway.end_conversation(conversation_id, correlation_id, reason, detail, opened=opened))

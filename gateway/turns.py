@@ -1,0 +1,57 @@
+"""Per-turn bookkeeping at the gateway and the `response.done` metrics (PROTOCOL.md §1.1).
+
+Every instant is the gateway's own clock (ms); stage durations come from the workers, so clocks
+of other machines never mix in."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Turn:
+    turn_id: str
+    typed: bool = False
+    speech_end_ms: float | None = None  # receive time of the last voiced frame
+    decided_ms: float | None = None  # receive time of the frame that ended the utterance
+    transcript_ms: float | None = None  # transcript arrived (or typed text received)
+    first_token_ms: float | None = None
+    first_audio_ms: float | None = None
+    stt_ms: float | None = None
+    llm_ms: float | None = None
+    llm_first_piece_ms: float | None = None
+    tts_ms: float | None = None
+    tts_first_chunk_ms: float | None = None
+    text: str | None = None
+    pieces: int = 0
+    audio_done: bool = False
+    cancelled: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.text is not None and (self.pieces == 0 or self.audio_done)
+
+    def metrics(self) -> dict[str, float]:
+        m: dict[str, float | None] = {}
+        if not self.typed:
+            m["speech_end_to_transcript_ms"] = _gap(self.speech_end_ms, self.transcript_ms)
+            m["speech_end_to_first_audio_ms"] = _gap(self.speech_end_ms, self.first_audio_ms)
+            m["stt_ms"] = self.stt_ms
+            m["endpointing_ms"] = _gap(self.speech_end_ms, self.decided_ms)
+        m["transcript_to_first_token_ms"] = _gap(self.transcript_ms, self.first_token_ms)
+        m["first_token_to_first_audio_ms"] = _gap(self.first_token_ms, self.first_audio_ms)
+        m["llm_ms"] = self.llm_ms
+        m["tts_ms"] = self.tts_ms if self.pieces else None
+        m["pipeline_overhead_ms"] = self._overhead()
+        return {k: round(v, 1) for k, v in m.items() if v is not None}
+
+    def _overhead(self) -> float | None:
+        """Time to first audio not spent in a model or waiting for silence: bus hops, queues, gateway."""
+        start = self.transcript_ms if self.typed else self.decided_ms
+        parts = [self.llm_first_piece_ms, self.tts_first_chunk_ms] + ([] if self.typed else [self.stt_ms])
+        if start is None or self.first_audio_ms is None or any(p is None for p in parts):
+            return None
+        return max(0.0, self.first_audio_ms - start - sum(parts))
+
+
+def _gap(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else end - start

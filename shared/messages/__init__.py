@@ -1,0 +1,32 @@
+"""Typed bus messages, one module per family. `BusMessage` is the union parsed at every boundary."""
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field, TypeAdapter
+
+from shared.messages.audio import AudioCommit, AudioIn
+from shared.messages.control import ConnectionDisconnected, StageError
+from shared.messages.envelope import Envelope
+from shared.messages.llm import ResponseCancel, ResponseTextDelta, ResponseTextDone
+from shared.messages.transcript import SpeechStarted, SpeechStopped, TextInput, TranscriptFinal, TranscriptPartial
+from shared.messages.tts import TtsAudio, TtsAudioDone, TtsAudioStarted, TtsEnd, TtsSpeak, TtsStop
+
+BusMessage = Annotated[
+    Union[
+        AudioIn, AudioCommit,
+        SpeechStarted, SpeechStopped, TranscriptPartial, TranscriptFinal, TextInput,
+        ResponseTextDelta, ResponseTextDone, ResponseCancel,
+        TtsSpeak, TtsEnd, TtsStop, TtsAudioStarted, TtsAudio, TtsAudioDone,
+        ConnectionDisconnected, StageError,
+    ],
+    Field(discriminator="type"),
+]
+bus_message_adapter: TypeAdapter[BusMessage] = TypeAdapter(BusMessage)
+
+__all__ = [
+    "AudioCommit", "AudioIn", "BusMessage", "ConnectionDisconnected", "Envelope", "ResponseCancel",
+    "ResponseTextDelta", "ResponseTextDone", "SpeechStarted", "SpeechStopped", "StageError", "TextInput",
+    "TranscriptFinal", "TranscriptPartial", "TtsAudio", "TtsAudioDone", "TtsAudioStarted", "TtsEnd",
+    "TtsSpeak", "TtsStop", "bus_message_adapter",
+]

@@ -1,0 +1,47 @@
+"""What the VAD/STT worker hears, and typed user turns."""
+from __future__ import annotations
+
+from typing import Literal
+
+from shared.messages.envelope import Envelope
+
+
+class SpeechStarted(Envelope):
+    """VAD/STT -> gateway: the user started speaking (opens a turn; `turn_id` is new)."""
+
+    type: Literal["speech.started"] = "speech.started"
+
+
+class SpeechStopped(Envelope):
+    """VAD/STT -> gateway: the utterance ended. A `TranscriptFinal` for the same turn follows.
+
+    `speech_end_ms`: gateway receive time of the last voiced frame; `decided_ms`: receive time of
+    the frame that completed the end-of-speech silence (or of the commit)."""
+
+    type: Literal["speech.stopped"] = "speech.stopped"
+    speech_end_ms: float
+    decided_ms: float
+
+
+class TranscriptPartial(Envelope):
+    """VAD/STT -> gateway: interim transcript while the user speaks (setting `STT_PARTIALS`)."""
+
+    type: Literal["transcript.partial"] = "transcript.partial"
+    text: str
+
+
+class TranscriptFinal(Envelope):
+    """VAD/STT -> gateway and -> the conversation's orchestrator: the user turn's text.
+
+    An empty text ends the turn at the gateway; the orchestrator only gets non-empty ones."""
+
+    type: Literal["transcript.final"] = "transcript.final"
+    text: str
+    stt_ms: float
+
+
+class TextInput(Envelope):
+    """Gateway -> orchestrator: a user turn typed instead of spoken."""
+
+    type: Literal["text.input"] = "text.input"
+    text: str

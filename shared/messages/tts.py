@@ -1,0 +1,54 @@
+"""Speech synthesis: requests to TTS and the audio it sends back."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from shared.messages.envelope import Envelope
+
+
+class TtsSpeak(Envelope):
+    """Orchestrator -> the conversation's TTS worker: speak this piece of the reply (in `seq` order)."""
+
+    type: Literal["tts.speak"] = "tts.speak"
+    text: str
+    seq: int
+
+
+class TtsEnd(Envelope):
+    """Orchestrator -> TTS: no more pieces for this turn; TTS answers `TtsAudioDone` once all are spoken."""
+
+    type: Literal["tts.end"] = "tts.end"
+    sentences: int
+
+
+class TtsStop(Envelope):
+    """Orchestrator -> every TTS worker on the TTS control channel: drop this conversation's speech
+    (one turn when `turn_id` is set, else everything)."""
+
+    type: Literal["tts.stop"] = "tts.stop"
+
+
+class TtsAudioStarted(Envelope):
+    """TTS -> gateway: audio for the turn follows at this sample rate."""
+
+    type: Literal["tts.audio.started"] = "tts.audio.started"
+    sample_rate: int
+
+
+class TtsAudio(Envelope):
+    """TTS -> gateway: a chunk of reply audio, PCM s16le mono, sent as raw bytes behind a header."""
+
+    type: Literal["tts.audio"] = "tts.audio"
+    seq: int
+    pcm: bytes = Field(default=b"", exclude=True, repr=False)
+
+
+class TtsAudioDone(Envelope):
+    """TTS -> gateway: every piece of the turn is spoken. `tts_ms` is total synthesis time,
+    `first_chunk_ms` the synthesis time of the first piece."""
+
+    type: Literal["tts.audio.done"] = "tts.audio.done"
+    tts_ms: float | None = None
+    first_chunk_ms: float | None = None

@@ -1,0 +1,1 @@
+"""The voicepipe command line and the local process supervisor (`voicepipe up`)."""

@@ -1,0 +1,57 @@
+"""`voicepipe`: up | gateway | worker STAGE | talk FILE.wav (PROTOCOL.md §4)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared.config import Settings
+
+WORKERS = {
+    "vad_stt": ("workers.vad_stt.handler", "VadSttWorker"),
+    "llm": ("workers.llm_orchestrator.handler", "LlmWorker"),
+    "tts": ("workers.tts.handler", "TtsWorker"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voicepipe", description="Distributed real-time voice assistant pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("up", "the whole stack on this machine"), ("gateway", "the gateway process")):
+        cmd = sub.add_parser(name, help=help_)
+        cmd.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+        cmd.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
+    worker = sub.add_parser("worker", help="one worker process")
+    worker.add_argument("stage", choices=sorted(WORKERS))
+    talk = sub.add_parser("talk", help="speak a WAV file to a running stack")
+    talk.add_argument("file", help="a PCM WAV file (any rate or channel count; converted to 16 kHz mono)")
+    talk.add_argument("--url", default=None, help="WebSocket URL (default ws://127.0.0.1:8000/v1/ws)")
+    talk.add_argument("--out", default="reply.wav", help="where to save the reply audio")
+    talk.add_argument("--timeout", type=float, default=60.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    settings = Settings()
+    if args.command == "up":
+        from shared.logging import setup_logging
+        from voicepipe.supervisor import up
+
+        setup_logging(settings.log_level, settings.log_format, "voicepipe-up")
+        sys.exit(up(settings, args.host or settings.host, args.port or settings.port))
+    if args.command == "gateway":
+        from gateway.__main__ import main as gateway_main
+
+        gateway_main(settings, args.host, args.port)
+    elif args.command == "worker":
+        import importlib
+
+        from workers.runtime import main as worker_main
+
+        module, cls = WORKERS[args.stage]
+        worker_main(getattr(importlib.import_module(module), cls), settings)
+    elif args.command == "talk":
+        from voicepipe.talk import talk
+
+        url = args.url or f"ws://127.0.0.1:{settings.port}/v1/ws"
+        sys.exit(talk(args.file, url, args.out, args.timeout))

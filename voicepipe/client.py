@@ -1,0 +1,95 @@
+"""A small WebSocket client of the voicepipe protocol, used by `voicepipe talk`, tests and benchmarks."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import websockets
+
+FRAME_BYTES = 640  # 20 ms at 16 kHz
+
+
+@dataclass
+class TurnResult:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    audio: bytearray = field(default_factory=bytearray)
+    first_audio_at: float | None = None  # time.monotonic() of the first reply audio byte
+    done: dict[str, Any] | None = None
+
+    def texts(self, type_: str) -> list[str]:
+        return [e.get("text", "") for e in self.events if e["type"] == type_]
+
+    @property
+    def transcript(self) -> str:
+        return " ".join(t for t in self.texts("transcript.final") if t)
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == "error"]
+
+
+class VoiceClient:
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        self.url = url
+        self.headers = headers or {}
+        self.ws: websockets.ClientConnection | None = None
+        self.session: dict[str, Any] = {}
+
+    async def __aenter__(self) -> "VoiceClient":
+        self.ws = await websockets.connect(self.url, additional_headers=self.headers, max_size=None)
+        self.session = json.loads(await self.ws.recv())
+        if self.session.get("type") != "session.started":
+            raise RuntimeError(f"expected session.started, got {self.session}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.ws.close()
+
+    @property
+    def output_rate(self) -> int:
+        return self.session["output_audio"]["sample_rate"]
+
+    async def send_speech(self, pcm: bytes, *, realtime: bool = True, trailing_silence_s: float = 1.0) -> float:
+        """Stream speech in 20 ms frames (at real-time pace unless told otherwise), then silence.
+
+        Returns the monotonic time the speech itself ended (before the trailing silence)."""
+        start = time.monotonic()
+        pcm = pcm + bytes(-len(pcm) % FRAME_BYTES)
+        speech_end = start
+        silence = bytes(int(trailing_silence_s * 16000) * 2)
+        for offset in range(0, len(pcm) + len(silence), FRAME_BYTES):
+            if offset == len(pcm):
+                speech_end = time.monotonic()
+            source = pcm if offset < len(pcm) else silence
+            position = offset if offset < len(pcm) else offset - len(pcm)
+            await self.ws.send(source[position : position + FRAME_BYTES])
+            if realtime:
+                ahead = start + (offset + FRAME_BYTES) / 32000 - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        return speech_end
+
+    async def send_json(self, message: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(message))
+
+    async def receive_turn(self, timeout: float = 60.0) -> TurnResult:
+        """Collect events until `response.done` (or a transcript that starts no response)."""
+        result = TurnResult()
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.ws.recv()
+                if isinstance(frame, bytes):
+                    if result.first_audio_at is None:
+                        result.first_audio_at = time.monotonic()
+                    result.audio += frame
+                    continue
+                event = json.loads(frame)
+                result.events.append(event)
+                if event["type"] == "response.done":
+                    result.done = event
+                    return result
+                if event["type"] == "transcript.final" and not event.get("text"):
+                    return result

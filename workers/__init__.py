@@ -1,0 +1,1 @@
+"""The pipeline's workers: vad_stt, llm_orchestrator, tts. Each is one process kind."""

@@ -1,0 +1,1 @@
+"""LLM orchestrator stage: streams the reply, hands sentences to TTS, keeps the history."""

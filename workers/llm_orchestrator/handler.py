@@ -1,0 +1,203 @@
+"""LLM orchestrator: one reply task per conversation; text to the gateway, pieces to TTS, history kept."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from shared.messages import (
+    BusMessage,
+    ResponseCancel,
+    ResponseTextDelta,
+    ResponseTextDone,
+    StageError,
+    TextInput,
+    TranscriptFinal,
+    TtsEnd,
+    TtsSpeak,
+    TtsStop,
+)
+from shared.tasks import TaskSet
+from workers.llm_orchestrator.history import HistoryStore
+from workers.llm_orchestrator.llm_client import ChatClient, LlmUnavailable
+from workers.llm_orchestrator.sentences import SentenceSplitter
+from workers.runtime import Route, Worker
+
+log = logging.getLogger("voicepipe.llm")
+
+
+class ChatConversation:
+    """What the orchestrator holds for one conversation: at most one reply under way."""
+
+    def __init__(self, conversation_id: str, route: Route) -> None:
+        self.conversation_id = conversation_id
+        self.route = route
+        self.tasks = TaskSet(f"llm:{conversation_id}")
+        self.reply: asyncio.Task[None] | None = None
+        self.reply_turn: str | None = None
+        self.upstream_streams = 0  # open HTTP streams to the LLM server
+
+    @property
+    def replying(self) -> bool:
+        return self.reply is not None and not self.reply.done()
+
+    async def cancel_reply(self) -> str | None:
+        """Stop the reply under way (closing its upstream stream); returns its turn id."""
+        task, turn = self.reply, self.reply_turn
+        self.reply, self.reply_turn = None, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return turn
+        return None
+
+
+class LlmWorker(Worker):
+    stage = "llm"
+
+    def __init__(self, settings, client, chat: ChatClient | None = None) -> None:
+        super().__init__(settings, client)
+        self.chat = chat
+        self.conversations: dict[str, ChatConversation] = {}
+        self.history = HistoryStore(
+            client,
+            self.names,
+            ttl_s=settings.resume_window_s,
+            max_messages=settings.history_max_messages,
+            max_chars=settings.history_max_chars,
+        )
+
+    async def load(self) -> None:
+        if self.chat is None:
+            s = self.settings
+            if not s.llm_base_url:
+                raise SystemExit("VOICEPIPE_LLM_BASE_URL is not set (voicepipe up starts an embedded LLM for you)")
+            self.chat = ChatClient(
+                s.llm_base_url,
+                s.llm_model,
+                api_key=s.llm_api_key,
+                timeout_s=s.llm_timeout_s,
+                max_tokens=s.llm_max_tokens,
+                temperature=s.llm_temperature,
+            )
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self.chat is not None:
+            await self.chat.aclose()
+
+    def conversation_ids(self) -> list[str]:
+        return list(self.conversations)
+
+    def holds(self, conversation_id: str) -> dict[str, int]:
+        conv = self.conversations.get(conversation_id)
+        return {
+            "conversation": int(conv is not None),
+            "generation_tasks": int(conv.replying) if conv else 0,
+            "upstream_streams": conv.upstream_streams if conv else 0,
+        }
+
+    def resources(self) -> dict[str, int]:
+        convs = self.conversations.values()
+        return {
+            "conversations": len(self.conversations),
+            "generation_tasks": sum(c.replying for c in convs),
+            "upstream_streams": sum(c.upstream_streams for c in convs),
+        }
+
+    async def close_conversation(self, conversation_id: str) -> None:
+        conv = self.conversations.pop(conversation_id, None)
+        if conv is None:
+            return
+        await conv.cancel_reply()
+        await conv.tasks.aclose()
+        await self.bus.publish(
+            self.names.tts_control,
+            TtsStop(conversation_id=conversation_id, correlation_id=conv.route.correlation_id),
+        )
+        await self.history.keep_for_resume(conversation_id)
+
+    async def handle(self, channel: str, message: BusMessage) -> None:
+        if isinstance(message, (TranscriptFinal, TextInput)):
+            conv = await self._conversation(message)
+            if conv is not None and message.text.strip():
+                await self._stop_reply(conv)
+                conv.reply_turn = message.turn_id
+                conv.reply = conv.tasks.spawn(self._respond(conv, message.turn_id, message.text), name="reply")
+        elif isinstance(message, ResponseCancel):
+            conv = self.conversations.get(message.conversation_id)
+            if conv is not None:
+                await self._stop_reply(conv)
+        else:
+            log.warning("unexpected %s on %s", message.type, channel)
+
+    async def _conversation(self, message: BusMessage) -> ChatConversation | None:
+        conv = self.conversations.get(message.conversation_id)
+        if conv is None:
+            route = await self.lookup_route(message.conversation_id)
+            if route is None or self.is_ended(message.conversation_id):
+                log.debug("dropped %s: conversation is not connected", message.type)
+                return None
+            conv = self.conversations[message.conversation_id] = ChatConversation(message.conversation_id, route)
+        return conv
+
+    async def _stop_reply(self, conv: ChatConversation) -> None:
+        turn = await conv.cancel_reply()
+        if turn is not None:
+            log.info("reply for turn %s stopped", turn)
+            await self.bus.publish(
+                self.names.tts_control,
+                TtsStop(conversation_id=conv.conversation_id, correlation_id=conv.route.correlation_id, turn_id=turn),
+            )
+
+    async def _respond(self, conv: ChatConversation, turn_id: str | None, user_text: str) -> None:
+        envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": turn_id}
+        gateway = self.names.inbox("gateway", conv.route.gateway)
+        tts = self.names.inbox("tts", conv.route.tts)
+        history = await self.history.load(conv.conversation_id)
+        messages = [{"role": "system", "content": self.settings.system_prompt}, *history, {"role": "user", "content": user_text}]
+        splitter = SentenceSplitter(self.settings.first_clause_min_words)
+        reply: list[str] = []
+        first_sentence_ms: float | None = None
+        failed = False
+        started = time.perf_counter()
+
+        async def speak(piece: str) -> None:
+            nonlocal first_sentence_ms
+            if first_sentence_ms is None:
+                first_sentence_ms = round((time.perf_counter() - started) * 1000, 1)
+            await self.bus.publish(tts, TtsSpeak(text=piece, seq=splitter.pieces - 1, **envelope))
+
+        conv.upstream_streams += 1
+        try:
+            async with contextlib.aclosing(self.chat.stream_chat(messages)) as stream:
+                async for delta in stream:
+                    reply.append(delta)
+                    await self.bus.publish(gateway, ResponseTextDelta(delta=delta, **envelope))
+                    for piece in splitter.feed(delta):
+                        await speak(piece)
+        except LlmUnavailable as exc:
+            failed = True
+            log.warning("LLM failed: %s", exc)
+            await self.bus.publish(gateway, StageError(code="llm_unavailable", message=str(exc), **envelope))
+        finally:
+            conv.upstream_streams -= 1
+        llm_ms = round((time.perf_counter() - started) * 1000, 1)
+        if (rest := splitter.flush()) is not None:
+            await speak(rest)
+        if splitter.pieces:
+            await self.bus.publish(tts, TtsEnd(sentences=splitter.pieces, **envelope))
+        text = "".join(reply).strip()
+        await self.bus.publish(
+            gateway,
+            ResponseTextDone(
+                text=text, sentences=splitter.pieces, llm_ms=llm_ms, first_sentence_ms=first_sentence_ms, **envelope
+            ),
+        )
+        log.info("reply of %d pieces in %.0f ms (first piece at %s ms)", splitter.pieces, llm_ms, first_sentence_ms)
+        if not failed and text:
+            await self.history.append(
+                conv.conversation_id, {"role": "user", "content": user_text}, {"role": "assistant", "content": text}
+            )

@@ -1,0 +1,162 @@
+"""TTS worker: one ordered speech queue per conversation; audio goes back in small chunks.
+
+While it speaks for a conversation the key `tts_active` exists (absent means false)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from shared.messages import BusMessage, TtsAudio, TtsAudioDone, TtsAudioStarted, TtsEnd, TtsSpeak, TtsStop
+from shared.tasks import TaskSet
+from workers.runtime import Route, Worker
+from workers.tts.voice import Voice
+
+log = logging.getLogger("voicepipe.tts")
+
+
+@dataclass
+class TurnAudio:
+    started: bool = False
+    chunks: int = 0
+    tts_ms: float = 0.0
+    first_chunk_ms: float | None = None
+
+
+@dataclass
+class SpeechConversation:
+    """What the TTS worker holds for one conversation; `aclose` releases all of it."""
+
+    conversation_id: str
+    route: Route
+    queue: deque[TtsSpeak | TtsEnd] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    turns: dict[str | None, TurnAudio] = field(default_factory=dict)
+    speaker: asyncio.Task[None] | None = None
+    tasks: TaskSet = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tasks = TaskSet(f"tts:{self.conversation_id}")
+
+    async def stop_speaker(self) -> None:
+        task, self.speaker = self.speaker, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class TtsWorker(Worker):
+    stage = "tts"
+
+    def __init__(self, settings, client, voice: Voice | None = None) -> None:
+        super().__init__(settings, client)
+        self.voice = voice
+        self.conversations: dict[str, SpeechConversation] = {}
+
+    async def load(self) -> None:
+        if self.voice is None:
+            self.voice = await asyncio.to_thread(Voice, self.settings.tts_model_path, self.settings.tts_config_path)
+            await asyncio.to_thread(self.voice.warm_up)
+
+    def extra_channels(self) -> list[str]:
+        return [self.names.tts_control]
+
+    def heartbeat_info(self) -> dict[str, object]:
+        return {"sample_rate": self.voice.sample_rate if self.voice else None}
+
+    def conversation_ids(self) -> list[str]:
+        return list(self.conversations)
+
+    def holds(self, conversation_id: str) -> dict[str, int]:
+        conv = self.conversations.get(conversation_id)
+        speaking = int(conv is not None and conv.speaker is not None and not conv.speaker.done())
+        return {
+            "conversation": int(conv is not None),
+            "synthesis_tasks": speaking,
+            "queued_requests": len(conv.queue) if conv else 0,
+        }
+
+    def resources(self) -> dict[str, int]:
+        convs = self.conversations.values()
+        return {
+            "conversations": len(self.conversations),
+            "synthesis_tasks": sum(1 for c in convs if c.speaker is not None and not c.speaker.done()),
+            "queued_requests": sum(len(c.queue) for c in convs),
+        }
+
+    async def close_conversation(self, conversation_id: str) -> None:
+        conv = self.conversations.pop(conversation_id, None)
+        if conv is None:
+            return
+        conv.queue.clear()
+        await conv.stop_speaker()
+        await conv.tasks.aclose()
+        await self.redis.delete(self.names.tts_active(conversation_id))
+
+    async def handle(self, channel: str, message: BusMessage) -> None:
+        if isinstance(message, (TtsSpeak, TtsEnd)):
+            conv = self.conversations.get(message.conversation_id)
+            if conv is None:
+                route = await self.lookup_route(message.conversation_id)
+                if route is None or self.is_ended(message.conversation_id):
+                    log.debug("dropped %s: conversation is not connected", message.type)
+                    return
+                conv = self.conversations[message.conversation_id] = SpeechConversation(message.conversation_id, route)
+            conv.queue.append(message)
+            if conv.speaker is None or conv.speaker.done():
+                conv.speaker = conv.tasks.spawn(self._speak(conv), name="speaker")
+        elif isinstance(message, TtsStop):
+            await self._stop(message)
+        else:
+            log.warning("unexpected %s on %s", message.type, channel)
+
+    async def _stop(self, message: TtsStop) -> None:
+        conv = self.conversations.get(message.conversation_id)
+        if conv is None:
+            return
+        if message.turn_id is None:
+            await self.close_conversation(message.conversation_id)
+            return
+        if conv.queue and conv.queue[0].turn_id == message.turn_id:
+            await conv.stop_speaker()  # it is speaking the stopped turn right now
+        conv.queue = deque(item for item in conv.queue if item.turn_id != message.turn_id)
+        conv.turns.pop(message.turn_id, None)
+        if not conv.queue:
+            await self.redis.delete(self.names.tts_active(conv.conversation_id))
+        elif conv.speaker is None or conv.speaker.done():
+            conv.speaker = conv.tasks.spawn(self._speak(conv), name="speaker")
+
+    async def _speak(self, conv: SpeechConversation) -> None:
+        """Speak queued pieces in order until the queue is empty."""
+        gateway = self.names.inbox("gateway", conv.route.gateway)
+        active_key = self.names.tts_active(conv.conversation_id)
+        await self.redis.set(active_key, "1", ex=max(1, int(self.settings.stale_timeout_s)))
+        while conv.queue:
+            item = conv.queue[0]
+            envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": item.turn_id}
+            turn = conv.turns.setdefault(item.turn_id, TurnAudio())
+            if isinstance(item, TtsSpeak):
+                pcm, ms = await self.voice.asynthesize(item.text)
+                turn.tts_ms += ms
+                if turn.first_chunk_ms is None:
+                    turn.first_chunk_ms = round(ms, 1)
+                if not turn.started:
+                    turn.started = True
+                    await self.bus.publish(gateway, TtsAudioStarted(sample_rate=self.voice.sample_rate, **envelope))
+                await self._send_audio(gateway, turn, pcm, envelope)
+            else:
+                conv.turns.pop(item.turn_id, None)
+                await self.bus.publish(
+                    gateway, TtsAudioDone(tts_ms=round(turn.tts_ms, 1), first_chunk_ms=turn.first_chunk_ms, **envelope)
+                )
+            conv.queue.popleft()
+        await self.redis.delete(active_key)
+
+    async def _send_audio(self, gateway: str, turn: TurnAudio, pcm: bytes, envelope: dict) -> None:
+        step = self.voice.sample_rate * 2 * self.settings.tts_chunk_ms // 1000
+        for start in range(0, len(pcm), step):
+            await self.bus.publish(gateway, TtsAudio(seq=turn.chunks, pcm=pcm[start : start + step], **envelope))
+            turn.chunks += 1

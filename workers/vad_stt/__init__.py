@@ -1,0 +1,1 @@
+"""VAD/STT stage: webrtcvad finds the utterance, faster-whisper transcribes it."""

@@ -1,0 +1,148 @@
+"""VAD/STT worker: one audio processor per conversation; utterances go to whisper, text goes on."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import webrtcvad
+
+from shared.clock import now_ms_float
+from shared.messages import AudioCommit, AudioIn, BusMessage, SpeechStarted, SpeechStopped, TranscriptFinal
+from shared.tasks import TaskSet
+from workers.runtime import Route, Worker
+from workers.vad_stt.segmenter import SAMPLE_RATE, Segmenter, SpeechEnd, SpeechStart
+from workers.vad_stt.stt import Transcriber
+
+log = logging.getLogger("voicepipe.vad_stt")
+
+
+class AudioConversation:
+    """Everything the worker holds for one conversation; `aclose` releases all of it."""
+
+    def __init__(self, conversation_id: str, route: Route, segmenter: Segmenter) -> None:
+        self.conversation_id = conversation_id
+        self.route = route
+        self.segmenter = segmenter
+        self.turn_id: str | None = None
+        self.tasks = TaskSet(f"vad_stt:{conversation_id}")
+        self.transcribe_lock = asyncio.Lock()  # transcripts leave in utterance order
+        self.last_activity_ms = now_ms_float()
+
+    async def aclose(self) -> None:
+        await self.tasks.aclose()
+
+
+class VadSttWorker(Worker):
+    stage = "vad_stt"
+
+    def __init__(self, settings, client, transcriber: Transcriber | None = None) -> None:
+        super().__init__(settings, client)
+        self.transcriber = transcriber
+        self.conversations: dict[str, AudioConversation] = {}
+
+    async def load(self) -> None:
+        if self.transcriber is None:
+            s = self.settings
+            self.transcriber = await asyncio.to_thread(
+                Transcriber, s.stt_model_path, threads=s.stt_threads, beam_size=s.stt_beam_size
+            )
+            await asyncio.to_thread(self.transcriber.warm_up)
+
+    def conversation_ids(self) -> list[str]:
+        return list(self.conversations)
+
+    def holds(self, conversation_id: str) -> dict[str, int]:
+        conv = self.conversations.get(conversation_id)
+        return {
+            "audio_processor": int(conv is not None),
+            "tasks": len(conv.tasks) if conv else 0,
+            "buffered_audio_bytes": conv.segmenter.buffered_bytes if conv else 0,
+        }
+
+    def resources(self) -> dict[str, int]:
+        return {
+            "conversations": len(self.conversations),
+            "audio_processors": len(self.conversations),
+            "tasks": sum(len(c.tasks) for c in self.conversations.values()),
+        }
+
+    async def close_conversation(self, conversation_id: str) -> None:
+        conv = self.conversations.pop(conversation_id, None)
+        if conv is not None:
+            await conv.aclose()
+
+    def _new_segmenter(self) -> Segmenter:
+        s = self.settings
+        vad = webrtcvad.Vad(s.vad_aggressiveness)
+        return Segmenter(
+            lambda frame: vad.is_speech(frame, SAMPLE_RATE),
+            frame_ms=s.vad_frame_ms,
+            start_ms=s.vad_start_ms,
+            end_silence_ms=s.vad_end_silence_ms,
+            preroll_ms=s.vad_preroll_ms,
+            min_utterance_ms=s.vad_min_utterance_ms,
+            max_utterance_ms=s.vad_max_utterance_ms,
+        )
+
+    async def _conversation(self, message: BusMessage) -> AudioConversation | None:
+        conv = self.conversations.get(message.conversation_id)
+        if conv is None:
+            route = await self.lookup_route(message.conversation_id)
+            if route is None or self.is_ended(message.conversation_id):
+                log.debug("dropped %s: conversation is not connected", message.type)
+                return None
+            conv = AudioConversation(message.conversation_id, route, self._new_segmenter())
+            self.conversations[message.conversation_id] = conv
+            log.info("audio processor opened")
+        conv.last_activity_ms = now_ms_float()
+        return conv
+
+    async def handle(self, channel: str, message: BusMessage) -> None:
+        if isinstance(message, AudioIn):
+            conv = await self._conversation(message)
+            if conv is not None:
+                await self._emit(conv, conv.segmenter.feed(message.pcm, message.received_ms))
+        elif isinstance(message, AudioCommit):
+            conv = await self._conversation(message)
+            if conv is not None:
+                await self._emit(conv, conv.segmenter.commit(message.received_ms))
+        else:
+            log.warning("unexpected %s on %s", message.type, channel)
+
+    async def _emit(self, conv: AudioConversation, events: list[SpeechStart | SpeechEnd]) -> None:
+        gateway_inbox = self.names.inbox("gateway", conv.route.gateway)
+        envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id}
+        for event in events:
+            if isinstance(event, SpeechStart):
+                conv.turn_id = uuid.uuid4().hex[:16]
+                await self.bus.publish(gateway_inbox, SpeechStarted(turn_id=conv.turn_id, **envelope))
+                continue
+            turn_id = conv.turn_id
+            await self.bus.publish(
+                gateway_inbox,
+                SpeechStopped(
+                    turn_id=turn_id, speech_end_ms=event.speech_end_ms, decided_ms=event.decided_ms, **envelope
+                ),
+            )
+            if event.audio:
+                conv.tasks.spawn(self._transcribe(conv, turn_id, event.audio), name=f"transcribe:{turn_id}")
+            else:
+                await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=turn_id, text="", stt_ms=0, **envelope))
+
+    async def _transcribe(self, conv: AudioConversation, turn_id: str | None, audio: bytes) -> None:
+        async with conv.transcribe_lock:
+            text, stt_ms = await self.transcriber.atranscribe(audio)
+        if self.conversations.get(conv.conversation_id) is not conv:
+            return  # the conversation ended while whisper ran: publish nothing for it
+        log.info("transcribed %.1f s of audio in %.0f ms: %r", len(audio) / 32000, stt_ms, text)
+        final = TranscriptFinal(
+            conversation_id=conv.conversation_id,
+            correlation_id=conv.route.correlation_id,
+            turn_id=turn_id,
+            text=text,
+            stt_ms=round(stt_ms, 1),
+        )
+        await self.bus.publish(self.names.inbox("gateway", conv.route.gateway), final)
+        if text:
+            await self.bus.publish(self.names.inbox("llm", conv.route.llm), final)

@@ -1,0 +1,120 @@
+"""Turns a stream of PCM frames into utterances. Pure logic: the VAD decision is injected.
+
+Idle, it keeps a short pre-roll; `start_ms` of voiced audio starts speech; `end_silence_ms` of
+unvoiced audio (or a commit, or `max_utterance_ms`) ends it. Every frame carries the gateway's
+receive time, so "speech end" is the arrival of the last voiced frame."""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+SAMPLE_RATE = 16000
+BYTES_PER_MS = SAMPLE_RATE * 2 // 1000
+
+
+@dataclass(frozen=True)
+class SpeechStart:
+    pass
+
+
+@dataclass(frozen=True)
+class SpeechEnd:
+    audio: bytes  # the utterance, pre-roll included; empty when too short to transcribe
+    speech_end_ms: float
+    decided_ms: float
+
+
+Event = SpeechStart | SpeechEnd
+
+
+class Segmenter:
+    def __init__(
+        self,
+        is_speech: Callable[[bytes], bool],
+        *,
+        frame_ms: int = 20,
+        start_ms: int = 60,
+        end_silence_ms: int = 300,
+        preroll_ms: int = 200,
+        min_utterance_ms: int = 200,
+        max_utterance_ms: int = 15000,
+    ) -> None:
+        self._is_speech = is_speech
+        self.frame_ms = frame_ms
+        self._frame_bytes = frame_ms * BYTES_PER_MS
+        self._start_frames = max(1, start_ms // frame_ms)
+        self._end_frames = max(1, end_silence_ms // frame_ms)
+        self._min_bytes = min_utterance_ms * BYTES_PER_MS
+        self._max_bytes = max_utterance_ms * BYTES_PER_MS
+        self._pending = bytearray()
+        self._preroll: deque[bytes] = deque(maxlen=max(1, preroll_ms // frame_ms) + self._start_frames)
+        self._voiced_run = 0
+        self._speaking = False
+        self._utterance = bytearray()
+        self._silent_frames = 0
+        self._last_voiced_ms = 0.0
+        self.frames_seen = 0
+
+    @property
+    def speaking(self) -> bool:
+        return self._speaking
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._pending) + len(self._utterance) + sum(len(f) for f in self._preroll)
+
+    def feed(self, pcm: bytes, received_ms: float) -> list[Event]:
+        """Add client audio (any even length); returns the events it completes."""
+        self._pending += pcm
+        events: list[Event] = []
+        size = self._frame_bytes
+        while len(self._pending) >= size:
+            frame = bytes(self._pending[:size])
+            del self._pending[:size]
+            event = self._frame(frame, received_ms)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def commit(self, received_ms: float) -> list[Event]:
+        """End the current utterance now; nothing happens when no speech is under way."""
+        if not self._speaking:
+            return []
+        self._utterance += self._pending
+        self._pending.clear()
+        return [self._end(received_ms)]
+
+    def _frame(self, frame: bytes, received_ms: float) -> Event | None:
+        self.frames_seen += 1
+        voiced = self._is_speech(frame)
+        if not self._speaking:
+            self._preroll.append(frame)
+            self._voiced_run = self._voiced_run + 1 if voiced else 0
+            if self._voiced_run >= self._start_frames:
+                self._speaking = True
+                self._utterance = bytearray(b"".join(self._preroll))
+                self._preroll.clear()
+                self._silent_frames = 0
+                self._last_voiced_ms = received_ms
+                return SpeechStart()
+            return None
+        self._utterance += frame
+        if voiced:
+            self._silent_frames = 0
+            self._last_voiced_ms = received_ms
+        else:
+            self._silent_frames += 1
+        if self._silent_frames >= self._end_frames or len(self._utterance) >= self._max_bytes:
+            return self._end(received_ms)
+        return None
+
+    def _end(self, decided_ms: float) -> SpeechEnd:
+        voiced_bytes = len(self._utterance) - self._silent_frames * self._frame_bytes
+        audio = bytes(self._utterance) if voiced_bytes >= self._min_bytes else b""
+        event = SpeechEnd(audio=audio, speech_end_ms=self._last_voiced_ms, decided_ms=decided_ms)
+        self._speaking = False
+        self._utterance = bytearray()
+        self._voiced_run = 0
+        self._silent_frames = 0
+        return event
