@@ -207,7 +207,7 @@ class ClientSession:
             case TranscriptPartial():
                 self.send_event("transcript.partial", turn_id, text=message.text)
             case TranscriptFinal():
-                turn.transcript_ms, turn.stt_ms = now, message.stt_ms
+                turn.transcript_ms, turn.stt_ms, turn.stt_wait_ms = now, message.stt_ms, message.stt_wait_ms
                 self.send_event("transcript.final", turn_id, text=message.text)
                 if message.text:
                     self.active_turn = turn_id

@@ -17,6 +17,7 @@ class Turn:
     first_token_ms: float | None = None
     first_audio_ms: float | None = None
     stt_ms: float | None = None
+    stt_wait_ms: float | None = None
     llm_ms: float | None = None
     llm_first_piece_ms: float | None = None
     tts_ms: float | None = None
@@ -47,7 +48,7 @@ class Turn:
     def _overhead(self) -> float | None:
         """Time to first audio not spent in a model or waiting for silence: bus hops, queues, gateway."""
         start = self.transcript_ms if self.typed else self.decided_ms
-        parts = [self.llm_first_piece_ms, self.tts_first_chunk_ms] + ([] if self.typed else [self.stt_ms])
+        parts = [self.llm_first_piece_ms, self.tts_first_chunk_ms] + ([] if self.typed else [self.stt_wait_ms])
         if start is None or self.first_audio_ms is None or any(p is None for p in parts):
             return None
         return max(0.0, self.first_audio_ms - start - sum(parts))

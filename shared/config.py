@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     vad_preroll_ms: int = 200  # audio kept from before the start, so the first word is whole
     vad_min_utterance_ms: int = 200
     vad_max_utterance_ms: int = 15000
+    stt_speculate_after_ms: int = 100  # start transcribing after this much silence (0: only at the end)
     stt_partials: bool = False
     stt_beam_size: int = 1
     stt_threads: int = 2

@@ -33,11 +33,14 @@ class TranscriptPartial(Envelope):
 class TranscriptFinal(Envelope):
     """VAD/STT -> gateway and -> the conversation's orchestrator: the user turn's text.
 
-    An empty text ends the turn at the gateway; the orchestrator only gets non-empty ones."""
+    An empty text ends the turn at the gateway; the orchestrator only gets non-empty ones.
+    `stt_ms`: whisper compute time; `stt_wait_ms`: how long the worker took from the end-of-speech
+    decision to the transcript (smaller than `stt_ms` when transcription started early)."""
 
     type: Literal["transcript.final"] = "transcript.final"
     text: str
     stt_ms: float
+    stt_wait_ms: float | None = None
 
 
 class TextInput(Envelope):

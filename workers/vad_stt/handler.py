@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import webrtcvad
@@ -11,7 +12,7 @@ from shared.clock import now_ms_float
 from shared.messages import AudioCommit, AudioIn, BusMessage, SpeechStarted, SpeechStopped, TranscriptFinal
 from shared.tasks import TaskSet
 from workers.runtime import Route, Worker
-from workers.vad_stt.segmenter import SAMPLE_RATE, Segmenter, SpeechEnd, SpeechStart
+from workers.vad_stt.segmenter import SAMPLE_RATE, Event, Segmenter, SpeechPaused, SpeechResumed, SpeechStart
 from workers.vad_stt.stt import Transcriber
 
 log = logging.getLogger("voicepipe.vad_stt")
@@ -27,6 +28,7 @@ class AudioConversation:
         self.turn_id: str | None = None
         self.tasks = TaskSet(f"vad_stt:{conversation_id}")
         self.transcribe_lock = asyncio.Lock()  # transcripts leave in utterance order
+        self.speculation: asyncio.Task[tuple[str, float]] | None = None  # early transcript of a pause
         self.last_activity_ms = now_ms_float()
 
     async def aclose(self) -> None:
@@ -83,6 +85,7 @@ class VadSttWorker(Worker):
             preroll_ms=s.vad_preroll_ms,
             min_utterance_ms=s.vad_min_utterance_ms,
             max_utterance_ms=s.vad_max_utterance_ms,
+            speculate_after_ms=s.stt_speculate_after_ms,
         )
 
     async def _conversation(self, message: BusMessage) -> AudioConversation | None:
@@ -110,7 +113,7 @@ class VadSttWorker(Worker):
         else:
             log.warning("unexpected %s on %s", message.type, channel)
 
-    async def _emit(self, conv: AudioConversation, events: list[SpeechStart | SpeechEnd]) -> None:
+    async def _emit(self, conv: AudioConversation, events: list[Event]) -> None:
         gateway_inbox = self.names.inbox("gateway", conv.route.gateway)
         envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id}
         for event in events:
@@ -118,6 +121,15 @@ class VadSttWorker(Worker):
                 conv.turn_id = uuid.uuid4().hex[:16]
                 await self.bus.publish(gateway_inbox, SpeechStarted(turn_id=conv.turn_id, **envelope))
                 continue
+            if isinstance(event, SpeechPaused):
+                conv.speculation = conv.tasks.spawn(self._whisper(conv, event.audio), name="speculate")
+                continue
+            speculation, conv.speculation = conv.speculation, None
+            if isinstance(event, SpeechResumed):
+                if speculation is not None:
+                    speculation.cancel()  # the user went on speaking: that early transcript is stale
+                continue
+            decided = time.perf_counter()
             turn_id = conv.turn_id
             await self.bus.publish(
                 gateway_inbox,
@@ -126,22 +138,33 @@ class VadSttWorker(Worker):
                 ),
             )
             if event.audio:
-                conv.tasks.spawn(self._transcribe(conv, turn_id, event.audio), name=f"transcribe:{turn_id}")
+                if speculation is None:
+                    speculation = conv.tasks.spawn(self._whisper(conv, event.audio), name="transcribe")
+                conv.tasks.spawn(self._finish(conv, turn_id, speculation, decided), name=f"transcript:{turn_id}")
             else:
+                if speculation is not None:
+                    speculation.cancel()
                 await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=turn_id, text="", stt_ms=0, **envelope))
 
-    async def _transcribe(self, conv: AudioConversation, turn_id: str | None, audio: bytes) -> None:
+    async def _whisper(self, conv: AudioConversation, audio: bytes) -> tuple[str, float]:
         async with conv.transcribe_lock:
-            text, stt_ms = await self.transcriber.atranscribe(audio)
+            return await self.transcriber.atranscribe(audio)
+
+    async def _finish(
+        self, conv: AudioConversation, turn_id: str | None, transcription: asyncio.Task[tuple[str, float]], decided: float
+    ) -> None:
+        text, stt_ms = await transcription
         if self.conversations.get(conv.conversation_id) is not conv:
             return  # the conversation ended while whisper ran: publish nothing for it
-        log.info("transcribed %.1f s of audio in %.0f ms: %r", len(audio) / 32000, stt_ms, text)
+        wait_ms = (time.perf_counter() - decided) * 1000
+        log.info("transcribed in %.0f ms (%.0f ms after end of speech): %r", stt_ms, wait_ms, text)
         final = TranscriptFinal(
             conversation_id=conv.conversation_id,
             correlation_id=conv.route.correlation_id,
             turn_id=turn_id,
             text=text,
             stt_ms=round(stt_ms, 1),
+            stt_wait_ms=round(wait_ms, 1),
         )
         await self.bus.publish(self.names.inbox("gateway", conv.route.gateway), final)
         if text:

@@ -2,7 +2,11 @@
 
 Idle, it keeps a short pre-roll; `start_ms` of voiced audio starts speech; `end_silence_ms` of
 unvoiced audio (or a commit, or `max_utterance_ms`) ends it. Every frame carries the gateway's
-receive time, so "speech end" is the arrival of the last voiced frame."""
+receive time, so "speech end" is the arrival of the last voiced frame.
+
+With `speculate_after_ms` set, a `SpeechPaused` event offers the utterance as soon as silence
+begins, so transcription can overlap the end-of-speech wait; the final utterance then differs from
+it only by trailing silence, unless `SpeechResumed` came in between."""
 from __future__ import annotations
 
 from collections import deque
@@ -19,13 +23,25 @@ class SpeechStart:
 
 
 @dataclass(frozen=True)
+class SpeechPaused:
+    """Silence began `speculate_after_ms` ago: the utterance so far, worth transcribing early."""
+
+    audio: bytes
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """Voiced audio came back after a `SpeechPaused`: any early transcript is stale."""
+
+
+@dataclass(frozen=True)
 class SpeechEnd:
     audio: bytes  # the utterance, pre-roll included; empty when too short to transcribe
     speech_end_ms: float
     decided_ms: float
 
 
-Event = SpeechStart | SpeechEnd
+Event = SpeechStart | SpeechPaused | SpeechResumed | SpeechEnd
 
 
 class Segmenter:
@@ -39,6 +55,7 @@ class Segmenter:
         preroll_ms: int = 200,
         min_utterance_ms: int = 200,
         max_utterance_ms: int = 15000,
+        speculate_after_ms: int = 0,
     ) -> None:
         self._is_speech = is_speech
         self.frame_ms = frame_ms
@@ -47,6 +64,8 @@ class Segmenter:
         self._end_frames = max(1, end_silence_ms // frame_ms)
         self._min_bytes = min_utterance_ms * BYTES_PER_MS
         self._max_bytes = max_utterance_ms * BYTES_PER_MS
+        self._speculate_frames = speculate_after_ms // frame_ms if 0 < speculate_after_ms < end_silence_ms else 0
+        self._paused = False
         self._pending = bytearray()
         self._preroll: deque[bytes] = deque(maxlen=max(1, preroll_ms // frame_ms) + self._start_frames)
         self._voiced_run = 0
@@ -103,10 +122,17 @@ class Segmenter:
         if voiced:
             self._silent_frames = 0
             self._last_voiced_ms = received_ms
+            if self._paused:
+                self._paused = False
+                return SpeechResumed()
         else:
             self._silent_frames += 1
         if self._silent_frames >= self._end_frames or len(self._utterance) >= self._max_bytes:
             return self._end(received_ms)
+        voiced_bytes = len(self._utterance) - self._silent_frames * self._frame_bytes
+        if self._speculate_frames and self._silent_frames == self._speculate_frames and voiced_bytes >= self._min_bytes:
+            self._paused = True
+            return SpeechPaused(bytes(self._utterance))
         return None
 
     def _end(self, decided_ms: float) -> SpeechEnd:
@@ -114,6 +140,7 @@ class Segmenter:
         audio = bytes(self._utterance) if voiced_bytes >= self._min_bytes else b""
         event = SpeechEnd(audio=audio, speech_end_ms=self._last_voiced_ms, decided_ms=decided_ms)
         self._speaking = False
+        self._paused = False
         self._utterance = bytearray()
         self._voiced_run = 0
         self._silent_frames = 0
