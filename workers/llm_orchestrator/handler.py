@@ -158,7 +158,7 @@ class LlmWorker(Worker):
         tts = self.names.inbox("tts", conv.route.tts)
         history = await self.history.load(conv.conversation_id)
         messages = [{"role": "system", "content": self.settings.system_prompt}, *history, {"role": "user", "content": user_text}]
-        splitter = SentenceSplitter(self.settings.first_clause_min_words)
+        splitter = SentenceSplitter(self.settings.first_clause_min_words, self.settings.first_piece_max_words)
         reply: list[str] = []
         first_sentence_ms: float | None = None
         failed = False

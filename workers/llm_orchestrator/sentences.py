@@ -2,19 +2,22 @@
 
 A piece ends at . ! ? followed by whitespace (not after a few common abbreviations). The first
 piece of a reply may also end at a comma, semicolon or colon once it has `first_clause_min_words`
-words, so the first audio starts sooner."""
+words, or, with `first_piece_max_words`, after that many whole words even without punctuation, so
+the first audio starts sooner."""
 from __future__ import annotations
 
 import re
 
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)")
 _CLAUSE_END = re.compile(r"[,;:](?=\s)")
+_WORD = re.compile(r"\S+(?=\s)")
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "vs", "etc", "e.g", "i.e", "no", "jr", "sr", "prof"}
 
 
 class SentenceSplitter:
-    def __init__(self, first_clause_min_words: int = 4) -> None:
+    def __init__(self, first_clause_min_words: int = 4, first_piece_max_words: int = 0) -> None:
         self._first_clause_min_words = first_clause_min_words
+        self._first_piece_max_words = first_piece_max_words
         self._buffer = ""
         self.pieces = 0
 
@@ -53,4 +56,10 @@ class SentenceSplitter:
                     break
                 if len(self._buffer[: match.start()].split()) >= self._first_clause_min_words:
                     return match.end()
+        if self.pieces == 0 and self._first_piece_max_words > 0:
+            words = list(_WORD.finditer(self._buffer))
+            if len(words) >= self._first_piece_max_words:
+                cut = words[self._first_piece_max_words - 1].end()
+                if sentence_end is None or cut < sentence_end:
+                    return cut
         return sentence_end
