@@ -6,6 +6,7 @@ import logging
 import uvicorn
 
 from gateway.app import create_app
+from gateway.keepalive import KeepaliveAwareProtocol
 from shared.config import Settings
 from shared.logging import setup_logging
 
@@ -30,6 +31,7 @@ def build_server(settings: Settings, host: str | None = None, port: int | None =
         create_app(settings),
         host=host or settings.host,
         port=port if port is not None else settings.port,
+        ws=KeepaliveAwareProtocol,
         ws_max_size=settings.max_audio_frame_bytes,
         ws_ping_interval=settings.ping_interval_s,
         ws_ping_timeout=settings.ping_timeout_s,

@@ -1,17 +1,19 @@
 """The gateway process: its inbox on the bus, the live client sessions, and conversation open/close.
 
 `end_conversation` is the single place a conversation ends at the gateway: it removes the routing
-and publishes `connection_disconnected` (retried with backoff), whatever way the socket ended."""
+lease and publishes `connection_disconnected` (retried with backoff), whatever way the socket ended.
+A sweep publishes the event for conversations whose gateway died (lease expired, no event)."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import secrets
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
@@ -23,7 +25,7 @@ from shared.channels import STAGES, Names
 from shared.clock import now_ms
 from shared.config import Settings
 from shared.logging import log_context
-from shared.messages import BusMessage, ConnectionDisconnected
+from shared.messages import BusMessage, ConnectionDisconnected, IntrospectReply, IntrospectRequest, SessionTakeover
 from shared.tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -31,9 +33,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("voicepipe.gateway")
 
+RESUME_TOKEN_FIELD = "resume_token"
+
 
 class NotReady(Exception):
     """A stage has no live worker, so a conversation cannot be served."""
+
+
+class ResumeRefused(Exception):
+    """Unknown conversation, wrong token, or the resume window has passed."""
 
 
 @dataclass
@@ -44,6 +52,11 @@ class Stats:
     rejected: int = 0
     published: int = 0
     publish_failures: int = 0
+    stale_sweeps: int = 0
+    stale_cleaned: int = 0
+    last_stale_sweep_ms: int | None = None
+    last_shutdown_cleanup: dict[str, object] | None = None
+    reasons: dict[str, int] = field(default_factory=dict)
 
 
 class Gateway:
@@ -60,6 +73,8 @@ class Gateway:
         self.started = time.monotonic()
         self._tasks = TaskSet("gateway")
         self._subscribed = asyncio.Event()
+        self._introspections: dict[str, list[IntrospectReply]] = {}
+        self._lease_s = max(1, int(settings.stale_timeout_s))
 
     async def start(self) -> None:
         self._tasks.spawn(
@@ -67,6 +82,7 @@ class Gateway:
             name="inbox",
         )
         self._tasks.spawn(self._refresh_directory(), name="directory")
+        self._tasks.spawn(self._stale_sweep_loop(), name="stale-sweep")
         try:
             async with asyncio.timeout(5):
                 await self._subscribed.wait()
@@ -83,13 +99,23 @@ class Gateway:
     async def close_sessions(self, code: int, reason: str) -> None:
         """Close every client socket; each session's own cleanup publishes its disconnect event."""
         sessions = list(self.sessions.values())
+        if not sessions:
+            return
+        started, published = time.perf_counter(), self.stats.published
         for session in sessions:
             session.shutting_down = True
             await session.close(code, reason)
-        if sessions:
-            deadline = time.monotonic() + 5
-            while self.sessions and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 5
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self.stats.last_shutdown_cleanup = {
+            "at_ms": now_ms(),
+            "sessions": len(sessions),
+            "events_published": self.stats.published - published,
+            "left_open": len(self.sessions),
+            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        log.info("shutdown cleanup: %s", self.stats.last_shutdown_cleanup)
 
     async def _refresh_directory(self) -> None:
         while True:
@@ -100,6 +126,11 @@ class Gateway:
             await asyncio.sleep(0.5)
 
     async def _deliver(self, channel: str, message: BusMessage) -> None:
+        if isinstance(message, IntrospectReply):
+            replies = self._introspections.get(message.request_id)
+            if replies is not None:
+                replies.append(message)
+            return
         session = self.sessions.get(message.conversation_id)
         if session is None:
             with log_context(message.conversation_id, message.correlation_id):
@@ -108,42 +139,83 @@ class Gateway:
         session.deliver(message)
 
     # ---- conversation lifecycle
-    async def open_conversation(self, conversation_id: str, correlation_id: str) -> dict[str, str]:
+    async def open_conversation(
+        self, conversation_id: str, correlation_id: str, resume_token: str | None = None
+    ) -> dict[str, str]:
+        """Assign a worker of each stage and write the routing lease; returns the route."""
         if self.directory.missing():
             await self.directory.refresh()
         if missing := self.directory.missing():
             raise NotReady(f"no live worker for: {', '.join(missing)}")
         route = {stage: self.directory.pick(stage).worker_id for stage in STAGES}
-        route.update(gateway=self.gateway_id, correlation_id=correlation_id, created_ms=str(now_ms()))
-        resume_token = secrets.token_urlsafe(24)
+        route.update(
+            gateway=self.gateway_id,
+            correlation_id=correlation_id,
+            connection_id=uuid.uuid4().hex,
+            created_ms=str(now_ms()),
+        )
+        token = resume_token or secrets.token_urlsafe(24)
+        conv_key, history_key = self.names.conversation(conversation_id), self.names.history(conversation_id)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.names.conversation(conversation_id), mapping=route)
-            pipe.expire(self.names.conversation(conversation_id), max(1, int(self.settings.stale_timeout_s)))
-            pipe.set(self.names.resume(conversation_id), resume_token, ex=self.settings.resume_window_s)
+            pipe.hset(conv_key, mapping=route)
+            pipe.expire(conv_key, self._lease_s)
+            pipe.hset(history_key, RESUME_TOKEN_FIELD, token)
+            pipe.expire(history_key, self.settings.resume_window_s + self._lease_s)
+            pipe.zadd(self.names.live, {conversation_id: now_ms() + self._lease_s * 1000})
             await pipe.execute()
-        route["resume_token"] = resume_token
+        route["resume_token"] = token
         self.stats.current += 1
         self.stats.total += 1
         self.stats.peak = max(self.stats.peak, self.stats.current)
         return route
 
+    async def check_resume(self, conversation_id: str, token: str) -> None:
+        """Raise ResumeRefused unless the pair names a conversation within its resume window.
+
+        If the conversation's old socket is still registered (a client that moved networks before
+        its old socket timed out), that socket is closed first and its cleanup awaited."""
+        stored = await self.redis.hget(self.names.history(conversation_id), RESUME_TOKEN_FIELD)
+        if stored is None or not hmac.compare_digest(stored.decode(), token):
+            raise ResumeRefused("unknown or expired conversation_id and resume_token")
+        route = await self.redis.hgetall(self.names.conversation(conversation_id))
+        if not route:
+            return
+        takeover = SessionTakeover(
+            conversation_id=conversation_id,
+            correlation_id=route[b"correlation_id"].decode(),
+            connection_id=route[b"connection_id"].decode(),
+        )
+        await self.bus.publish(self.names.inbox("gateway", route[b"gateway"].decode()), takeover)
+        async with asyncio.timeout(5):
+            while await self.redis.exists(self.names.conversation(conversation_id)):
+                await asyncio.sleep(0.02)
+
     async def end_conversation(
-        self, conversation_id: str, correlation_id: str, reason: str, detail: str | None = None, *, opened: bool
+        self,
+        conversation_id: str,
+        correlation_id: str,
+        reason: str,
+        detail: str | None = None,
+        *,
+        connection_id: str | None = None,
     ) -> None:
-        if opened:
+        if connection_id is not None:
             self.stats.current -= 1
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self.names.conversation(conversation_id))
-                pipe.expire(self.names.resume(conversation_id), self.settings.resume_window_s)
+                pipe.zrem(self.names.live, conversation_id)
+                pipe.expire(self.names.history(conversation_id), self.settings.resume_window_s)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("could not remove conversation routing (it expires by itself): %s", exc)
+            log.warning("could not remove the routing lease (it expires by itself): %s", exc)
+        self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
         event = ConnectionDisconnected(
             conversation_id=conversation_id,
             correlation_id=correlation_id,
             reason=reason,
             gateway_id=self.gateway_id,
+            connection_id=connection_id,
             detail=detail,
         )
         await self.publish_disconnect(event)
@@ -161,12 +233,68 @@ class Gateway:
                 continue
             self.stats.published += 1
             if receivers == 0:
-                log.warning("connection_disconnected reached no subscriber; the stale sweep will clean up")
+                log.warning("connection_disconnected reached no subscriber; the workers' sweep will clean up")
             log.info("published connection_disconnected (%s) to %d subscribers", event.reason, receivers)
             return True
         self.stats.publish_failures += 1
-        log.error("connection_disconnected could not be published; the stale sweep will clean up")
+        log.error("connection_disconnected could not be published; the workers' sweep will clean up")
         return False
 
     async def refresh_lease(self, conversation_id: str) -> None:
-        await self.redis.expire(self.names.conversation(conversation_id), max(1, int(self.settings.stale_timeout_s)))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.expire(self.names.conversation(conversation_id), self._lease_s)
+            pipe.expire(self.names.history(conversation_id), self.settings.resume_window_s + self._lease_s)
+            pipe.zadd(self.names.live, {conversation_id: now_ms() + self._lease_s * 1000})
+            await pipe.execute()
+
+    # ---- stale sweep: conversations whose gateway died without publishing their event
+    async def _stale_sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.5, self.settings.stale_timeout_s / 3))
+            try:
+                await self.sweep_stale()
+            except (RedisError, OSError) as exc:
+                log.warning("stale sweep failed: %s", exc)
+
+    async def sweep_stale(self) -> int:
+        """Publish `connection_disconnected` (reason timeout) for every expired lease; any gateway
+        may do it, and ZREM decides which one does, so each event is published once."""
+        self.stats.stale_sweeps += 1
+        self.stats.last_stale_sweep_ms = now_ms()
+        expired = await self.redis.zrangebyscore(
+            self.names.live, "-inf", now_ms(), start=0, num=max(1, self.settings.cleanup_batch_size)
+        )
+        cleaned = 0
+        for raw in expired:
+            cid = raw.decode()
+            if cid in self.sessions or await self.redis.exists(self.names.conversation(cid)):
+                continue  # alive: its lease refresh is merely late
+            if await self.redis.zrem(self.names.live, cid):
+                with log_context(cid):
+                    log.warning("stale conversation: its gateway stopped refreshing the lease")
+                    await self.publish_disconnect(
+                        ConnectionDisconnected(
+                            conversation_id=cid, reason="timeout", gateway_id=self.gateway_id, detail="stale"
+                        )
+                    )
+                cleaned += 1
+        self.stats.stale_cleaned += cleaned
+        return cleaned
+
+    # ---- introspection: ask every worker, live
+    async def introspect(self, conversation_id: str = "") -> tuple[list[IntrospectReply], list[str]]:
+        """Every live worker's answer, and the ids of live workers that did not answer in time."""
+        await self.directory.refresh()
+        expected = {w.worker_id for stage in STAGES for w in self.directory.workers[stage]}
+        request_id = uuid.uuid4().hex
+        replies: list[IntrospectReply] = []
+        self._introspections[request_id] = replies
+        try:
+            request = IntrospectRequest(conversation_id=conversation_id, request_id=request_id, reply_to=self.inbox)
+            await self.bus.publish(self.names.control, request)
+            deadline = time.monotonic() + self.settings.introspect_timeout_s
+            while time.monotonic() < deadline and not expected <= {r.worker_id for r in replies}:
+                await asyncio.sleep(0.005)
+        finally:
+            self._introspections.pop(request_id, None)
+        return replies, sorted(expected - {r.worker_id for r in replies})

@@ -12,7 +12,8 @@ import uuid
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from gateway.hub import Gateway, NotReady
+from gateway.hub import Gateway, NotReady, ResumeRefused
+from gateway.keepalive import KEEPALIVE_TIMEOUT
 from gateway.turns import Turn
 from shared.clock import now_ms_float
 from shared.logging import log_context
@@ -23,6 +24,7 @@ from shared.messages import (
     ResponseCancel,
     ResponseTextDelta,
     ResponseTextDone,
+    SessionTakeover,
     SpeechStarted,
     SpeechStopped,
     StageError,
@@ -52,8 +54,11 @@ _CLOSE = object()
 
 
 class ClientSession:
-    def __init__(self, gateway: Gateway, websocket: WebSocket, conversation_id: str, route: dict[str, str]) -> None:
+    def __init__(
+        self, gateway: Gateway, websocket: WebSocket, conversation_id: str, route: dict[str, str], resumed: bool = False
+    ) -> None:
         self.gateway = gateway
+        self.resumed = resumed
         self.websocket = websocket
         self.conversation_id = conversation_id
         self.correlation_id = route["correlation_id"]
@@ -100,7 +105,7 @@ class ClientSession:
             conversation_id=self.conversation_id,
             correlation_id=self.correlation_id,
             resume_token=self.route["resume_token"],
-            resumed=False,
+            resumed=self.resumed,
             input_audio=INPUT_AUDIO,
             output_audio={
                 "encoding": "pcm_s16le",
@@ -132,8 +137,11 @@ class ClientSession:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 code = message.get("code", 1005)
+                if message.get("reason") == KEEPALIVE_TIMEOUT:
+                    log.info("client stopped answering pings")
+                    return "timeout"
                 log.info("client socket closed with code %s", code)
-                return "timeout" if code == 1011 else "client_disconnect"
+                return "client_disconnect"
             data = message.get("bytes")
             if data is not None:
                 if len(data) > limit:
@@ -191,6 +199,11 @@ class ClientSession:
     # ---- inbound from the bus
     def deliver(self, message: BusMessage) -> None:
         """Translate one bus message into client events (called by the gateway's inbox reader)."""
+        if isinstance(message, SessionTakeover):
+            if message.connection_id == self.route["connection_id"]:
+                log.info("conversation resumed on another connection; closing this one")
+                self._tasks.spawn(self.close(1000, "conversation resumed on another connection"), name="takeover")
+            return
         turn_id = message.turn_id
         turn = self.turns.get(turn_id) if turn_id else None
         if turn is not None and turn.cancelled:
@@ -261,19 +274,39 @@ async def serve_client(gateway: Gateway, websocket: WebSocket) -> None:
             await websocket.close(1008, problem)
             log.info("connection refused: %s", problem)
             return
-        conversation_id = str(uuid.uuid4())
+        params = websocket.query_params
+        resume = (params.get("conversation_id"), params.get("resume_token"))
+        if any(resume):
+            await websocket.accept()
+            try:
+                if not all(resume):
+                    raise ResumeRefused("resuming needs both conversation_id and resume_token")
+                await gateway.check_resume(*resume)
+            except (ResumeRefused, TimeoutError) as exc:
+                log.info("resume refused: %s", exc)
+                with contextlib.suppress(Exception):
+                    await websocket.send_text(server_event("error", code="unknown_conversation", message=str(exc)))
+                    await websocket.close(4404, "unknown or expired conversation")
+                return
+        conversation_id = resume[0] or str(uuid.uuid4())
         with log_context(conversation_id=conversation_id):
-            await _serve_conversation(gateway, websocket, conversation_id, correlation_id)
+            await _serve_conversation(gateway, websocket, conversation_id, correlation_id, resume[1])
 
 
-async def _serve_conversation(gateway: Gateway, websocket: WebSocket, conversation_id: str, correlation_id: str) -> None:
-    reason, detail, opened, session = "client_disconnect", None, False, None
+async def _serve_conversation(
+    gateway: Gateway, websocket: WebSocket, conversation_id: str, correlation_id: str, resume_token: str | None
+) -> None:
+    reason, detail, connection_id, session = "client_disconnect", None, None, None
     try:
-        await websocket.accept()
-        route = await gateway.open_conversation(conversation_id, correlation_id)
-        opened = True
-        log.info("conversation opened: vad_stt=%s llm=%s tts=%s", route["vad_stt"], route["llm"], route["tts"])
-        session = ClientSession(gateway, websocket, conversation_id, route)
+        if websocket.client_state == WebSocketState.CONNECTING:
+            await websocket.accept()
+        route = await gateway.open_conversation(conversation_id, correlation_id, resume_token)
+        connection_id = route["connection_id"]
+        log.info(
+            "conversation %s: vad_stt=%s llm=%s tts=%s",
+            "resumed" if resume_token else "opened", route["vad_stt"], route["llm"], route["tts"],
+        )
+        session = ClientSession(gateway, websocket, conversation_id, route, resumed=resume_token is not None)
         gateway.sessions[conversation_id] = session
         reason = await session.run()
         if session.shutting_down:
@@ -295,5 +328,8 @@ async def _serve_conversation(gateway: Gateway, websocket: WebSocket, conversati
         if session is not None:
             await session.close(1011, "internal error")
     finally:
-        gateway.sessions.pop(conversation_id, None)
-        await asyncio.shield(gateway.end_conversation(conversation_id, correlation_id, reason, detail, opened=opened))
+        if gateway.sessions.get(conversation_id) is session:
+            gateway.sessions.pop(conversation_id, None)
+        await asyncio.shield(
+            gateway.end_conversation(conversation_id, correlation_id, reason, detail, connection_id=connection_id)
+        )

@@ -3,13 +3,15 @@
 Channels
   connection_events                 gateway -> all workers (PROTOCOL.md §2)
   tts_control                       orchestrator -> all TTS workers (stop a conversation's speech)
+  {ns}:control                      gateway -> all workers (introspection requests)
   {ns}:inbox:{stage}:{id}           messages for one process (stage is gateway, vad_stt, llm, tts)
 Keys
   {ns}:worker:{stage}:{id}          heartbeat of a live process (JSON, expires)
   {ns}:workers:{stage}              sorted set of process ids by last heartbeat
-  {ns}:conv:{cid}                   routing of a live conversation: which process of each stage owns it
-  {ns}:conv:{cid}:history           chat history (JSON list), kept for the resume window
-  {ns}:conv:{cid}:resume            resume token, kept for the resume window
+  {ns}:live                         sorted set: live conversation ids by lease expiry (for the stale sweep)
+  {ns}:conv:{cid}                   routing of a live conversation: which process of each stage owns it,
+                                    and which socket (connection_id); a lease the gateway refreshes
+  {ns}:conv:{cid}:history           hash: chat history (JSON) and resume token, kept for the resume window
   {ns}:conv:{cid}:tts_active        present while TTS speaks for the conversation
 """
 from __future__ import annotations
@@ -47,8 +49,13 @@ class Names:
     def history(self, conversation_id: str) -> str:
         return f"{self.namespace}:conv:{conversation_id}:history"
 
-    def resume(self, conversation_id: str) -> str:
-        return f"{self.namespace}:conv:{conversation_id}:resume"
+    @property
+    def control(self) -> str:
+        return f"{self.namespace}:control"
+
+    @property
+    def live(self) -> str:
+        return f"{self.namespace}:live"
 
     def tts_active(self, conversation_id: str) -> str:
         return f"{self.namespace}:conv:{conversation_id}:tts_active"

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     cleanup_batch_size: int = 100
     heartbeat_interval_s: float = 1.0
     worker_ttl_s: float = 5.0
+    health_log_interval_s: float = 60.0  # periodic health line of every worker (0: off)
+    leak_warn_conversations: int = 500  # the health line warns when a worker holds more than this
+    introspect_timeout_s: float = 0.5  # how long admin routes wait for every worker's live answer
 
     # LLM orchestrator
     llm_base_url: str | None = None  # unset: `voicepipe up` starts the embedded model

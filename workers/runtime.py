@@ -1,8 +1,18 @@
-"""What every worker process shares: identity, heartbeat, its subscriptions and conversation teardown.
+"""What every worker process shares: identity, heartbeat, subscriptions and conversation teardown.
 
-A worker subscribes to its own inbox, to `connection_events`, and to any extra control channels.
-`connection_disconnected` is handled in the reader itself, ahead of any queued data (control before
-data); handling is idempotent and ended conversations are fenced so late input cannot revive them."""
+A worker subscribes to its own inbox, to `connection_events`, to the control channel, and to any
+extra channels of its stage. `connection_disconnected` is handled in the reader itself, ahead of
+any queued data (control before data), and handling is idempotent.
+
+Fencing: a conversation's state is only created through `admit`, which requires the gateway's live
+routing for it; once a conversation ends, messages for that socket (`connection_id`) are dropped,
+so late input can never revive it (a resume opens a new socket, which is admitted again).
+
+Safety net: pub/sub is at-most-once, so every `sweep_interval` (and right after every re-subscribe)
+the worker checks the routing lease of everything it holds; a conversation whose lease is gone or
+belongs to another socket is cleaned as stale. The gateway deletes the lease before it publishes
+the event and refreshes it while the socket lives, so a missed event is caught at the next sweep,
+and a dead gateway's conversations within `STALE_TIMEOUT_S`."""
 from __future__ import annotations
 
 import abc
@@ -11,34 +21,38 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import ClassVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from shared.bus import Bus, run_subscriber
 from shared.channels import Names
 from shared.clock import now_ms
 from shared.config import Settings
 from shared.logging import log_context
-from shared.messages import BusMessage, ConnectionDisconnected
+from shared.messages import BusMessage, ConnectionDisconnected, IntrospectReply, IntrospectRequest
+from workers.stats import WorkerStats
 
 log = logging.getLogger("voicepipe.worker")
 
-ENDED_MEMORY = 50_000  # how many ended conversation ids a worker remembers, to fence late messages
+ENDED_MEMORY = 50_000  # ended sockets remembered for fencing
 
 
 @dataclass(frozen=True)
 class Route:
-    """Which process of each stage serves a conversation (the gateway writes it at connect)."""
+    """Which process of each stage serves a conversation, written by the gateway at connect."""
 
     gateway: str
     vad_stt: str
     llm: str
     tts: str
     correlation_id: str
+    connection_id: str
 
 
 class Worker(abc.ABC):
@@ -51,8 +65,11 @@ class Worker(abc.ABC):
         self.worker_id = f"{self.stage}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.bus = Bus(client, self.worker_id)
         self.inbox = self.names.inbox(self.stage, self.worker_id)
-        self._ended: OrderedDict[str, None] = OrderedDict()
-        self.disconnect_events_handled = 0
+        self.stats = WorkerStats()
+        self.sweep_interval_s = max(0.2, min(5.0, settings.stale_timeout_s / 3))
+        self._connections: dict[str, str] = {}  # conversation id -> connection id of the state held
+        self._ended: OrderedDict[str, str] = OrderedDict()  # conversation id -> ended connection id
+        self._last_heartbeat_ms = 0
 
     # ---- what each stage provides
     @abc.abstractmethod
@@ -60,14 +77,14 @@ class Worker(abc.ABC):
 
     @abc.abstractmethod
     async def close_conversation(self, conversation_id: str) -> None:
-        """Drop everything held for the conversation. Idempotent; unknown ids are harmless."""
+        """Cancel and drop everything held for the conversation. Idempotent; unknown ids are harmless."""
 
     @abc.abstractmethod
     def conversation_ids(self) -> list[str]: ...
 
+    @abc.abstractmethod
     def holds(self, conversation_id: str) -> dict[str, int]:
-        """Counts of what this worker holds for one conversation."""
-        return {}
+        """Counts of what this worker holds for one conversation (all 0 when nothing)."""
 
     def resources(self) -> dict[str, int]:
         """Counts of everything this worker holds."""
@@ -88,11 +105,14 @@ class Worker(abc.ABC):
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._heartbeat_loop(), name=f"{self.worker_id}:heartbeat")
+                group.create_task(self._sweep_loop(), name=f"{self.worker_id}:sweep")
+                group.create_task(self._health_loop(), name=f"{self.worker_id}:health")
                 group.create_task(
                     run_subscriber(
                         self.redis,
-                        [self.inbox, self.names.connection_events, *self.extra_channels()],
+                        [self.inbox, self.names.connection_events, self.names.control, *self.extra_channels()],
                         self._dispatch,
+                        on_subscribed=self._catch_up,
                         name=self.worker_id,
                     ),
                     name=f"{self.worker_id}:subscriber",
@@ -101,6 +121,7 @@ class Worker(abc.ABC):
             await self.aclose()
 
     async def aclose(self) -> None:
+        """Release every conversation, then withdraw the heartbeat. Safe to call twice."""
         for conversation_id in self.conversation_ids():
             with log_context(conversation_id):
                 await self.end_conversation(conversation_id, "shutdown")
@@ -112,27 +133,47 @@ class Worker(abc.ABC):
             log.warning("could not remove heartbeat: %s", exc)
 
     async def _dispatch(self, channel: str, message: BusMessage) -> None:
-        with log_context(message.conversation_id, message.correlation_id):
+        with log_context(message.conversation_id or None, message.correlation_id):
             if isinstance(message, ConnectionDisconnected):
-                self.disconnect_events_handled += 1
-                await self.end_conversation(message.conversation_id, message.reason)
-            elif message.conversation_id in self._ended:
-                log.debug("dropped %s for ended conversation", message.type)
+                self.stats.disconnect_events_received += 1
+                held = self._connections.get(message.conversation_id)
+                if message.connection_id and held and held != message.connection_id:
+                    log.debug("ignored disconnect of an earlier socket of a resumed conversation")
+                    return
+                if await self.end_conversation(message.conversation_id, message.reason, message.connection_id):
+                    self.stats.conversations_cleaned += 1
+            elif isinstance(message, IntrospectRequest):
+                await self._introspect(message)
             else:
                 await self.handle(channel, message)
 
-    async def end_conversation(self, conversation_id: str, reason: str) -> None:
-        self._ended[conversation_id] = None
-        self._ended.move_to_end(conversation_id)
-        while len(self._ended) > ENDED_MEMORY:
-            self._ended.popitem(last=False)
+    async def admit(self, message: BusMessage) -> Route | None:
+        """The route of a live conversation this message may open state for, else None (dropped)."""
+        route = await self.lookup_route(message.conversation_id)
+        if route is None or self._ended.get(message.conversation_id) == route.connection_id:
+            log.debug("dropped %s: conversation is not connected", message.type)
+            return None
+        self._ended.pop(message.conversation_id, None)
+        self._connections[message.conversation_id] = route.connection_id
+        self.stats.peak_conversations = max(self.stats.peak_conversations, len(self._connections))
+        return route
+
+    async def end_conversation(self, conversation_id: str, reason: str, connection_id: str | None = None) -> bool:
+        """Fence and clean one conversation; returns whether anything was held for it."""
+        ended = self._connections.pop(conversation_id, None) or connection_id
+        if ended:
+            self._ended[conversation_id] = ended
+            self._ended.move_to_end(conversation_id)
+            while len(self._ended) > ENDED_MEMORY:
+                self._ended.popitem(last=False)
         known = conversation_id in self.conversation_ids()
+        started = time.perf_counter()
         await self.close_conversation(conversation_id)
         if known:
-            log.info("conversation ended (%s); released its resources", reason)
-
-    def is_ended(self, conversation_id: str) -> bool:
-        return conversation_id in self._ended
+            elapsed = (time.perf_counter() - started) * 1000
+            self.stats.cleanup_ms.observe(elapsed)
+            log.info("conversation ended (%s); released everything in %.2f ms", reason, elapsed)
+        return known
 
     async def lookup_route(self, conversation_id: str) -> Route | None:
         """The conversation's routing, or None when it is not (or no longer) connected."""
@@ -146,6 +187,73 @@ class Worker(abc.ABC):
             log.warning("conversation routing is incomplete: %s", decoded)
             return None
 
+    # ---- safety net
+    async def _catch_up(self) -> None:
+        """After every (re)subscribe: clean what ended while the subscription was down."""
+        if self.conversation_ids():
+            await self.sweep()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval_s)
+            try:
+                await self.sweep()
+            except (RedisError, OSError) as exc:
+                log.warning("stale sweep failed: %s", exc)
+
+    async def sweep(self) -> int:
+        """Clean every held conversation whose routing lease is gone or names another socket."""
+        self.stats.sweeps += 1
+        held = list(self.conversation_ids())
+        stale: list[str] = []
+        batch = max(1, self.settings.cleanup_batch_size)
+        for start in range(0, len(held), batch):
+            ids = held[start : start + batch]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for cid in ids:
+                    pipe.hget(self.names.conversation(cid), "connection_id")
+                owners = await pipe.execute()
+            for cid, owner in zip(ids, owners):
+                mine = self._connections.get(cid)
+                if owner is None or (mine is not None and owner.decode() != mine):
+                    stale.append(cid)
+        for cid in stale:
+            with log_context(cid):
+                log.warning("stale conversation (its disconnect event was missed or its gateway died)")
+                if await self.end_conversation(cid, "stale"):
+                    self.stats.stale_cleaned += 1
+        return len(stale)
+
+    # ---- introspection and health
+    async def _introspect(self, request: IntrospectRequest) -> None:
+        cid = request.conversation_id
+        reply = IntrospectReply(
+            conversation_id=cid,
+            correlation_id=request.correlation_id,
+            request_id=request.request_id,
+            worker_id=self.worker_id,
+            stage=self.stage,
+            last_heartbeat_ms=self._last_heartbeat_ms,
+            conversations=len(self.conversation_ids()),
+            resources=self.resources(),
+            holds=self.holds(cid) if cid else None,
+            stats=self.stats.summary(),
+        )
+        await self.bus.publish(request.reply_to, reply)
+
+    async def _health_loop(self) -> None:
+        interval = self.settings.health_log_interval_s
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            count = len(self.conversation_ids())
+            line = f"health: conversations={count} peak={self.stats.peak_conversations} resources={self.resources()}"
+            if count > self.settings.leak_warn_conversations:
+                log.warning("%s above the leak threshold %d", line, self.settings.leak_warn_conversations)
+            else:
+                log.info(line)
+
     async def _heartbeat_loop(self) -> None:
         key = self.names.worker(self.stage, self.worker_id)
         index = self.names.workers(self.stage)
@@ -158,7 +266,7 @@ class Worker(abc.ABC):
                 "last_heartbeat_ms": now,
                 "conversations": len(self.conversation_ids()),
                 "resources": self.resources(),
-                "disconnect_events_handled": self.disconnect_events_handled,
+                "stats": self.stats.summary(),
                 **self.heartbeat_info(),
             }
             try:
@@ -167,7 +275,8 @@ class Worker(abc.ABC):
                     pipe.zadd(index, {self.worker_id: now})
                     pipe.zremrangebyscore(index, 0, now - 10 * ttl_ms)
                     await pipe.execute()
-            except Exception as exc:
+                self._last_heartbeat_ms = now
+            except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 

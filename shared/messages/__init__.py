@@ -6,7 +6,13 @@ from typing import Annotated, Union
 from pydantic import Field, TypeAdapter
 
 from shared.messages.audio import AudioCommit, AudioIn
-from shared.messages.control import ConnectionDisconnected, StageError
+from shared.messages.control import (
+    ConnectionDisconnected,
+    IntrospectReply,
+    IntrospectRequest,
+    SessionTakeover,
+    StageError,
+)
 from shared.messages.envelope import Envelope
 from shared.messages.llm import ResponseCancel, ResponseTextDelta, ResponseTextDone
 from shared.messages.transcript import SpeechStarted, SpeechStopped, TextInput, TranscriptFinal, TranscriptPartial
@@ -18,14 +24,14 @@ BusMessage = Annotated[
         SpeechStarted, SpeechStopped, TranscriptPartial, TranscriptFinal, TextInput,
         ResponseTextDelta, ResponseTextDone, ResponseCancel,
         TtsSpeak, TtsEnd, TtsStop, TtsAudioStarted, TtsAudio, TtsAudioDone,
-        ConnectionDisconnected, StageError,
+        ConnectionDisconnected, StageError, IntrospectRequest, IntrospectReply, SessionTakeover,
     ],
     Field(discriminator="type"),
 ]
 bus_message_adapter: TypeAdapter[BusMessage] = TypeAdapter(BusMessage)
 
 __all__ = [
-    "AudioCommit", "AudioIn", "BusMessage", "ConnectionDisconnected", "Envelope", "ResponseCancel",
+    "AudioCommit", "AudioIn", "BusMessage", "ConnectionDisconnected", "Envelope", "IntrospectReply", "IntrospectRequest", "ResponseCancel", "SessionTakeover",
     "ResponseTextDelta", "ResponseTextDone", "SpeechStarted", "SpeechStopped", "StageError", "TextInput",
     "TranscriptFinal", "TranscriptPartial", "TtsAudio", "TtsAudioDone", "TtsAudioStarted", "TtsEnd",
     "TtsSpeak", "TtsStop", "bus_message_adapter",

@@ -20,6 +20,7 @@ class ConnectionDisconnected(Envelope):
     timestamp_ms: int = Field(default_factory=now_ms)
     reason: DisconnectReason
     gateway_id: str | None = None
+    connection_id: str | None = None  # which socket of the conversation ended (a resume opens a new one)
     detail: str | None = None
 
 
@@ -29,3 +30,35 @@ class StageError(Envelope):
     type: Literal["stage.error"] = "stage.error"
     code: str
     message: str
+
+
+class IntrospectRequest(Envelope):
+    """Gateway -> every worker on the control channel: report what you hold, to `reply_to`.
+
+    `conversation_id` empty: report everything (for /admin/workers); else that conversation only."""
+
+    type: Literal["introspect.request"] = "introspect.request"
+    request_id: str
+    reply_to: str
+
+
+class IntrospectReply(Envelope):
+    """Worker -> the asking gateway's inbox: the answer to one `IntrospectRequest`."""
+
+    type: Literal["introspect.reply"] = "introspect.reply"
+    request_id: str
+    worker_id: str
+    stage: str
+    last_heartbeat_ms: int
+    conversations: int
+    resources: dict[str, int]
+    holds: dict[str, int] | None = None
+    stats: dict[str, float | int] = Field(default_factory=dict)
+
+
+class SessionTakeover(Envelope):
+    """Gateway -> the gateway holding a conversation's old socket: a resume took the conversation
+    over; close that socket (its cleanup runs as for any disconnect)."""
+
+    type: Literal["session.takeover"] = "session.takeover"
+    connection_id: str

@@ -59,7 +59,7 @@ async def test_spoken_turn_is_heard_answered_and_timed(stack):
     metrics = turn.done["metrics"]
     assert SPOKEN_KEYS <= set(metrics)
     assert metrics["speech_end_to_first_audio_ms"] >= metrics["speech_end_to_transcript_ms"]
-    assert metrics["speech_end_to_transcript_ms"] >= stack.settings.vad_end_silence_ms - 40
+    assert metrics["speech_end_to_transcript_ms"] >= metrics["endpointing_ms"] >= 0
     assert len({e.get("turn_id") for e in turn.events}) == 1
 
 
@@ -101,8 +101,9 @@ async def test_the_next_reply_knows_the_earlier_turns(stack, fake_llm, redis_cli
     assert sent[1] == {"role": "user", "content": "My name is Ada."}
     assert sent[2]["role"] == "assistant" and sent[-1] == {"role": "user", "content": "What is my name?"}
     history_key = f"{settings.namespace}:conv:{started['conversation_id']}:history"
-    assert await redis_client.llen(history_key) == 4
-    assert 0 < await redis_client.ttl(history_key) <= settings.resume_window_s
+    assert len(json.loads(await redis_client.hget(history_key, "messages"))) == 4
+    assert (await redis_client.hget(history_key, "resume_token")).decode() == started["resume_token"]
+    assert 0 < await redis_client.ttl(history_key) <= settings.resume_window_s + settings.stale_timeout_s
 
 
 async def test_failing_llm_gives_llm_unavailable_and_the_conversation_stays_usable(stack, fake_llm):
@@ -187,4 +188,4 @@ async def test_disconnect_mid_reply_closes_the_upstream_stream_and_frees_every_w
         while any(cid in w.conversation_ids() for w in stack.workers.values()):
             await asyncio.sleep(0.005)
     keys = sorted([k.decode() async for k in redis_client.scan_iter(match=f"{settings.namespace}:conv:{cid}*")])
-    assert keys == [f"{settings.namespace}:conv:{cid}:resume"]  # no history: the only turn never finished
+    assert keys == [f"{settings.namespace}:conv:{cid}:history"]  # only the record kept for resume

@@ -108,16 +108,19 @@ class LlmWorker(Worker):
         }
 
     async def close_conversation(self, conversation_id: str) -> None:
-        conv = self.conversations.pop(conversation_id, None)
+        conv = self.conversations.get(conversation_id)
         if conv is None:
             return
-        await conv.cancel_reply()
-        await conv.tasks.aclose()
-        await self.bus.publish(
-            self.names.tts_control,
-            TtsStop(conversation_id=conversation_id, correlation_id=conv.route.correlation_id),
-        )
-        await self.history.keep_for_resume(conversation_id)
+        try:
+            await conv.cancel_reply()  # closes the upstream LLM stream at once
+            await conv.tasks.aclose()
+            await self.bus.publish(
+                self.names.tts_control,
+                TtsStop(conversation_id=conversation_id, correlation_id=conv.route.correlation_id),
+            )
+            await self.history.keep_for_resume(conversation_id)
+        finally:
+            self.conversations.pop(conversation_id, None)
 
     async def handle(self, channel: str, message: BusMessage) -> None:
         if isinstance(message, (TranscriptFinal, TextInput)):
@@ -136,9 +139,7 @@ class LlmWorker(Worker):
     async def _conversation(self, message: BusMessage) -> ChatConversation | None:
         conv = self.conversations.get(message.conversation_id)
         if conv is None:
-            route = await self.lookup_route(message.conversation_id)
-            if route is None or self.is_ended(message.conversation_id):
-                log.debug("dropped %s: conversation is not connected", message.type)
+            if (route := await self.admit(message)) is None:
                 return None
             conv = self.conversations[message.conversation_id] = ChatConversation(message.conversation_id, route)
         return conv

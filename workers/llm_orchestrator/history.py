@@ -1,4 +1,8 @@
-"""Conversation history in Redis: a list of JSON chat messages, trimmed to a budget, kept under a TTL."""
+"""Conversation history in Redis, kept for the resume window.
+
+The conversation's preserved record is one hash, `{ns}:conv:{cid}:history`: field `messages` holds
+the chat messages as a JSON list (trimmed to a budget), field `resume_token` the gateway's token.
+One orchestrator owns a conversation at a time, so read-modify-write of `messages` is safe."""
 from __future__ import annotations
 
 import json
@@ -8,6 +12,7 @@ import redis.asyncio as aioredis
 from shared.channels import Names
 
 Message = dict[str, str]
+MESSAGES_FIELD = "messages"
 
 
 def trim(messages: list[Message], max_messages: int, max_chars: int) -> list[Message]:
@@ -21,6 +26,23 @@ def trim(messages: list[Message], max_messages: int, max_chars: int) -> list[Mes
     return kept
 
 
+def parse(raw: bytes | str | None) -> list[Message]:
+    """The stored messages; anything malformed is skipped, never fatal."""
+    if not raw:
+        return []
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        return []
+    if not isinstance(items, list):
+        return []
+    return [
+        {"role": str(m.get("role")), "content": m["content"]}
+        for m in items
+        if isinstance(m, dict) and isinstance(m.get("content"), str)
+    ]
+
+
 class HistoryStore:
     def __init__(self, client: aioredis.Redis, names: Names, *, ttl_s: int, max_messages: int, max_chars: int) -> None:
         self._redis = client
@@ -30,22 +52,15 @@ class HistoryStore:
         self._max_chars = max_chars
 
     async def load(self, conversation_id: str) -> list[Message]:
-        raw = await self._redis.lrange(self._names.history(conversation_id), 0, -1)
-        messages = []
-        for item in raw:
-            try:
-                message = json.loads(item)
-            except ValueError:
-                continue
-            if isinstance(message, dict) and isinstance(message.get("content"), str):
-                messages.append({"role": str(message.get("role")), "content": message["content"]})
-        return trim(messages, self._max_messages, self._max_chars)
+        raw = await self._redis.hget(self._names.history(conversation_id), MESSAGES_FIELD)
+        return trim(parse(raw), self._max_messages, self._max_chars)
 
     async def append(self, conversation_id: str, *messages: Message) -> None:
         key = self._names.history(conversation_id)
+        stored = parse(await self._redis.hget(key, MESSAGES_FIELD)) + list(messages)
+        stored = stored[-self._max_messages :] if self._max_messages > 0 else []
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, *(json.dumps(m) for m in messages))
-            pipe.ltrim(key, -self._max_messages, -1)
+            pipe.hset(key, MESSAGES_FIELD, json.dumps(stored))
             pipe.expire(key, self._ttl_s)
             await pipe.execute()
 

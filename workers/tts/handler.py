@@ -94,15 +94,13 @@ class TtsWorker(Worker):
         conv.queue.clear()
         await conv.stop_speaker()
         await conv.tasks.aclose()
-        await self.redis.delete(self.names.tts_active(conversation_id))
+        await self.redis.delete(self.names.tts_active(conversation_id))  # "tts active" is false
 
     async def handle(self, channel: str, message: BusMessage) -> None:
         if isinstance(message, (TtsSpeak, TtsEnd)):
             conv = self.conversations.get(message.conversation_id)
             if conv is None:
-                route = await self.lookup_route(message.conversation_id)
-                if route is None or self.is_ended(message.conversation_id):
-                    log.debug("dropped %s: conversation is not connected", message.type)
+                if (route := await self.admit(message)) is None:
                     return
                 conv = self.conversations[message.conversation_id] = SpeechConversation(message.conversation_id, route)
             conv.queue.append(message)
@@ -118,7 +116,7 @@ class TtsWorker(Worker):
         if conv is None:
             return
         if message.turn_id is None:
-            await self.close_conversation(message.conversation_id)
+            await self.end_conversation(message.conversation_id, "stopped by the orchestrator")
             return
         if conv.queue and conv.queue[0].turn_id == message.turn_id:
             await conv.stop_speaker()  # it is speaking the stopped turn right now

@@ -91,9 +91,7 @@ class VadSttWorker(Worker):
     async def _conversation(self, message: BusMessage) -> AudioConversation | None:
         conv = self.conversations.get(message.conversation_id)
         if conv is None:
-            route = await self.lookup_route(message.conversation_id)
-            if route is None or self.is_ended(message.conversation_id):
-                log.debug("dropped %s: conversation is not connected", message.type)
+            if (route := await self.admit(message)) is None:
                 return None
             conv = AudioConversation(message.conversation_id, route, self._new_segmenter())
             self.conversations[message.conversation_id] = conv
