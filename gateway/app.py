@@ -9,10 +9,11 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, WebSocket
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway import admin, metrics
 from gateway.hub import Gateway
 from gateway.session import serve_client
 from shared.bus import create_redis
@@ -47,7 +48,7 @@ class CorrelationIdMiddleware:
 def create_app(settings: Settings, client: aioredis.Redis | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis_client = client or create_redis(settings.redis_url_or_default, settings.redis_max_connections)
+        redis_client = client or create_redis(settings.redis_url_or_default, settings.redis_max_connections, name="gateway")
         gateway = Gateway(settings, redis_client)
         app.state.gateway = gateway
         await gateway.start()
@@ -82,6 +83,12 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> Fast
         if missing := gateway.directory.missing():
             return JSONResponse({"status": "not_ready", "missing": missing, "workers": workers}, status_code=503)
         return JSONResponse({"status": "ready", "workers": workers})
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(app.state.gateway), media_type="text/plain; version=0.0.4")
+
+    app.include_router(admin.router)
 
     @app.websocket("/v1/ws")
     async def client_socket(websocket: WebSocket) -> None:

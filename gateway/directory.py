@@ -21,6 +21,7 @@ class WorkerInfo:
     last_heartbeat_ms: int
     conversations: int
     resources: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, object] = field(default_factory=dict)
     sample_rate: int | None = None
 
 
@@ -50,6 +51,7 @@ class WorkerDirectory:
                             last_heartbeat_ms=data["last_heartbeat_ms"],
                             conversations=data.get("conversations", 0),
                             resources=data.get("resources", {}),
+                            stats=data.get("stats", {}),
                             sample_rate=data.get("sample_rate"),
                         )
                     )

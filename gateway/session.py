@@ -11,6 +11,7 @@ import logging
 import uuid
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from uvicorn.protocols.utils import ClientDisconnected
 
 from gateway.hub import Gateway, NotReady, ResumeRefused
 from gateway.keepalive import KEEPALIVE_TIMEOUT
@@ -50,7 +51,6 @@ from shared.tasks import TaskSet
 log = logging.getLogger("voicepipe.gateway.session")
 
 OUTBOUND_LIMIT = 4096  # queued frames for one client; past it the client is too slow and is closed
-_CLOSE = object()
 
 
 class ClientSession:
@@ -82,14 +82,17 @@ class ClientSession:
             self._tasks.spawn(self.close(1011, "client too slow"), name="close-slow")
 
     async def _send_loop(self) -> None:
+        """Write queued frames until the socket goes away (then the receiver reports why)."""
         while True:
             frame = await self._outbound.get()
-            if frame is _CLOSE:
+            try:
+                if isinstance(frame, bytes):
+                    await self.websocket.send_bytes(frame)
+                else:
+                    await self.websocket.send_text(frame)
+            except (WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError) as exc:
+                log.debug("stopped sending: %s", type(exc).__name__)
                 return
-            if isinstance(frame, bytes):
-                await self.websocket.send_bytes(frame)
-            else:
-                await self.websocket.send_text(frame)
 
     async def close(self, code: int, reason: str = "") -> None:
         with contextlib.suppress(Exception):
@@ -117,11 +120,10 @@ class ClientSession:
         self._tasks.spawn(self._lease_loop(), name="lease")
         receiver = self._tasks.spawn(self._receive_loop(), name="receiver")
         try:
-            done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-            if receiver in done:
-                return receiver.result()
-            sender.result()  # raises what broke the sender
-            return "server_error"
+            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if not receiver.done():  # the socket broke under the sender: the receiver will say how
+                await asyncio.wait({receiver}, timeout=1.0)
+            return receiver.result() if receiver.done() else "client_disconnect"
         finally:
             await self._tasks.aclose()
 

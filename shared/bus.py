@@ -20,10 +20,17 @@ log = logging.getLogger("voicepipe.bus")
 Handler = Callable[[str, BusMessage], Awaitable[None]]
 
 
-def create_redis(url: str, max_connections: int = 64) -> aioredis.Redis:
-    """A client over a bounded pool: callers wait up to 5 s for a free connection instead of failing."""
+def create_redis(url: str, max_connections: int = 64, name: str | None = None) -> aioredis.Redis:
+    """A client over a bounded pool: callers wait up to 5 s for a free connection instead of failing.
+
+    `name` is set as CLIENT SETNAME on every connection, so operators can tell processes apart."""
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=5, socket_connect_timeout=5, health_check_interval=10
+        url,
+        max_connections=max_connections,
+        timeout=5,
+        socket_connect_timeout=5,
+        health_check_interval=10,
+        client_name=name,
     )
     return aioredis.Redis(connection_pool=pool)
 

@@ -61,4 +61,6 @@ class Names:
         return f"{self.namespace}:conv:{conversation_id}:tts_active"
 
     def conversation_keys_pattern(self, conversation_id: str) -> str:
-        return f"{self.namespace}:conv:{conversation_id}*"
+        """SCAN pattern of the conversation's sub-keys (glob characters in the id are escaped)."""
+        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in conversation_id)
+        return f"{self.namespace}:conv:{escaped}:*"

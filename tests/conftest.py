@@ -31,6 +31,8 @@ def make_settings(redis_url: str, **overrides) -> Settings:
         worker_ttl_s=2.0,
         stale_timeout_s=10.0,
         resume_window_s=60,
+        api_keys=["test-admin-key"],
+        health_log_interval_s=0,
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)

@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     talk.add_argument("--url", default=None, help="WebSocket URL (default ws://127.0.0.1:8000/v1/ws)")
     talk.add_argument("--out", default="reply.wav", help="where to save the reply audio")
     talk.add_argument("--timeout", type=float, default=60.0)
+    from voicepipe.simulate import add_arguments
+
+    add_arguments(sub.add_parser("simulate-disconnects", help="drop clients at every phase and prove nothing leaks"))
     return parser
 
 
@@ -55,3 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
         url = args.url or f"ws://127.0.0.1:{settings.port}/v1/ws"
         sys.exit(talk(args.file, url, args.out, args.timeout))
+    elif args.command == "simulate-disconnects":
+        from voicepipe.simulate import main as simulate_main
+
+        sys.exit(simulate_main(args, settings))

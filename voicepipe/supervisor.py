@@ -9,6 +9,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -72,6 +73,10 @@ class Supervisor:
 
     async def run(self) -> int:
         env_extra: dict[str, str] = {}
+        admin_note = ""
+        if not self.settings.api_keys:
+            env_extra["VOICEPIPE_API_KEYS"] = secrets.token_urlsafe(18)
+            admin_note = f"\nadmin API key for this run: {env_extra['VOICEPIPE_API_KEYS']} (set VOICEPIPE_API_KEYS to choose one)"
         try:
             if not self.settings.redis_url:
                 port = embedded.free_port()
@@ -91,7 +96,7 @@ class Supervisor:
             await self._start(Child("gateway", gateway_argv, self._env(**env_extra)))
             shown_host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
             await _wait_for(lambda: _http_ok(f"http://{shown_host}:{self.port}/readyz"), "the pipeline", 180)
-            print(f"voicepipe is ready: open http://{shown_host}:{self.port}  (Ctrl-C stops everything)", flush=True)
+            print(f"voicepipe is ready: open http://{shown_host}:{self.port}  (Ctrl-C stops everything){admin_note}", flush=True)
             return await self._watch()
         except asyncio.CancelledError:
             return 0

@@ -30,7 +30,7 @@ from typing import ClassVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared.bus import Bus, run_subscriber
+from shared.bus import Bus, pool_stats, run_subscriber
 from shared.channels import Names
 from shared.clock import now_ms
 from shared.config import Settings
@@ -95,6 +95,10 @@ class Worker(abc.ABC):
 
     def heartbeat_info(self) -> dict[str, object]:
         return {}
+
+    def pools(self) -> dict[str, dict[str, int]]:
+        """Connection pools this process holds (admin `resources/pools`)."""
+        return {"redis": pool_stats(self.redis)}
 
     async def load(self) -> None:
         """Load models before the worker announces itself (load once, serve many)."""
@@ -168,7 +172,10 @@ class Worker(abc.ABC):
                 self._ended.popitem(last=False)
         known = conversation_id in self.conversation_ids()
         started = time.perf_counter()
-        await self.close_conversation(conversation_id)
+        try:
+            await self.close_conversation(conversation_id)
+        except Exception:  # cleanup of one conversation must never stop the worker's reader
+            log.exception("cleanup failed")
         if known:
             elapsed = (time.perf_counter() - started) * 1000
             self.stats.cleanup_ms.observe(elapsed)
@@ -238,6 +245,7 @@ class Worker(abc.ABC):
             resources=self.resources(),
             holds=self.holds(cid) if cid else None,
             stats=self.stats.summary(),
+            pools=self.pools(),
         )
         await self.bus.publish(request.reply_to, reply)
 
@@ -266,7 +274,7 @@ class Worker(abc.ABC):
                 "last_heartbeat_ms": now,
                 "conversations": len(self.conversation_ids()),
                 "resources": self.resources(),
-                "stats": self.stats.summary(),
+                "stats": self.stats.heartbeat(),
                 **self.heartbeat_info(),
             }
             try:
@@ -284,7 +292,7 @@ class Worker(abc.ABC):
 async def serve(worker_cls: type[Worker], settings: Settings) -> None:
     from shared.bus import create_redis
 
-    client = create_redis(settings.redis_url_or_default, settings.redis_max_connections)
+    client = create_redis(settings.redis_url_or_default, settings.redis_max_connections, name=worker_cls.stage)
     try:
         worker = worker_cls(settings, client)
         log.info("starting %s", worker.worker_id)

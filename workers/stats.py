@@ -50,3 +50,6 @@ class WorkerStats:
             "cleanup_ms_sum": round(self.cleanup_ms.total, 3),
             "cleanup_ms_max": round(self.cleanup_ms.max, 3),
         }
+
+    def heartbeat(self) -> dict[str, object]:
+        return {**self.summary(), "cleanup_ms_buckets": self.cleanup_ms.buckets()}

@@ -54,6 +54,7 @@ class IntrospectReply(Envelope):
     resources: dict[str, int]
     holds: dict[str, int] | None = None
     stats: dict[str, float | int] = Field(default_factory=dict)
+    pools: dict[str, dict[str, int]] = Field(default_factory=dict)
 
 
 class SessionTakeover(Envelope):

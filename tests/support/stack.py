@@ -62,14 +62,16 @@ async def run_stack(
     clients: list[aioredis.Redis] = []
     tasks: list[asyncio.Task] = []
 
-    def client() -> aioredis.Redis:
-        clients.append(create_redis(settings.redis_url_or_default, settings.redis_max_connections))
+    def client(name: str) -> aioredis.Redis:
+        clients.append(create_redis(settings.redis_url_or_default, settings.redis_max_connections, name=name))
         return clients[-1]
 
     makers = {
-        "vad_stt": lambda: VadSttWorker(settings, client(), transcriber=transcriber),
-        "llm": lambda: LlmWorker(settings, client(), chat=ChatClient(llm_base_url or "http://127.0.0.1:9/v1", "fake")),
-        "tts": lambda: TtsWorker(settings, client(), voice=voice),
+        "vad_stt": lambda: VadSttWorker(settings, client(f"{settings.namespace}-vad_stt"), transcriber=transcriber),
+        "llm": lambda: LlmWorker(
+            settings, client(f"{settings.namespace}-llm"), chat=ChatClient(llm_base_url or "http://127.0.0.1:9/v1", "fake")
+        ),
+        "tts": lambda: TtsWorker(settings, client(f"{settings.namespace}-tts"), voice=voice),
     }
     try:
         for stage in stages:

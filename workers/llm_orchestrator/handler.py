@@ -48,8 +48,7 @@ class ChatConversation:
         self.reply, self.reply_turn = None, None
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.gather(task, return_exceptions=True)  # its failure is logged by the TaskSet
             return turn
         return None
 
@@ -87,6 +86,12 @@ class LlmWorker(Worker):
         await super().aclose()
         if self.chat is not None:
             await self.chat.aclose()
+
+    def pools(self) -> dict[str, dict[str, int]]:
+        pools = super().pools()
+        if self.chat is not None:
+            pools["llm_http"] = self.chat.pool_stats()
+        return pools
 
     def conversation_ids(self) -> list[str]:
         return list(self.conversations)

@@ -1,7 +1,8 @@
 """OpenAI-compatible streaming chat over one pooled HTTP client per process.
 
-Covers llama.cpp server, Ollama, vLLM and OpenAI. Leaving the `stream_chat` iterator (cancellation
-included) closes the HTTP response at once, so the server stops generating."""
+Covers llama.cpp server, Ollama, vLLM and OpenAI. Leaving the `stream_chat` iterator early
+(cancellation included) closes the HTTP connection at once, so the server stops generating; a
+stream read to its end returns its connection to the pool for the next turn."""
 from __future__ import annotations
 
 import json
@@ -51,12 +52,14 @@ class ChatClient:
                 if response.status_code >= 400:
                     detail = (await response.aread())[:200].decode(errors="replace")
                     raise LlmUnavailable(f"LLM answered HTTP {response.status_code}: {detail}")
+                done = False
                 async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
+                    if done or not line.startswith("data:"):
+                        continue  # read to the end of the body, so the connection is kept for reuse
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        return
+                        done = True
+                        continue
                     try:
                         chunk = json.loads(data)
                     except ValueError as exc:

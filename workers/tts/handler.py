@@ -4,7 +4,6 @@ While it speaks for a conversation the key `tts_active` exists (absent means fal
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,8 +43,7 @@ class SpeechConversation:
         task, self.speaker = self.speaker, None
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.gather(task, return_exceptions=True)  # its failure is logged by the TaskSet
 
 
 class TtsWorker(Worker):
@@ -91,10 +89,12 @@ class TtsWorker(Worker):
         conv = self.conversations.pop(conversation_id, None)
         if conv is None:
             return
-        conv.queue.clear()
-        await conv.stop_speaker()
-        await conv.tasks.aclose()
-        await self.redis.delete(self.names.tts_active(conversation_id))  # "tts active" is false
+        try:
+            await conv.stop_speaker()
+            conv.queue.clear()
+            await conv.tasks.aclose()
+        finally:
+            await self.redis.delete(self.names.tts_active(conversation_id))  # "tts active" is false
 
     async def handle(self, channel: str, message: BusMessage) -> None:
         if isinstance(message, (TtsSpeak, TtsEnd)):
@@ -105,7 +105,7 @@ class TtsWorker(Worker):
                 conv = self.conversations[message.conversation_id] = SpeechConversation(message.conversation_id, route)
             conv.queue.append(message)
             if conv.speaker is None or conv.speaker.done():
-                conv.speaker = conv.tasks.spawn(self._speak(conv), name="speaker")
+                await self._start_speaker(conv)
         elif isinstance(message, TtsStop):
             await self._stop(message)
         else:
@@ -125,13 +125,22 @@ class TtsWorker(Worker):
         if not conv.queue:
             await self.redis.delete(self.names.tts_active(conv.conversation_id))
         elif conv.speaker is None or conv.speaker.done():
-            conv.speaker = conv.tasks.spawn(self._speak(conv), name="speaker")
+            await self._start_speaker(conv)
+
+    async def _start_speaker(self, conv: SpeechConversation) -> None:
+        """Mark the conversation as speaking, then start its speaker.
+
+        Only the bus reader writes the mark, the same coroutine that runs cleanup, so a cleanup's
+        delete can never be overtaken by a mark still in flight from a cancelled task."""
+        await self.redis.set(
+            self.names.tts_active(conv.conversation_id), "1", ex=max(1, int(self.settings.stale_timeout_s))
+        )
+        conv.speaker = conv.tasks.spawn(self._speak(conv), name="speaker")
 
     async def _speak(self, conv: SpeechConversation) -> None:
-        """Speak queued pieces in order until the queue is empty."""
+        """Speak queued pieces in order until the queue is empty, then clear the speaking mark."""
         gateway = self.names.inbox("gateway", conv.route.gateway)
         active_key = self.names.tts_active(conv.conversation_id)
-        await self.redis.set(active_key, "1", ex=max(1, int(self.settings.stale_timeout_s)))
         while conv.queue:
             item = conv.queue[0]
             envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": item.turn_id}
@@ -150,7 +159,8 @@ class TtsWorker(Worker):
                 await self.bus.publish(
                     gateway, TtsAudioDone(tts_ms=round(turn.tts_ms, 1), first_chunk_ms=turn.first_chunk_ms, **envelope)
                 )
-            conv.queue.popleft()
+            if conv.queue and conv.queue[0] is item:
+                conv.queue.popleft()
         await self.redis.delete(active_key)
 
     async def _send_audio(self, gateway: str, turn: TurnAudio, pcm: bytes, envelope: dict) -> None:
