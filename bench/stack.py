@@ -16,10 +16,11 @@ from voicepipe.embedded import free_port
 
 
 @contextlib.contextmanager
-def running_stack(url: str | None, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Yields the stack's http URL: `url` if given, else a fresh `voicepipe up` (embedded defaults)."""
+def running_stack(url: str | None, env: dict[str, str] | None = None, with_pid: bool = False) -> Iterator:
+    """Yields the stack's http URL (and the `voicepipe up` pid with `with_pid`): `url` if given,
+    else a fresh `voicepipe up` with embedded defaults."""
     if url:
-        yield url.rstrip("/")
+        yield (url.rstrip("/"), None) if with_pid else url.rstrip("/")
         return
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="voicepipe-bench-", suffix=".log", delete=False)
@@ -40,7 +41,7 @@ def running_stack(url: str | None, env: dict[str, str] | None = None) -> Iterato
                 pass
             time.sleep(0.3)
         print(f"# stack up at {base} (log: {log.name})", flush=True)
-        yield base
+        yield (base, process.pid) if with_pid else base
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(60)

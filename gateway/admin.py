@@ -113,7 +113,7 @@ async def conversation(conversation_id: str, request: Request) -> dict:
         "conversation_id": conversation_id,
         "connected": connected,
         "workers": [
-            {"worker_id": r.worker_id, "stage": r.stage, "holds": r.holds or {}}
+            {"worker_id": r.worker_id, "stage": r.stage, "holds": r.holds or {}, "cleaned_ms": r.cleaned_ms}
             for r in sorted(replies, key=lambda r: (r.stage, r.worker_id))
         ]
         + [{"worker_id": wid, "stage": _stage_of(gateway, wid), "holds": {}, "responding": False} for wid in silent],

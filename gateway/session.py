@@ -11,6 +11,7 @@ import logging
 import uuid
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from redis.exceptions import RedisError
 from uvicorn.protocols.utils import ClientDisconnected
 
 from gateway.hub import Gateway, NotReady, ResumeRefused
@@ -68,6 +69,7 @@ class ClientSession:
         self.shutting_down = False
         self._outbound: asyncio.Queue[object] = asyncio.Queue(OUTBOUND_LIMIT)
         self._tasks = TaskSet(f"session:{conversation_id}")
+        self._ended = asyncio.Event()
         self._envelope = {"conversation_id": conversation_id, "correlation_id": self.correlation_id}
 
     # ---- outbound
@@ -117,7 +119,7 @@ class ClientSession:
             },
         )
         sender = self._tasks.spawn(self._send_loop(), name="sender")
-        self._tasks.spawn(self._lease_loop(), name="lease")
+        lease = asyncio.create_task(self._lease_loop(), name=f"session:{self.conversation_id}:lease")
         receiver = self._tasks.spawn(self._receive_loop(), name="receiver")
         try:
             await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
@@ -125,13 +127,23 @@ class ClientSession:
                 await asyncio.wait({receiver}, timeout=1.0)
             return receiver.result() if receiver.done() else "client_disconnect"
         finally:
+            self._ended.set()
             await self._tasks.aclose()
+            await lease  # stops by itself: never cancelled inside a Redis call
 
     async def _lease_loop(self) -> None:
+        """Refresh the routing lease until the socket ends."""
         interval = max(0.5, self.gateway.settings.stale_timeout_s / 3)
         while True:
-            await asyncio.sleep(interval)
-            await self.gateway.refresh_lease(self.conversation_id)
+            try:
+                await asyncio.wait_for(self._ended.wait(), interval)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.gateway.refresh_lease(self.conversation_id)
+            except (RedisError, OSError) as exc:
+                log.warning("could not refresh the routing lease: %s", exc)
 
     async def _receive_loop(self) -> str:
         limit = self.gateway.settings.max_audio_frame_bytes

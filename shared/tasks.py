@@ -1,12 +1,31 @@
-"""A small owner for a group of named tasks: every task is tracked, logged if it fails, cancelled on close."""
+"""Task ownership: every task is tracked, logged if it fails, and really stopped on close.
+
+`stop_tasks` cancels and waits, and cancels again while a task is still running: a library may
+swallow one cancellation that lands inside it (redis-py's asyncio client can, see
+redis/redis-py#2028), so a single `cancel()` is not a guarantee that the task ends."""
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+import time
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 log = logging.getLogger("voicepipe.tasks")
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], timeout: float = 5.0) -> None:
+    """Cancel the tasks and wait until every one has ended (or `timeout` passes)."""
+    pending = {t for t in tasks if not t.done()}
+    deadline = time.monotonic() + timeout
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(0.01, max(0.0, deadline - time.monotonic())))
+        if pending and time.monotonic() >= deadline:
+            for task in pending:
+                log.warning("task %s did not stop within %.1f s", task.get_name(), timeout)
+            return
 
 
 class TaskSet:
@@ -29,11 +48,22 @@ class TaskSet:
         return len(self._tasks)
 
     async def aclose(self, timeout: float = 5.0) -> None:
-        """Cancel every task and wait for them (bounded); safe to call twice."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=timeout)
-            for task in pending:
-                log.warning("task %s did not stop within %.1f s", task.get_name(), timeout)
+        """Stop every task; safe to call twice."""
+        await stop_tasks(list(self._tasks), timeout)
+
+
+class Fence:
+    """Set once something has ended; code that publishes for it checks `guard()` after each await,
+    so nothing leaves for an ended conversation, turn or reply even if a cancellation was lost."""
+
+    __slots__ = ("closed",)
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def guard(self) -> None:
+        if self.closed:
+            raise asyncio.CancelledError("fenced")

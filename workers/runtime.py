@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 
 from shared.bus import Bus, pool_stats, run_subscriber
 from shared.channels import Names
-from shared.clock import now_ms
+from shared.clock import now_ms, now_ms_float
 from shared.config import Settings
 from shared.logging import log_context
 from shared.messages import BusMessage, ConnectionDisconnected, IntrospectReply, IntrospectRequest
@@ -40,7 +40,8 @@ from workers.stats import WorkerStats
 
 log = logging.getLogger("voicepipe.worker")
 
-ENDED_MEMORY = 50_000  # ended sockets remembered for fencing
+ENDED_MEMORY = 10_000  # ended sockets remembered for fencing (and their cleanup time, for admin)
+ENDED_MEMORY_S = 120.0  # ... for at most this long: late messages arrive within milliseconds
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,9 @@ class Worker(abc.ABC):
         self.stats = WorkerStats()
         self.sweep_interval_s = max(0.2, min(5.0, settings.stale_timeout_s / 3))
         self._connections: dict[str, str] = {}  # conversation id -> connection id of the state held
-        self._ended: OrderedDict[str, str] = OrderedDict()  # conversation id -> ended connection id
+        self._ended: OrderedDict[str, tuple[str | None, float]] = OrderedDict()  # id -> (socket, cleaned at ms)
         self._last_heartbeat_ms = 0
+        self._suspects: set[str] = set()  # held conversations whose lease was missing at the last sweep
 
     # ---- what each stage provides
     @abc.abstractmethod
@@ -154,7 +156,8 @@ class Worker(abc.ABC):
     async def admit(self, message: BusMessage) -> Route | None:
         """The route of a live conversation this message may open state for, else None (dropped)."""
         route = await self.lookup_route(message.conversation_id)
-        if route is None or self._ended.get(message.conversation_id) == route.connection_id:
+        ended = self._ended.get(message.conversation_id)
+        if route is None or (ended is not None and ended[0] == route.connection_id):
             log.debug("dropped %s: conversation is not connected", message.type)
             return None
         self._ended.pop(message.conversation_id, None)
@@ -164,18 +167,21 @@ class Worker(abc.ABC):
 
     async def end_conversation(self, conversation_id: str, reason: str, connection_id: str | None = None) -> bool:
         """Fence and clean one conversation; returns whether anything was held for it."""
-        ended = self._connections.pop(conversation_id, None) or connection_id
-        if ended:
-            self._ended[conversation_id] = ended
-            self._ended.move_to_end(conversation_id)
-            while len(self._ended) > ENDED_MEMORY:
-                self._ended.popitem(last=False)
+        socket_id = self._connections.pop(conversation_id, None) or connection_id
         known = conversation_id in self.conversation_ids()
         started = time.perf_counter()
         try:
             await self.close_conversation(conversation_id)
         except Exception:  # cleanup of one conversation must never stop the worker's reader
             log.exception("cleanup failed")
+        if known or socket_id:
+            now = now_ms_float()
+            self._ended[conversation_id] = (socket_id, now)
+            self._ended.move_to_end(conversation_id)
+            while self._ended and (
+                len(self._ended) > ENDED_MEMORY or next(iter(self._ended.values()))[1] < now - ENDED_MEMORY_S * 1000
+            ):
+                self._ended.popitem(last=False)
         if known:
             elapsed = (time.perf_counter() - started) * 1000
             self.stats.cleanup_ms.observe(elapsed)
@@ -196,9 +202,9 @@ class Worker(abc.ABC):
 
     # ---- safety net
     async def _catch_up(self) -> None:
-        """After every (re)subscribe: clean what ended while the subscription was down."""
+        """After every (re)subscribe: clean at once what ended while the subscription was down."""
         if self.conversation_ids():
-            await self.sweep()
+            await self.sweep(immediate=True)
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -208,8 +214,12 @@ class Worker(abc.ABC):
             except (RedisError, OSError) as exc:
                 log.warning("stale sweep failed: %s", exc)
 
-    async def sweep(self) -> int:
-        """Clean every held conversation whose routing lease is gone or names another socket."""
+    async def sweep(self, immediate: bool = False) -> int:
+        """Clean every held conversation whose routing lease is gone or names another socket.
+
+        The gateway deletes a lease just before it publishes the event, so a lease missing once may
+        only mean the event is a millisecond away; it counts as stale when missing at two sweeps in
+        a row (or at once after a re-subscribe, when events may really have been lost)."""
         self.stats.sweeps += 1
         held = list(self.conversation_ids())
         stale: list[str] = []
@@ -224,7 +234,13 @@ class Worker(abc.ABC):
                 mine = self._connections.get(cid)
                 if owner is None or (mine is not None and owner.decode() != mine):
                     stale.append(cid)
+        suspects, self._suspects = self._suspects, set()
+        if not immediate:
+            self._suspects = {cid for cid in stale if cid not in suspects}
+            stale = [cid for cid in stale if cid in suspects]
         for cid in stale:
+            if cid not in self.conversation_ids():
+                continue  # its event arrived meanwhile
             with log_context(cid):
                 log.warning("stale conversation (its disconnect event was missed or its gateway died)")
                 if await self.end_conversation(cid, "stale"):
@@ -244,6 +260,7 @@ class Worker(abc.ABC):
             conversations=len(self.conversation_ids()),
             resources=self.resources(),
             holds=self.holds(cid) if cid else None,
+            cleaned_ms=self._ended[cid][1] if cid in self._ended else None,
             stats=self.stats.summary(),
             pools=self.pools(),
         )

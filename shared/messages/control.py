@@ -53,6 +53,7 @@ class IntrospectReply(Envelope):
     conversations: int
     resources: dict[str, int]
     holds: dict[str, int] | None = None
+    cleaned_ms: float | None = None  # when this worker last finished cleaning the conversation
     stats: dict[str, float | int] = Field(default_factory=dict)
     pools: dict[str, dict[str, int]] = Field(default_factory=dict)
 

@@ -30,13 +30,19 @@ async def disconnect_events(redis_client, channel):
 
 
 async def next_disconnect(pubsub, conversation_id: str, timeout: float = 10) -> dict:
+    return (await disconnects_of(pubsub, {conversation_id}, timeout))[conversation_id]
+
+
+async def disconnects_of(pubsub, conversation_ids: set[str], timeout: float = 10) -> dict[str, dict]:
+    """The connection_disconnected event of each conversation, in whatever order they come."""
+    found: dict[str, dict] = {}
     async with asyncio.timeout(timeout):
-        while True:
+        while not conversation_ids <= found.keys():
             raw = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
             if raw is not None:
                 event = json.loads(raw["data"])
-                if event["conversation_id"] == conversation_id:
-                    return event
+                found.setdefault(event["conversation_id"], event)
+    return found
 
 
 @pytest.mark.parametrize("way", ["close", "drop"])
@@ -263,8 +269,8 @@ async def test_server_shutdown_closes_1001_and_publishes_every_disconnect(redis_
         stack.server.should_exit = True
         codes = [await wait_closed(ws) for ws, _ in clients]
         assert codes == [1001, 1001, 1001]
-        for _, started in clients:
-            event = await next_disconnect(events, started["conversation_id"])
+        found = await disconnects_of(events, {started["conversation_id"] for _, started in clients})
+        for event in found.values():
             assert event["reason"] == "server_error" and event["detail"] == "shutdown"
         assert stack.gateway.stats.last_shutdown_cleanup["sessions"] == 3
     await events.aclose()

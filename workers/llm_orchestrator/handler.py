@@ -18,7 +18,7 @@ from shared.messages import (
     TtsSpeak,
     TtsStop,
 )
-from shared.tasks import TaskSet
+from shared.tasks import Fence, TaskSet, stop_tasks
 from workers.llm_orchestrator.history import HistoryStore
 from workers.llm_orchestrator.llm_client import ChatClient, LlmUnavailable
 from workers.llm_orchestrator.sentences import SentenceSplitter
@@ -34,8 +34,10 @@ class ChatConversation:
         self.conversation_id = conversation_id
         self.route = route
         self.tasks = TaskSet(f"llm:{conversation_id}")
+        self.fence = Fence()
         self.reply: asyncio.Task[None] | None = None
         self.reply_turn: str | None = None
+        self.reply_fence = Fence()
         self.upstream_streams = 0  # open HTTP streams to the LLM server
 
     @property
@@ -46,9 +48,9 @@ class ChatConversation:
         """Stop the reply under way (closing its upstream stream); returns its turn id."""
         task, turn = self.reply, self.reply_turn
         self.reply, self.reply_turn = None, None
+        self.reply_fence.close()
         if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)  # its failure is logged by the TaskSet
+            await stop_tasks([task])
             return turn
         return None
 
@@ -116,6 +118,7 @@ class LlmWorker(Worker):
         conv = self.conversations.get(conversation_id)
         if conv is None:
             return
+        conv.fence.close()
         try:
             await conv.cancel_reply()  # closes the upstream LLM stream at once
             await conv.tasks.aclose()
@@ -132,8 +135,10 @@ class LlmWorker(Worker):
             conv = await self._conversation(message)
             if conv is not None and message.text.strip():
                 await self._stop_reply(conv)
-                conv.reply_turn = message.turn_id
-                conv.reply = conv.tasks.spawn(self._respond(conv, message.turn_id, message.text), name="reply")
+                conv.reply_turn, conv.reply_fence = message.turn_id, Fence()
+                conv.reply = conv.tasks.spawn(
+                    self._respond(conv, conv.reply_fence, message.turn_id, message.text), name="reply"
+                )
         elif isinstance(message, ResponseCancel):
             conv = self.conversations.get(message.conversation_id)
             if conv is not None:
@@ -158,11 +163,12 @@ class LlmWorker(Worker):
                 TtsStop(conversation_id=conv.conversation_id, correlation_id=conv.route.correlation_id, turn_id=turn),
             )
 
-    async def _respond(self, conv: ChatConversation, turn_id: str | None, user_text: str) -> None:
+    async def _respond(self, conv: ChatConversation, fence: Fence, turn_id: str | None, user_text: str) -> None:
         envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": turn_id}
         gateway = self.names.inbox("gateway", conv.route.gateway)
         tts = self.names.inbox("tts", conv.route.tts)
         history = await self.history.load(conv.conversation_id)
+        fence.guard()
         messages = [{"role": "system", "content": self.settings.system_prompt}, *history, {"role": "user", "content": user_text}]
         splitter = SentenceSplitter(self.settings.first_clause_min_words, self.settings.first_piece_max_words)
         reply: list[str] = []
@@ -170,33 +176,40 @@ class LlmWorker(Worker):
         failed = False
         started = time.perf_counter()
 
+        async def send(channel: str, message: BusMessage) -> None:
+            """Publish unless this reply or the conversation has ended (checked on both sides of the await)."""
+            fence.guard()
+            conv.fence.guard()
+            await self.bus.publish(channel, message)
+            fence.guard()
+
         async def speak(piece: str) -> None:
             nonlocal first_sentence_ms
             if first_sentence_ms is None:
                 first_sentence_ms = round((time.perf_counter() - started) * 1000, 1)
-            await self.bus.publish(tts, TtsSpeak(text=piece, seq=splitter.pieces - 1, **envelope))
+            await send(tts, TtsSpeak(text=piece, seq=splitter.pieces - 1, **envelope))
 
         conv.upstream_streams += 1
         try:
             async with contextlib.aclosing(self.chat.stream_chat(messages)) as stream:
                 async for delta in stream:
                     reply.append(delta)
-                    await self.bus.publish(gateway, ResponseTextDelta(delta=delta, **envelope))
+                    await send(gateway, ResponseTextDelta(delta=delta, **envelope))
                     for piece in splitter.feed(delta):
                         await speak(piece)
         except LlmUnavailable as exc:
             failed = True
             log.warning("LLM failed: %s", exc)
-            await self.bus.publish(gateway, StageError(code="llm_unavailable", message=str(exc), **envelope))
+            await send(gateway, StageError(code="llm_unavailable", message=str(exc), **envelope))
         finally:
             conv.upstream_streams -= 1
         llm_ms = round((time.perf_counter() - started) * 1000, 1)
         if (rest := splitter.flush()) is not None:
             await speak(rest)
         if splitter.pieces:
-            await self.bus.publish(tts, TtsEnd(sentences=splitter.pieces, **envelope))
+            await send(tts, TtsEnd(sentences=splitter.pieces, **envelope))
         text = "".join(reply).strip()
-        await self.bus.publish(
+        await send(
             gateway,
             ResponseTextDone(
                 text=text, sentences=splitter.pieces, llm_ms=llm_ms, first_sentence_ms=first_sentence_ms, **envelope
@@ -204,6 +217,7 @@ class LlmWorker(Worker):
         )
         log.info("reply of %d pieces in %.0f ms (first piece at %s ms)", splitter.pieces, llm_ms, first_sentence_ms)
         if not failed and text:
+            fence.guard()
             await self.history.append(
                 conv.conversation_id, {"role": "user", "content": user_text}, {"role": "assistant", "content": text}
             )

@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from shared.messages import BusMessage, TtsAudio, TtsAudioDone, TtsAudioStarted, TtsEnd, TtsSpeak, TtsStop
-from shared.tasks import TaskSet
+from shared.tasks import Fence, TaskSet, stop_tasks
 from workers.runtime import Route, Worker
 from workers.tts.voice import Voice
 
@@ -34,16 +34,23 @@ class SpeechConversation:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     turns: dict[str | None, TurnAudio] = field(default_factory=dict)
     speaker: asyncio.Task[None] | None = None
+    stopped_turns: set[str | None] = field(default_factory=set)
+    fence: Fence = field(default_factory=Fence)
     tasks: TaskSet = field(init=False)
 
     def __post_init__(self) -> None:
         self.tasks = TaskSet(f"tts:{self.conversation_id}")
 
+    def guard(self, turn_id: str | None) -> None:
+        """Stop here if the conversation ended or this turn was stopped (checked around every await)."""
+        self.fence.guard()
+        if turn_id in self.stopped_turns:
+            raise asyncio.CancelledError("turn stopped")
+
     async def stop_speaker(self) -> None:
         task, self.speaker = self.speaker, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)  # its failure is logged by the TaskSet
+        if task is not None:
+            await stop_tasks([task])
 
 
 class TtsWorker(Worker):
@@ -89,6 +96,7 @@ class TtsWorker(Worker):
         conv = self.conversations.pop(conversation_id, None)
         if conv is None:
             return
+        conv.fence.close()
         try:
             await conv.stop_speaker()
             conv.queue.clear()
@@ -118,6 +126,7 @@ class TtsWorker(Worker):
         if message.turn_id is None:
             await self.end_conversation(message.conversation_id, "stopped by the orchestrator")
             return
+        conv.stopped_turns.add(message.turn_id)
         if conv.queue and conv.queue[0].turn_id == message.turn_id:
             await conv.stop_speaker()  # it is speaking the stopped turn right now
         conv.queue = deque(item for item in conv.queue if item.turn_id != message.turn_id)
@@ -145,15 +154,17 @@ class TtsWorker(Worker):
             item = conv.queue[0]
             envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": item.turn_id}
             turn = conv.turns.setdefault(item.turn_id, TurnAudio())
+            conv.guard(item.turn_id)
             if isinstance(item, TtsSpeak):
                 pcm, ms = await self.voice.asynthesize(item.text)
+                conv.guard(item.turn_id)
                 turn.tts_ms += ms
                 if turn.first_chunk_ms is None:
                     turn.first_chunk_ms = round(ms, 1)
                 if not turn.started:
                     turn.started = True
                     await self.bus.publish(gateway, TtsAudioStarted(sample_rate=self.voice.sample_rate, **envelope))
-                await self._send_audio(gateway, turn, pcm, envelope)
+                await self._send_audio(conv, gateway, turn, pcm, envelope)
             else:
                 conv.turns.pop(item.turn_id, None)
                 await self.bus.publish(
@@ -163,8 +174,11 @@ class TtsWorker(Worker):
                 conv.queue.popleft()
         await self.redis.delete(active_key)
 
-    async def _send_audio(self, gateway: str, turn: TurnAudio, pcm: bytes, envelope: dict) -> None:
+    async def _send_audio(
+        self, conv: SpeechConversation, gateway: str, turn: TurnAudio, pcm: bytes, envelope: dict
+    ) -> None:
         step = self.voice.sample_rate * 2 * self.settings.tts_chunk_ms // 1000
         for start in range(0, len(pcm), step):
+            conv.guard(envelope["turn_id"])
             await self.bus.publish(gateway, TtsAudio(seq=turn.chunks, pcm=pcm[start : start + step], **envelope))
             turn.chunks += 1

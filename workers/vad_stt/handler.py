@@ -10,7 +10,7 @@ import webrtcvad
 
 from shared.clock import now_ms_float
 from shared.messages import AudioCommit, AudioIn, BusMessage, SpeechStarted, SpeechStopped, TranscriptFinal
-from shared.tasks import TaskSet
+from shared.tasks import Fence, TaskSet
 from workers.runtime import Route, Worker
 from workers.vad_stt.segmenter import SAMPLE_RATE, Event, Segmenter, SpeechPaused, SpeechResumed, SpeechStart
 from workers.vad_stt.stt import Transcriber
@@ -27,11 +27,13 @@ class AudioConversation:
         self.segmenter = segmenter
         self.turn_id: str | None = None
         self.tasks = TaskSet(f"vad_stt:{conversation_id}")
+        self.fence = Fence()
         self.transcribe_lock = asyncio.Lock()  # transcripts leave in utterance order
         self.speculation: asyncio.Task[tuple[str, float]] | None = None  # early transcript of a pause
         self.last_activity_ms = now_ms_float()
 
     async def aclose(self) -> None:
+        self.fence.close()
         await self.tasks.aclose()
 
 
@@ -152,8 +154,7 @@ class VadSttWorker(Worker):
         self, conv: AudioConversation, turn_id: str | None, transcription: asyncio.Task[tuple[str, float]], decided: float
     ) -> None:
         text, stt_ms = await transcription
-        if self.conversations.get(conv.conversation_id) is not conv:
-            return  # the conversation ended while whisper ran: publish nothing for it
+        conv.fence.guard()  # the conversation ended while whisper ran: publish nothing for it
         wait_ms = (time.perf_counter() - decided) * 1000
         log.info("transcribed in %.0f ms (%.0f ms after end of speech): %r", stt_ms, wait_ms, text)
         final = TranscriptFinal(
@@ -166,4 +167,5 @@ class VadSttWorker(Worker):
         )
         await self.bus.publish(self.names.inbox("gateway", conv.route.gateway), final)
         if text:
+            conv.fence.guard()
             await self.bus.publish(self.names.inbox("llm", conv.route.llm), final)
