@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup browser run test bench clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/voicepipe up
 
-test: setup
+# Chromium for the browser tests (Debian's package; installed when we are root, else they skip).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "Chromium is not installed: the browser tests will be skipped"; }
+
+test: setup browser
 	$(PY) -m pytest
 
 bench: setup
