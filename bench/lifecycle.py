@@ -149,7 +149,10 @@ async def run(args: argparse.Namespace, http_url: str, llm: FakeLlm, up_pid: int
     await bench.settled_workers()
     before = rss_mb(up_pid)
     started = time.monotonic()
-    await bench.churn(args.cycles, args.concurrency)
+    await bench.churn(args.cycles // 2, args.concurrency)
+    await bench.settled_workers()
+    middle = rss_mb(up_pid)
+    await bench.churn(args.cycles - args.cycles // 2, args.concurrency)
     elapsed = time.monotonic() - started
     workers = await bench.settled_workers()
     after = rss_mb(up_pid)
@@ -166,8 +169,10 @@ async def run(args: argparse.Namespace, http_url: str, llm: FakeLlm, up_pid: int
     held = ", ".join(f"{w['stage']}={w['conversations']}" for w in workers)
     print(f"  conversations held afterwards: {held}")
     print(f"  Redis keys afterwards: {kinds['history']} histories, {kinds['worker heartbeat']} heartbeat keys, residual: {kinds['other'] or 'none'}")
+    print("  RSS per process: after warm-up -> after half the cycles -> after all (growth over the second half)")
     for name in sorted(before):
-        print(f"  RSS {name:8} {before[name]:7.1f} MB -> {after.get(name, 0):7.1f} MB ({after.get(name, 0) - before[name]:+.1f} MB)")
+        mid, end = middle.get(name, 0), after.get(name, 0)
+        print(f"  RSS {name:8} {before[name]:7.1f} MB -> {mid:7.1f} MB -> {end:7.1f} MB ({end - mid:+.1f} MB)")
     await client.aclose()
     await bench.admin.aclose()
 

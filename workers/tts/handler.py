@@ -63,7 +63,8 @@ class TtsWorker(Worker):
 
     async def load(self) -> None:
         if self.voice is None:
-            self.voice = await asyncio.to_thread(Voice, self.settings.tts_model_path, self.settings.tts_config_path)
+            s = self.settings
+            self.voice = await asyncio.to_thread(Voice, s.tts_model_path, s.tts_config_path, s.inference_nice)
             await asyncio.to_thread(self.voice.warm_up)
 
     def extra_channels(self) -> list[str]:

