@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     vad_min_utterance_ms: int = 200
     vad_max_utterance_ms: int = 15000
     stt_speculate_after_ms: int = 100  # start transcribing after this much silence (0: only at the end)
-    stt_partials: bool = False
+    stt_partials: bool = False  # interim transcripts while the user speaks (costs whisper time)
+    stt_partial_interval_ms: int = 1000  # new speech between two interim transcripts
     stt_beam_size: int = 1
     stt_threads: int = 2
     stt_window_s: int = 10  # decode utterances up to 30 s in a window this long (0: faster-whisper's 30 s)

@@ -189,3 +189,22 @@ async def test_disconnect_mid_reply_closes_the_upstream_stream_and_frees_every_w
             await asyncio.sleep(0.005)
     keys = sorted([k.decode() async for k in redis_client.scan_iter(match=f"{settings.namespace}:conv:{cid}*")])
     assert keys == [f"{settings.namespace}:conv:{cid}:history"]  # only the record kept for resume
+
+
+async def test_interim_transcripts_when_enabled(redis_url, redis_client, transcriber, voice, fake_llm):
+    from tests.conftest import make_settings
+    from tests.support.stack import run_stack
+
+    settings = make_settings(redis_url, stt_partials=True, stt_partial_interval_ms=500)
+    pcm = read_wav_16k_mono(FIXTURES / "moon.wav")
+    async with run_stack(settings, transcriber=transcriber, voice=voice, llm_base_url=fake_llm.base_url) as stack:
+        async with VoiceClient(stack.ws_url) as client:
+            sender = asyncio.create_task(client.send_speech(pcm, realtime=True))
+            turn = await client.receive_turn(timeout=60)
+            await sender
+    kinds = [e["type"] for e in turn.events]
+    partials = [e for e in turn.events if e["type"] == "transcript.partial"]
+    assert partials, kinds
+    assert kinds.index("transcript.partial") < kinds.index("speech.stopped")
+    assert all(p["turn_id"] == turn.events[0]["turn_id"] and p["text"] for p in partials)
+    assert "moon" in turn.transcript.lower()

@@ -9,7 +9,15 @@ import uuid
 import webrtcvad
 
 from shared.clock import now_ms_float
-from shared.messages import AudioCommit, AudioIn, BusMessage, SpeechStarted, SpeechStopped, TranscriptFinal
+from shared.messages import (
+    AudioCommit,
+    AudioIn,
+    BusMessage,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptFinal,
+    TranscriptPartial,
+)
 from shared.tasks import Fence, TaskSet
 from workers.runtime import Route, Worker
 from workers.vad_stt.segmenter import SAMPLE_RATE, Event, Segmenter, SpeechPaused, SpeechResumed, SpeechStart
@@ -30,6 +38,8 @@ class AudioConversation:
         self.fence = Fence()
         self.transcribe_lock = asyncio.Lock()  # transcripts leave in utterance order
         self.speculation: asyncio.Task[tuple[str, float]] | None = None  # early transcript of a pause
+        self.partial: asyncio.Task[None] | None = None  # interim transcript under way
+        self.partial_at_bytes = 0  # utterance length at the last interim transcript
         self.last_activity_ms = now_ms_float()
 
     async def aclose(self) -> None:
@@ -111,6 +121,8 @@ class VadSttWorker(Worker):
             conv = await self._conversation(message)
             if conv is not None:
                 await self._emit(conv, conv.segmenter.feed(message.pcm, message.received_ms))
+                if self.settings.stt_partials:
+                    self._maybe_partial(conv)
         elif isinstance(message, AudioCommit):
             conv = await self._conversation(message)
             if conv is not None:
@@ -124,6 +136,7 @@ class VadSttWorker(Worker):
         for event in events:
             if isinstance(event, SpeechStart):
                 conv.turn_id = uuid.uuid4().hex[:16]
+                conv.partial_at_bytes = 0
                 await self.bus.publish(gateway_inbox, SpeechStarted(turn_id=conv.turn_id, **envelope))
                 continue
             if isinstance(event, SpeechPaused):
@@ -150,6 +163,24 @@ class VadSttWorker(Worker):
                 if speculation is not None:
                     speculation.cancel()
                 await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=turn_id, text="", stt_ms=0, **envelope))
+
+    def _maybe_partial(self, conv: AudioConversation) -> None:
+        """Start an interim transcript when enough new speech arrived and none is running."""
+        audio = conv.segmenter.utterance
+        step = self.settings.stt_partial_interval_ms * 32  # bytes of 16 kHz PCM16
+        if not audio or len(audio) - conv.partial_at_bytes < step or (conv.partial and not conv.partial.done()):
+            return
+        conv.partial_at_bytes = len(audio)
+        conv.partial = conv.tasks.spawn(self._send_partial(conv, conv.turn_id, audio), name="partial")
+
+    async def _send_partial(self, conv: AudioConversation, turn_id: str | None, audio: bytes) -> None:
+        text, _ms = await self._whisper(conv, audio)
+        conv.fence.guard()
+        if text and conv.turn_id == turn_id and conv.segmenter.speaking:  # the turn is still being spoken
+            partial = TranscriptPartial(
+                conversation_id=conv.conversation_id, correlation_id=conv.route.correlation_id, turn_id=turn_id, text=text
+            )
+            await self.bus.publish(self.names.inbox("gateway", conv.route.gateway), partial)
 
     async def _whisper(self, conv: AudioConversation, audio: bytes) -> tuple[str, float]:
         async with conv.transcribe_lock:

@@ -80,6 +80,11 @@ class Segmenter:
         return self._speaking
 
     @property
+    def utterance(self) -> bytes:
+        """The utterance so far (empty when no speech is under way)."""
+        return bytes(self._utterance) if self._speaking else b""
+
+    @property
     def buffered_bytes(self) -> int:
         return len(self._pending) + len(self._utterance) + sum(len(f) for f in self._preroll)
 
