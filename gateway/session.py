@@ -342,8 +342,11 @@ async def _serve_conversation(
         if session is not None:
             await session.close(1011, "internal error")
     finally:
-        if gateway.sessions.get(conversation_id) is session:
-            gateway.sessions.pop(conversation_id, None)
-        await asyncio.shield(
-            gateway.end_conversation(conversation_id, correlation_id, reason, detail, connection_id=connection_id)
-        )
+        try:
+            await asyncio.shield(
+                gateway.end_conversation(conversation_id, correlation_id, reason, detail, connection_id=connection_id)
+            )
+        finally:
+            # leave the registry only once the event is out: shutdown waits on the registry
+            if gateway.sessions.get(conversation_id) is session:
+                gateway.sessions.pop(conversation_id, None)
