@@ -81,11 +81,9 @@ class Bench:
             record = self.llm.streams[-1]
             closed = time.monotonic()
             await ws.close()
-            async with asyncio.timeout(5):
-                while record.ended is None:
-                    await asyncio.sleep(0.001)
+            ended = await record.wait_ended(timeout=5, poll_s=0.001)
             assert not record.completed
-            results.append((record.ended - closed) * 1000)
+            results.append((ended - closed) * 1000)
         return results
 
     async def churn(self, cycles: int, concurrency: int) -> None:

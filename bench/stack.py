@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 
+from voicepipe import simulate
 from voicepipe.embedded import free_port
 
 
@@ -48,8 +49,6 @@ def running_stack(url: str | None, env: dict[str, str] | None = None, with_pid: 
 
 
 def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
+    """Nearest-rank percentile for printing; NaN when there are no values."""
+    value = simulate.percentile(values, q)
+    return float("nan") if value is None else value

@@ -104,7 +104,6 @@ class ClientSession:
     # ---- the connection
     async def run(self) -> str:
         """Serve the client until the socket ends; returns the disconnect reason."""
-        s = self.gateway.settings
         self.send_event(
             "session.started",
             conversation_id=self.conversation_id,

@@ -14,7 +14,7 @@ from shared.clock import now_ms
 from shared.messages import ConnectionDisconnected, TextInput
 from shared.messages.codec import decode, encode
 from tests.conftest import make_settings
-from tests.support.admin import KEY, admin_get, wait_clean
+from tests.support.admin import admin_get, wait_clean
 from tests.support.stack import run_stack
 from tests.support.ws import collect_until, connect, next_event, wait_closed
 from voicepipe.simulate import PHASE_TRIGGERS, drop, run_until

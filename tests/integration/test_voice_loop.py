@@ -157,11 +157,8 @@ async def test_response_cancel_interrupts_and_closes_the_upstream_stream(stack, 
         events, _ = await collect_until(ws, "response.interrupted")
         assert events[-1]["reason"] == "cancelled" and events[-1]["turn_id"] == first["turn_id"]
         cancelled_at = time.monotonic()
-        async with asyncio.timeout(2):
-            while fake_llm.streams[-1].ended is None:
-                await asyncio.sleep(0.005)
+        assert await fake_llm.streams[-1].wait_ended() - cancelled_at < 0.5
         assert not fake_llm.streams[-1].completed
-        assert fake_llm.streams[-1].ended - cancelled_at < 0.5
         # nothing more arrives for the cancelled turn; the next turn works
         await ws.send(json.dumps({"type": "ping"}))
         assert (await next_event(ws))["type"] == "pong"
@@ -179,11 +176,8 @@ async def test_disconnect_mid_reply_closes_the_upstream_stream_and_frees_every_w
     assert (await next_event(ws))["type"] == "response.text.delta"
     await ws.close()
     closed_at = time.monotonic()
-    async with asyncio.timeout(2):
-        while fake_llm.streams[-1].ended is None:
-            await asyncio.sleep(0.005)
+    assert await fake_llm.streams[-1].wait_ended() - closed_at < 0.5
     assert not fake_llm.streams[-1].completed
-    assert fake_llm.streams[-1].ended - closed_at < 0.5
     async with asyncio.timeout(2):
         while any(cid in w.conversation_ids() for w in stack.workers.values()):
             await asyncio.sleep(0.005)

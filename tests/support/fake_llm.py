@@ -26,6 +26,13 @@ class StreamRecord:
     ended: float | None = None
     completed: bool = False  # False when the client closed it early
 
+    async def wait_ended(self, timeout: float = 2.0, poll_s: float = 0.005) -> float:
+        """Wait until the stream has ended; returns when (time.monotonic())."""
+        async with asyncio.timeout(timeout):
+            while self.ended is None:
+                await asyncio.sleep(poll_s)
+        return self.ended
+
 
 @dataclass
 class FakeLlm:
