@@ -35,10 +35,14 @@ class Bench:
         self.admin = httpx.AsyncClient(base_url=http_url, headers={"X-API-Key": API_KEY}, timeout=10)
         self.llm = llm
 
-    async def close_to_clean(self, n: int) -> dict[str, list[float]]:
-        """Socket close -> each worker done cleaning (the workers' own completion times)."""
-        per_stage: dict[str, list[float]] = {"vad_stt": [], "llm": [], "tts": [], "all": []}
+    async def close_to_clean(self, n: int, redis_url: str) -> dict[str, list[float]]:
+        """Socket close -> each worker done cleaning (the workers' own completion times), and the
+        gateway's share: socket close -> `connection_disconnected` stamped (its `timestamp_ms`)."""
+        per_stage: dict[str, list[float]] = {"event": [], "vad_stt": [], "llm": [], "tts": [], "all": []}
         self.llm.token_delay_s = 0.02
+        events = aioredis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+        await events.subscribe("connection_events")
+        stamped: dict[str, float] = {}
         for _ in range(n):
             ws = await websockets.connect(self.ws_url)
             cid = json.loads(await ws.recv())["conversation_id"]
@@ -52,9 +56,16 @@ class Bench:
             closed_ms = time.time_ns() / 1e6
             await ws.close()
             cleaned = await self._cleaned(cid)
+            while cid not in stamped:
+                raw = await events.get_message(timeout=5)
+                if raw is not None:
+                    event = json.loads(raw["data"])
+                    stamped[event["conversation_id"]] = event["timestamp_ms"]
+            per_stage["event"].append(stamped.pop(cid) - closed_ms)
             for stage, at in cleaned.items():
                 per_stage[stage].append(at - closed_ms)
             per_stage["all"].append(max(cleaned.values()) - closed_ms)
+        await events.aclose()
         return per_stage
 
     async def _cleaned(self, cid: str) -> dict[str, float]:
@@ -133,7 +144,7 @@ async def run(args: argparse.Namespace, http_url: str, llm: FakeLlm, up_pid: int
     redis_url = (await bench.admin.get("/admin/resources/pools")).json()["redis"]["url"]
     client = aioredis.Redis.from_url(redis_url)
 
-    clean = await bench.close_to_clean(args.conversations)
+    clean = await bench.close_to_clean(args.conversations, redis_url)
     print(f"\nsocket close -> worker done cleaning, {args.conversations} conversations (ms)")
     for stage, values in clean.items():
         print(f"  {stage:8} p50 {percentile(values, 50):6.2f}   p99 {percentile(values, 99):6.2f}   max {max(values):6.2f}")

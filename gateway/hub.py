@@ -25,7 +25,14 @@ from shared.channels import STAGES, Names
 from shared.clock import now_ms
 from shared.config import Settings
 from shared.logging import log_context
-from shared.messages import BusMessage, ConnectionDisconnected, IntrospectReply, IntrospectRequest, SessionTakeover
+from shared.messages import (
+    BusMessage,
+    ConnectionDisconnected,
+    ConversationOpened,
+    IntrospectReply,
+    IntrospectRequest,
+    SessionTakeover,
+)
 from shared.tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -156,12 +163,21 @@ class Gateway:
         )
         token = resume_token or secrets.token_urlsafe(24)
         conv_key, history_key = self.names.conversation(conversation_id), self.names.history(conversation_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        opened = self.bus.encode(
+            ConversationOpened(
+                conversation_id=conversation_id,
+                correlation_id=correlation_id,
+                **{name: route[name] for name in (*STAGES, "gateway", "connection_id")},
+            )
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:  # the lease, then the announcement
             pipe.hset(conv_key, mapping=route)
             pipe.expire(conv_key, self._lease_s)
             pipe.hset(history_key, RESUME_TOKEN_FIELD, token)
             pipe.expire(history_key, self.settings.resume_window_s + self._lease_s)
             pipe.zadd(self.names.live, {conversation_id: now_ms() + self._lease_s * 1000})
+            for stage in STAGES:
+                pipe.publish(self.names.inbox(stage, route[stage]), opened)
             await pipe.execute()
         route["resume_token"] = token
         self.stats.current += 1
@@ -201,14 +217,6 @@ class Gateway:
     ) -> None:
         if connection_id is not None:
             self.stats.current -= 1
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self.names.conversation(conversation_id))
-                pipe.zrem(self.names.live, conversation_id)
-                pipe.expire(self.names.history(conversation_id), self.settings.resume_window_s)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            log.warning("could not remove the routing lease (it expires by itself): %s", exc)
         self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
         event = ConnectionDisconnected(
             conversation_id=conversation_id,
@@ -218,7 +226,18 @@ class Gateway:
             connection_id=connection_id,
             detail=detail,
         )
-        await self.publish_disconnect(event)
+        try:  # one round trip: the lease goes and the event goes out together, in that order
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self.names.conversation(conversation_id))
+                pipe.zrem(self.names.live, conversation_id)
+                pipe.expire(self.names.history(conversation_id), self.settings.resume_window_s)
+                pipe.publish(self.names.connection_events, self.bus.encode(event))
+                *_, receivers = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("could not end the conversation in Redis (its lease expires by itself): %s", exc)
+            await self.publish_disconnect(event)
+            return
+        self._published(event, receivers)
 
     async def publish_disconnect(self, event: ConnectionDisconnected, attempts: int = 5) -> bool:
         delay = 0.05
@@ -231,14 +250,17 @@ class Gateway:
                     await asyncio.sleep(delay)
                     delay *= 2
                 continue
-            self.stats.published += 1
-            if receivers == 0:
-                log.warning("connection_disconnected reached no subscriber; the workers' sweep will clean up")
-            log.info("published connection_disconnected (%s) to %d subscribers", event.reason, receivers)
+            self._published(event, receivers)
             return True
         self.stats.publish_failures += 1
         log.error("connection_disconnected could not be published; the workers' sweep will clean up")
         return False
+
+    def _published(self, event: ConnectionDisconnected, receivers: int) -> None:
+        self.stats.published += 1
+        if receivers == 0:
+            log.warning("connection_disconnected reached no subscriber; the workers' sweep will clean up")
+        log.info("published connection_disconnected (%s) to %d subscribers", event.reason, receivers)
 
     async def refresh_lease(self, conversation_id: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -54,10 +54,21 @@ class Bus:
         self.redis = client
         self.source = source
 
-    async def publish(self, channel: str, message: BusMessage) -> int:
+    def encode(self, message: BusMessage) -> bytes:
+        """The wire form of a message sent by this process (for publishing inside a pipeline)."""
         if not message.source:
             message.source = self.source
-        return await self.redis.publish(channel, encode(message))
+        return encode(message)
+
+    async def publish(self, channel: str, message: BusMessage) -> int:
+        return await self.redis.publish(channel, self.encode(message))
+
+    async def publish_many(self, items: Sequence[tuple[str, BusMessage]]) -> list[int]:
+        """Publish several messages in one round trip, in order; returns each one's receiver count."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for channel, message in items:
+                pipe.publish(channel, self.encode(message))
+            return await pipe.execute()
 
 
 async def run_subscriber(
@@ -97,6 +108,9 @@ async def run_subscriber(
                     raise
                 except Exception:
                     log.exception("%s: handler failed for %s on %s", name, message.type, channel)
+                # A burst of messages already buffered would otherwise be handled in one loop
+                # iteration, holding back every other task (socket closes, cleanup) until it ends.
+                await asyncio.sleep(0)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             log.warning("%s: Redis subscription lost (%s); resubscribing in %.2f s", name, exc, backoff)
             await asyncio.sleep(backoff)

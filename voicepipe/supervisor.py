@@ -19,6 +19,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from shared.config import Settings
+from shared.priority import deprioritize
 from voicepipe import embedded
 
 log = logging.getLogger("voicepipe.up")
@@ -32,12 +33,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def _inference_child(nice: int):
+def _inference_child(nice: int, idle: bool):
     """preexec_fn for a process that is all model compute (the LLM server)."""
 
     def prepare() -> None:
         _die_with_parent()
-        os.nice(nice)
+        deprioritize(0, nice, idle)
 
     return prepare
 
@@ -50,13 +51,14 @@ class Child:
     process: asyncio.subprocess.Process | None = None
     restarts: list[float] = field(default_factory=list)
     nice: int = 0
+    idle: bool = False
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
             *self.argv,
             env=self.env,
             start_new_session=True,
-            preexec_fn=_inference_child(self.nice) if self.nice else _die_with_parent,
+            preexec_fn=_inference_child(self.nice, self.idle) if self.nice or self.idle else _die_with_parent,
         )
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
@@ -100,7 +102,15 @@ class Supervisor:
             if not self.settings.llm_base_url:
                 port = embedded.free_port()
                 llm_server = embedded.llm_argv(port, self.settings.llm_model)
-                await self._start(Child("llm-server", llm_server, self._env(), nice=self.settings.inference_nice))
+                await self._start(
+                    Child(
+                        "llm-server",
+                        llm_server,
+                        self._env(),
+                        nice=self.settings.inference_nice,
+                        idle=self.settings.inference_idle,
+                    )
+                )
                 env_extra["VOICEPIPE_LLM_BASE_URL"] = f"http://127.0.0.1:{port}/v1"
                 await _wait_for(lambda: _http_ok(env_extra["VOICEPIPE_LLM_BASE_URL"] + "/models"), "llm-server", 120)
             python = sys.executable

@@ -4,9 +4,13 @@ A worker subscribes to its own inbox, to `connection_events`, to the control cha
 extra channels of its stage. `connection_disconnected` is handled in the reader itself, ahead of
 any queued data (control before data), and handling is idempotent.
 
-Fencing: a conversation's state is only created through `admit`, which requires the gateway's live
-routing for it; once a conversation ends, messages for that socket (`connection_id`) are dropped,
-so late input can never revive it (a resume opens a new socket, which is admitted again).
+Opening: the gateway announces every new socket with `conversation.opened` (the route) to the
+worker of each stage, which prepares its state then, so a first turn waits for nothing. A message
+for a conversation the worker does not hold (it missed the announcement, or restarted) is admitted
+through `admit`, which requires the gateway's live routing for it.
+
+Fencing: once a conversation ends, messages for that socket (`connection_id`) are dropped, so late
+input can never revive it (a resume opens a new socket, which is admitted again).
 
 Safety net: pub/sub is at-most-once, so every `sweep_interval` (and right after every re-subscribe)
 the worker checks the routing lease of everything it holds; a conversation whose lease is gone or
@@ -35,7 +39,7 @@ from shared.channels import Names
 from shared.clock import now_ms, now_ms_float
 from shared.config import Settings
 from shared.logging import log_context
-from shared.messages import BusMessage, ConnectionDisconnected, IntrospectReply, IntrospectRequest
+from shared.messages import BusMessage, ConnectionDisconnected, ConversationOpened, IntrospectReply, IntrospectRequest
 from workers.stats import WorkerStats
 
 log = logging.getLogger("voicepipe.worker")
@@ -76,6 +80,10 @@ class Worker(abc.ABC):
     # ---- what each stage provides
     @abc.abstractmethod
     async def handle(self, channel: str, message: BusMessage) -> None: ...
+
+    @abc.abstractmethod
+    async def prepare(self, conversation_id: str, route: Route) -> None:
+        """Create this stage's state for an admitted conversation, unless it is held already."""
 
     @abc.abstractmethod
     async def close_conversation(self, conversation_id: str) -> None:
@@ -148,22 +156,46 @@ class Worker(abc.ABC):
                     return
                 if await self.end_conversation(message.conversation_id, message.reason, message.connection_id):
                     self.stats.conversations_cleaned += 1
+            elif isinstance(message, ConversationOpened):
+                await self._open(message)
             elif isinstance(message, IntrospectRequest):
                 await self._introspect(message)
             else:
                 await self.handle(channel, message)
 
+    async def _open(self, message: ConversationOpened) -> None:
+        cid = message.conversation_id
+        route = Route(
+            gateway=message.gateway,
+            vad_stt=message.vad_stt,
+            llm=message.llm,
+            tts=message.tts,
+            correlation_id=message.correlation_id,
+            connection_id=message.connection_id,
+        )
+        held = self._connections.get(cid)
+        if held is not None and held != route.connection_id:  # state of an earlier socket whose end was missed
+            await self.end_conversation(cid, "superseded by a new connection")
+        if self._accept(cid, route):
+            await self.prepare(cid, route)
+
     async def admit(self, message: BusMessage) -> Route | None:
         """The route of a live conversation this message may open state for, else None (dropped)."""
         route = await self.lookup_route(message.conversation_id)
-        ended = self._ended.get(message.conversation_id)
-        if route is None or (ended is not None and ended[0] == route.connection_id):
+        if route is None or not self._accept(message.conversation_id, route):
             log.debug("dropped %s: conversation is not connected", message.type)
             return None
-        self._ended.pop(message.conversation_id, None)
-        self._connections[message.conversation_id] = route.connection_id
-        self.stats.peak_conversations = max(self.stats.peak_conversations, len(self._connections))
         return route
+
+    def _accept(self, conversation_id: str, route: Route) -> bool:
+        """Record that this worker serves the conversation's socket, unless that socket has ended."""
+        ended = self._ended.get(conversation_id)
+        if ended is not None and ended[0] == route.connection_id:
+            return False
+        self._ended.pop(conversation_id, None)
+        self._connections[conversation_id] = route.connection_id
+        self.stats.peak_conversations = max(self.stats.peak_conversations, len(self._connections))
+        return True
 
     async def end_conversation(self, conversation_id: str, reason: str, connection_id: str | None = None) -> bool:
         """Fence and clean one conversation; returns whether anything was held for it."""
@@ -337,4 +369,10 @@ def main(worker_cls: type[Worker], settings: Settings | None = None) -> None:
         except asyncio.CancelledError:
             log.info("stopped")
 
-    asyncio.run(_main())
+    try:
+        import uvloop  # the faster event loop uvicorn also runs the gateway on
+    except ImportError:
+        asyncio.run(_main())
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_main())

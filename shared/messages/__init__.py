@@ -8,6 +8,7 @@ from pydantic import Field, TypeAdapter
 from shared.messages.audio import AudioCommit, AudioIn
 from shared.messages.control import (
     ConnectionDisconnected,
+    ConversationOpened,
     IntrospectReply,
     IntrospectRequest,
     SessionTakeover,
@@ -24,14 +25,14 @@ BusMessage = Annotated[
         SpeechStarted, SpeechStopped, TranscriptPartial, TranscriptFinal, TextInput,
         ResponseTextDelta, ResponseTextDone, ResponseCancel,
         TtsSpeak, TtsEnd, TtsStop, TtsAudioStarted, TtsAudio, TtsAudioDone,
-        ConnectionDisconnected, StageError, IntrospectRequest, IntrospectReply, SessionTakeover,
+        ConversationOpened, ConnectionDisconnected, StageError, IntrospectRequest, IntrospectReply, SessionTakeover,
     ],
     Field(discriminator="type"),
 ]
 bus_message_adapter: TypeAdapter[BusMessage] = TypeAdapter(BusMessage)
 
 __all__ = [
-    "AudioCommit", "AudioIn", "BusMessage", "ConnectionDisconnected", "Envelope", "IntrospectReply", "IntrospectRequest", "ResponseCancel", "SessionTakeover",
+    "AudioCommit", "AudioIn", "BusMessage", "ConnectionDisconnected", "ConversationOpened", "Envelope", "IntrospectReply", "IntrospectRequest", "ResponseCancel", "SessionTakeover",
     "ResponseTextDelta", "ResponseTextDone", "SpeechStarted", "SpeechStopped", "StageError", "TextInput",
     "TranscriptFinal", "TranscriptPartial", "TtsAudio", "TtsAudioDone", "TtsAudioStarted", "TtsEnd",
     "TtsSpeak", "TtsStop", "bus_message_adapter",

@@ -24,6 +24,21 @@ class ConnectionDisconnected(Envelope):
     detail: str | None = None
 
 
+class ConversationOpened(Envelope):
+    """Gateway -> each worker routed to a new socket: the conversation is live, with this route.
+
+    Workers prepare their state (processors, history) now, so the first turn waits for nothing.
+    Published right after the routing lease is written, so it always precedes the socket's
+    `connection_disconnected` on every subscriber."""
+
+    type: Literal["conversation.opened"] = "conversation.opened"
+    gateway: str
+    vad_stt: str
+    llm: str
+    tts: str
+    connection_id: str
+
+
 class StageError(Envelope):
     """Any worker -> gateway: a recoverable error the client should see as `error` {code, message}."""
 

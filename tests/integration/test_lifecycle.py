@@ -313,3 +313,77 @@ async def test_admin_routes_need_a_key_and_report_live(stack, fake_llm, redis_cl
         metrics = (await client.get("/metrics")).text
     assert "voicepipe_connections_total" in metrics and 'voicepipe_stage_workers{stage="llm"} 1' in metrics
     assert "voicepipe_worker_cleanup_seconds_bucket" in metrics
+
+
+async def test_every_worker_prepares_when_the_socket_opens(stack, fake_llm, redis_client, settings):
+    """`conversation.opened`: each routed worker holds the conversation before the first word,
+    the orchestrator with the history of a resumed one; an announcement for an ended socket opens nothing."""
+    fake_llm.echo = True
+    announcements = redis_client.pubsub()
+    await announcements.subscribe(stack.workers["llm"].inbox)
+    ws, started = await connect(stack.ws_url)
+    cid = started["conversation_id"]
+    opened = await _next_of_type(announcements, "conversation.opened")
+    assert opened.conversation_id == cid and opened.connection_id
+    for stage, worker in stack.workers.items():
+        await _until(lambda: cid in worker.conversation_ids(), f"{stage} did not prepare")
+    await ws.send(json.dumps({"type": "text.input", "text": "My name is Ada."}))
+    await collect_until(ws, "response.done")
+    await ws.close()
+    await wait_clean(stack, cid)
+
+    # a late or replayed announcement for the ended socket is fenced
+    await redis_client.publish(stack.workers["llm"].inbox, encode(opened))
+    await redis_client.publish(stack.workers["tts"].inbox, encode(opened))
+    await asyncio.sleep(0.3)
+    assert all(cid not in worker.conversation_ids() for worker in stack.workers.values())
+
+    ws, _ = await connect(f"{stack.ws_url}?conversation_id={cid}&resume_token={started['resume_token']}")
+    llm = stack.workers["llm"]
+    await _until(lambda: cid in llm.conversation_ids(), "llm did not prepare the resumed conversation")
+    assert llm.conversations[cid].history == [
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "You said My name is Ada.. I remember 0 earlier questions."},
+    ]
+    await ws.close()
+    await wait_clean(stack, cid)
+    await announcements.aclose()
+
+
+async def test_workers_that_missed_the_opening_admit_from_the_live_routing(stack, monkeypatch):
+    """Without `conversation.opened` (missed, or the worker restarted) a spoken turn still works:
+    each worker admits the conversation from its routing lease at its first message."""
+
+    async def missed(message) -> None:
+        return None
+
+    for worker in stack.workers.values():
+        monkeypatch.setattr(worker, "_open", missed)
+    ws, started = await connect(stack.ws_url)
+    cid = started["conversation_id"]
+    await asyncio.sleep(0.2)
+    assert all(cid not in worker.conversation_ids() for worker in stack.workers.values())
+    for offset in range(0, len(SPEECH), 640):
+        await ws.send(SPEECH[offset : offset + 640])
+    await ws.send(bytes(16000))  # half a second of silence ends the utterance
+    events, _ = await collect_until(ws, "response.done", timeout=30)
+    types = [e["type"] for e in events]
+    assert "transcript.final" in types and "response.audio.started" in types
+    assert all(cid in worker.conversation_ids() for worker in stack.workers.values())
+    await ws.close()
+    await wait_clean(stack, cid)
+
+
+async def _next_of_type(pubsub, type_: str, timeout: float = 5):
+    async with asyncio.timeout(timeout):
+        while True:
+            raw = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if raw is not None and (message := decode(raw["data"])).type == type_:
+                return message
+
+
+async def _until(condition, what: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)

@@ -19,7 +19,7 @@ from shared.messages import (
     TtsStop,
 )
 from shared.tasks import Fence, TaskSet, stop_tasks
-from workers.llm_orchestrator.history import HistoryStore
+from workers.llm_orchestrator.history import HistoryStore, Message, trim
 from workers.llm_orchestrator.llm_client import ChatClient, LlmUnavailable
 from workers.llm_orchestrator.sentences import SentenceSplitter
 from workers.runtime import Route, Worker
@@ -30,9 +30,10 @@ log = logging.getLogger("voicepipe.llm")
 class ChatConversation:
     """What the orchestrator holds for one conversation: at most one reply under way."""
 
-    def __init__(self, conversation_id: str, route: Route) -> None:
+    def __init__(self, conversation_id: str, route: Route, history: list[Message]) -> None:
         self.conversation_id = conversation_id
         self.route = route
+        self.history = history  # as the LLM sees it (trimmed); written through to Redis after each reply
         self.tasks = TaskSet(f"llm:{conversation_id}")
         self.fence = Fence()
         self.reply: asyncio.Task[None] | None = None
@@ -146,12 +147,18 @@ class LlmWorker(Worker):
         else:
             log.warning("unexpected %s on %s", message.type, channel)
 
+    async def prepare(self, conversation_id: str, route: Route) -> None:
+        if conversation_id not in self.conversations:  # the history is read now, not on the first turn
+            history = await self.history.load(conversation_id)
+            self.conversations[conversation_id] = ChatConversation(conversation_id, route, history)
+
     async def _conversation(self, message: BusMessage) -> ChatConversation | None:
         conv = self.conversations.get(message.conversation_id)
         if conv is None:
             if (route := await self.admit(message)) is None:
                 return None
-            conv = self.conversations[message.conversation_id] = ChatConversation(message.conversation_id, route)
+            await self.prepare(message.conversation_id, route)
+            conv = self.conversations[message.conversation_id]
         return conv
 
     async def _stop_reply(self, conv: ChatConversation) -> None:
@@ -167,57 +174,55 @@ class LlmWorker(Worker):
         envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": turn_id}
         gateway = self.names.inbox("gateway", conv.route.gateway)
         tts = self.names.inbox("tts", conv.route.tts)
-        history = await self.history.load(conv.conversation_id)
-        fence.guard()
-        messages = [{"role": "system", "content": self.settings.system_prompt}, *history, {"role": "user", "content": user_text}]
+        messages = [{"role": "system", "content": self.settings.system_prompt}, *conv.history, {"role": "user", "content": user_text}]
         splitter = SentenceSplitter(self.settings.first_clause_min_words, self.settings.first_piece_max_words)
         reply: list[str] = []
         first_sentence_ms: float | None = None
         failed = False
         started = time.perf_counter()
 
-        async def send(channel: str, message: BusMessage) -> None:
-            """Publish unless this reply or the conversation has ended (checked on both sides of the await)."""
+        async def send(*items: tuple[str, BusMessage]) -> None:
+            """Publish (several in one round trip) unless this reply or the conversation has ended;
+            checked on both sides of the await."""
             fence.guard()
             conv.fence.guard()
-            await self.bus.publish(channel, message)
+            await self.bus.publish_many(items)
             fence.guard()
 
-        async def speak(piece: str) -> None:
+        def to_tts(pieces: list[str]) -> list[tuple[str, BusMessage]]:
             nonlocal first_sentence_ms
-            if first_sentence_ms is None:
+            if pieces and first_sentence_ms is None:
                 first_sentence_ms = round((time.perf_counter() - started) * 1000, 1)
-            await send(tts, TtsSpeak(text=piece, seq=splitter.pieces - 1, **envelope))
+            first_seq = splitter.pieces - len(pieces)
+            return [(tts, TtsSpeak(text=piece, seq=first_seq + i, **envelope)) for i, piece in enumerate(pieces)]
 
         conv.upstream_streams += 1
         try:
             async with contextlib.aclosing(self.chat.stream_chat(messages)) as stream:
                 async for delta in stream:
                     reply.append(delta)
-                    await send(gateway, ResponseTextDelta(delta=delta, **envelope))
-                    for piece in splitter.feed(delta):
-                        await speak(piece)
+                    # a finished piece goes to TTS first, in the same round trip as the text delta
+                    await send(*to_tts(splitter.feed(delta)), (gateway, ResponseTextDelta(delta=delta, **envelope)))
         except LlmUnavailable as exc:
             failed = True
             log.warning("LLM failed: %s", exc)
-            await send(gateway, StageError(code="llm_unavailable", message=str(exc), **envelope))
+            await send((gateway, StageError(code="llm_unavailable", message=str(exc), **envelope)))
         finally:
             conv.upstream_streams -= 1
         llm_ms = round((time.perf_counter() - started) * 1000, 1)
-        if (rest := splitter.flush()) is not None:
-            await speak(rest)
+        rest = splitter.flush()
+        closing = to_tts([rest] if rest is not None else [])
         if splitter.pieces:
-            await send(tts, TtsEnd(sentences=splitter.pieces, **envelope))
+            closing.append((tts, TtsEnd(sentences=splitter.pieces, **envelope)))
         text = "".join(reply).strip()
-        await send(
-            gateway,
-            ResponseTextDone(
-                text=text, sentences=splitter.pieces, llm_ms=llm_ms, first_sentence_ms=first_sentence_ms, **envelope
-            ),
+        done = ResponseTextDone(
+            text=text, sentences=splitter.pieces, llm_ms=llm_ms, first_sentence_ms=first_sentence_ms, **envelope
         )
+        await send(*closing, (gateway, done))
         log.info("reply of %d pieces in %.0f ms (first piece at %s ms)", splitter.pieces, llm_ms, first_sentence_ms)
         if not failed and text:
             fence.guard()
-            await self.history.append(
-                conv.conversation_id, {"role": "user", "content": user_text}, {"role": "assistant", "content": text}
-            )
+            turn: list[Message] = [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
+            s = self.settings
+            conv.history = trim(conv.history + turn, s.history_max_messages, s.history_max_chars)
+            await self.history.append(conv.conversation_id, *turn)

@@ -31,7 +31,7 @@ class SpeechConversation:
     conversation_id: str
     route: Route
     queue: deque[TtsSpeak | TtsEnd] = field(default_factory=deque)
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    marked: asyncio.Event = field(default_factory=asyncio.Event)  # the speaking mark is written
     turns: dict[str | None, TurnAudio] = field(default_factory=dict)
     speaker: asyncio.Task[None] | None = None
     stopped_turns: set[str | None] = field(default_factory=set)
@@ -64,7 +64,9 @@ class TtsWorker(Worker):
     async def load(self) -> None:
         if self.voice is None:
             s = self.settings
-            self.voice = await asyncio.to_thread(Voice, s.tts_model_path, s.tts_config_path, s.inference_nice)
+            self.voice = await asyncio.to_thread(
+                Voice, s.tts_model_path, s.tts_config_path, s.inference_nice, s.inference_idle
+            )
             await asyncio.to_thread(self.voice.warm_up)
 
     def extra_channels(self) -> list[str]:
@@ -105,13 +107,18 @@ class TtsWorker(Worker):
         finally:
             await self.redis.delete(self.names.tts_active(conversation_id))  # "tts active" is false
 
+    async def prepare(self, conversation_id: str, route: Route) -> None:
+        if conversation_id not in self.conversations:
+            self.conversations[conversation_id] = SpeechConversation(conversation_id, route)
+
     async def handle(self, channel: str, message: BusMessage) -> None:
         if isinstance(message, (TtsSpeak, TtsEnd)):
             conv = self.conversations.get(message.conversation_id)
             if conv is None:
                 if (route := await self.admit(message)) is None:
                     return
-                conv = self.conversations[message.conversation_id] = SpeechConversation(message.conversation_id, route)
+                await self.prepare(message.conversation_id, route)
+                conv = self.conversations[message.conversation_id]
             conv.queue.append(message)
             if conv.speaker is None or conv.speaker.done():
                 await self._start_speaker(conv)
@@ -138,14 +145,19 @@ class TtsWorker(Worker):
             await self._start_speaker(conv)
 
     async def _start_speaker(self, conv: SpeechConversation) -> None:
-        """Mark the conversation as speaking, then start its speaker.
+        """Start the conversation's speaker and mark the conversation as speaking.
 
         Only the bus reader writes the mark, the same coroutine that runs cleanup, so a cleanup's
-        delete can never be overtaken by a mark still in flight from a cancelled task."""
-        await self.redis.set(
-            self.names.tts_active(conv.conversation_id), "1", ex=max(1, int(self.settings.stale_timeout_s))
-        )
+        delete can never be overtaken by a mark still in flight from a cancelled task. The speaker
+        synthesizes while the mark is written, and clears it only once it has been written."""
+        conv.marked.clear()
         conv.speaker = conv.tasks.spawn(self._speak(conv), name="speaker")
+        try:
+            await self.redis.set(
+                self.names.tts_active(conv.conversation_id), "1", ex=max(1, int(self.settings.stale_timeout_s))
+            )
+        finally:
+            conv.marked.set()
 
     async def _speak(self, conv: SpeechConversation) -> None:
         """Speak queued pieces in order until the queue is empty, then clear the speaking mark."""
@@ -162,9 +174,6 @@ class TtsWorker(Worker):
                 turn.tts_ms += ms
                 if turn.first_chunk_ms is None:
                     turn.first_chunk_ms = round(ms, 1)
-                if not turn.started:
-                    turn.started = True
-                    await self.bus.publish(gateway, TtsAudioStarted(sample_rate=self.voice.sample_rate, **envelope))
                 await self._send_audio(conv, gateway, turn, pcm, envelope)
             else:
                 conv.turns.pop(item.turn_id, None)
@@ -173,13 +182,24 @@ class TtsWorker(Worker):
                 )
             if conv.queue and conv.queue[0] is item:
                 conv.queue.popleft()
+        await conv.marked.wait()
         await self.redis.delete(active_key)
 
     async def _send_audio(
         self, conv: SpeechConversation, gateway: str, turn: TurnAudio, pcm: bytes, envelope: dict
     ) -> None:
+        """The piece's audio in chunks of `TTS_CHUNK_MS`: the first at once (behind `audio.started`
+        on a reply's first piece), then the rest together; one round trip each."""
         step = self.voice.sample_rate * 2 * self.settings.tts_chunk_ms // 1000
-        for start in range(0, len(pcm), step):
-            conv.guard(envelope["turn_id"])
-            await self.bus.publish(gateway, TtsAudio(seq=turn.chunks, pcm=pcm[start : start + step], **envelope))
-            turn.chunks += 1
+        head: list[BusMessage] = []
+        if not turn.started:
+            turn.started = True
+            head.append(TtsAudioStarted(sample_rate=self.voice.sample_rate, **envelope))
+        chunks = [pcm[start : start + step] for start in range(0, len(pcm), step)]
+        for batch in (chunks[:1], chunks[1:]):
+            messages = head + [TtsAudio(seq=turn.chunks + i, pcm=chunk, **envelope) for i, chunk in enumerate(batch)]
+            head = []
+            if messages:
+                conv.guard(envelope["turn_id"])
+                await self.bus.publish_many([(gateway, message) for message in messages])
+                turn.chunks += len(batch)

