@@ -25,6 +25,7 @@ from tests.support.fake_llm import FakeLlm, FakeLlmServer
 from voicepipe.wavio import read_wav_16k_mono
 
 API_KEY = "bench-admin-key"
+TRIM_INTERVAL_S = 2.0  # processes return freed heap this often after conversations end
 SPEECH = read_wav_16k_mono(Path(__file__).parent / "audio" / "q1.wav")
 
 
@@ -122,10 +123,12 @@ class Bench:
         await asyncio.gather(*(cycle(i) for i in range(cycles)))
 
     async def settled_workers(self, timeout: float = 30) -> list[dict]:
+        """Every worker's report once none holds a conversation (and every process has trimmed its heap)."""
         deadline = time.monotonic() + timeout
         while True:
             workers = (await self.admin.get("/admin/workers")).json()["workers"]
             if all(w["conversations"] == 0 for w in workers) or time.monotonic() > deadline:
+                await asyncio.sleep(TRIM_INTERVAL_S + 1)
                 return workers
 
 
@@ -200,6 +203,7 @@ def main() -> None:
             "VOICEPIPE_LOG_LEVEL": "WARNING",
             "VOICEPIPE_NAMESPACE": "vp",
             "VOICEPIPE_RESUME_WINDOW_S": "600",
+            "VOICEPIPE_MEMORY_TRIM_INTERVAL_S": str(TRIM_INTERVAL_S),
         }
         os.environ.pop("VOICEPIPE_REDIS_URL", None)
         with running_stack(None, env, with_pid=True) as (http_url, pid):

@@ -25,6 +25,7 @@ from shared.channels import STAGES, Names
 from shared.clock import now_ms
 from shared.config import Settings
 from shared.logging import log_context
+from shared.memory import trim_loop
 from shared.messages import (
     BusMessage,
     ConnectionDisconnected,
@@ -90,6 +91,8 @@ class Gateway:
         )
         self._tasks.spawn(self._refresh_directory(), name="directory")
         self._tasks.spawn(self._stale_sweep_loop(), name="stale-sweep")
+        trim = trim_loop(self.settings.memory_trim_interval_s, lambda: self.stats.published, lambda: not self.sessions)
+        self._tasks.spawn(trim, name="memory-trim")
         try:
             async with asyncio.timeout(5):
                 await self._subscribed.wait()

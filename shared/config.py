@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 1.0
     worker_ttl_s: float = 5.0
     health_log_interval_s: float = 60.0  # periodic health line of every worker (0: off)
+    memory_trim_interval_s: float = 30.0  # return freed heap to the OS after conversations end (0: off)
     leak_warn_conversations: int = 500  # the health line warns when a worker holds more than this
     introspect_timeout_s: float = 0.5  # how long admin routes wait for every worker's live answer
 

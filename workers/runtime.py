@@ -39,6 +39,7 @@ from shared.channels import Names
 from shared.clock import now_ms, now_ms_float
 from shared.config import Settings
 from shared.logging import log_context
+from shared.memory import trim_loop
 from shared.messages import BusMessage, ConnectionDisconnected, ConversationOpened, IntrospectReply, IntrospectRequest
 from workers.stats import WorkerStats
 
@@ -121,6 +122,14 @@ class Worker(abc.ABC):
                 group.create_task(self._heartbeat_loop(), name=f"{self.worker_id}:heartbeat")
                 group.create_task(self._sweep_loop(), name=f"{self.worker_id}:sweep")
                 group.create_task(self._health_loop(), name=f"{self.worker_id}:health")
+                group.create_task(
+                    trim_loop(
+                        self.settings.memory_trim_interval_s,
+                        lambda: self.stats.cleanup_ms.n,
+                        lambda: not self.conversation_ids(),
+                    ),
+                    name=f"{self.worker_id}:memory-trim",
+                )
                 group.create_task(
                     run_subscriber(
                         self.redis,
