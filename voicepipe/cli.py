@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("stage", choices=sorted(WORKERS))
     talk = sub.add_parser("talk", help="speak a WAV file to a running stack")
     talk.add_argument("file", help="a PCM WAV file (any rate or channel count; converted to 16 kHz mono)")
-    talk.add_argument("--url", default=None, help="WebSocket URL (default ws://127.0.0.1:8000/v1/ws)")
+    talk.add_argument("--url", default=None, help="the gateway: ws://host:port/v1/ws or http://host:port (default ws://127.0.0.1:8000/v1/ws)")
     talk.add_argument("--out", default="reply.wav", help="where to save the reply audio")
     talk.add_argument("--timeout", type=float, default=60.0)
     from voicepipe.simulate import add_arguments

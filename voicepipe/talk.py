@@ -4,15 +4,32 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from urllib.parse import urlsplit, urlunsplit
+
+import websockets
 
 from voicepipe.client import VoiceClient
 from voicepipe.wavio import WavError, read_wav_16k_mono, write_wav
 
 
+def websocket_url(url: str) -> str:
+    """The client WebSocket URL for what a person may type: `ws://host:port/v1/ws` as is, or the
+    gateway's address (`http://host:port`, `host:port`), which gets the ws scheme and `/v1/ws`."""
+    if "://" not in url:
+        url = f"ws://{url}"
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss") or not parts.netloc:
+        raise ValueError(f"{url!r} is not a ws://, wss://, http:// or https:// address of the gateway")
+    path = parts.path if parts.path not in ("", "/") else "/v1/ws"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
 async def _talk(path: str, url: str, out: str, timeout: float) -> int:
     try:
         pcm = read_wav_16k_mono(path)
-    except WavError as exc:
+        url = websocket_url(url)
+    except (WavError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -23,7 +40,7 @@ async def _talk(path: str, url: str, out: str, timeout: float) -> int:
             finally:
                 sender.cancel()
             rate = client.output_rate
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, websockets.WebSocketException) as exc:
         print(f"error: no answer from {url}: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
     for error in turn.errors:
