@@ -65,6 +65,8 @@ class Bus:
 
     async def publish_many(self, items: Sequence[tuple[str, BusMessage]]) -> list[int]:
         """Publish several messages in one round trip, in order; returns each one's receiver count."""
+        if len(items) == 1:
+            return [await self.publish(*items[0])]
         async with self.redis.pipeline(transaction=False) as pipe:
             for channel, message in items:
                 pipe.publish(channel, self.encode(message))

@@ -132,6 +132,8 @@ async def test_closing_the_socket_publishes_connection_disconnected(stack, redis
         async with asyncio.timeout(5):
             while (raw := await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)) is None:
                 pass
+        # the lease is gone by the time anyone hears the event (workers' sweeps rely on that order)
+        assert not await redis_client.exists(f"{settings.namespace}:conv:{started['conversation_id']}")
         event = json.loads(raw["data"])
         assert event["type"] == "connection_disconnected"
         assert event["conversation_id"] == started["conversation_id"]
