@@ -31,7 +31,7 @@ async def one_turn(ws_url: str, pcm: bytes) -> dict[str, float] | None:
         speech_end = await sender
     if turn.done is None or turn.first_audio_at is None:
         return None
-    row = dict(turn.done["metrics"])
+    row = {**turn.done["metrics"], **turn.done.get("diagnostics", {})}
     row["client_voice_to_voice_ms"] = (turn.first_audio_at - speech_end) * 1000
     row["transcript"] = turn.transcript
     row["reply"] = turn.done["text"]

@@ -264,7 +264,9 @@ class ClientSession:
             self.turns.pop(turn_id)
             if self.active_turn == turn_id:
                 self.active_turn = None
-            self.send_event("response.done", turn_id, text=turn.text, metrics=turn.metrics())
+            self.send_event(
+                "response.done", turn_id, text=turn.text, metrics=turn.metrics(), diagnostics=turn.diagnostics()
+            )
 
 
 def _policy_error(gateway: Gateway, websocket: WebSocket) -> str | None:

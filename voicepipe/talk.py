@@ -50,6 +50,7 @@ async def _talk(path: str, url: str, out: str, timeout: float) -> int:
         return 1
     print(f"assistant: {turn.done['text']}")
     print(f"metrics:   {json.dumps(turn.done.get('metrics', {}))}")
+    print(f"diagnostics: {json.dumps(turn.done.get('diagnostics', {}))}")
     if turn.audio:
         write_wav(out, bytes(turn.audio), rate)
         print(f"reply audio: {out} ({len(turn.audio) / 2 / rate:.1f} s at {rate} Hz)")
