@@ -5,8 +5,11 @@ bus, the sockets and cleanup need a sliver of CPU at exactly those moments. Infe
 under Linux's SCHED_IDLE policy (`INFERENCE_IDLE`, the default), which the kernel preempts the
 moment any normal thread wakes, so an event loop never waits for a model's time slice to end;
 with a merely higher nice value (`INFERENCE_NICE`) it can wait a slice or two (~1-3 ms per hop on
-two busy cores). With an idle CPU the models lose nothing either way. Threads a model library
-starts inherit the policy and nice value of the thread that loaded it."""
+two busy cores). With an idle CPU the models lose nothing either way. The trade-off: on a machine
+kept busy by other normal-priority work, the models are the ones that slow down (and a worker's
+event loop may wait for its own model thread to release the GIL); `INFERENCE_IDLE=false` shares
+the CPU fairly instead. Threads a model library starts inherit the policy and nice value of the
+thread that loaded it."""
 from __future__ import annotations
 
 import logging
