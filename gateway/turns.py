@@ -1,8 +1,9 @@
 """Per-turn bookkeeping at the gateway and the `response.done` metrics (PROTOCOL.md §1.1).
 
 `metrics` holds exactly the keys of §1.1; `diagnostics` (beside it in `response.done`) holds the
-end-of-speech wait and the pipeline's own overhead, which §1.1 does not name. Every instant is the gateway's own clock (ms); stage durations come from the workers, so clocks
-of other machines never mix in."""
+end-of-speech wait and the pipeline's own overhead, which §1.1 does not name. Every instant is the
+gateway's own clock (ms); stage durations come from the workers, so clocks of other machines never
+mix in."""
 from __future__ import annotations
 
 from dataclasses import dataclass

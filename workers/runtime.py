@@ -28,6 +28,7 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -59,6 +60,11 @@ class Route:
     tts: str
     correlation_id: str
     connection_id: str
+
+    @classmethod
+    def of(cls, fields: Mapping[str, str]) -> "Route":
+        """The route these fields name (a lease hash, a `conversation.opened`); KeyError if one is missing."""
+        return cls(**{name: fields[name] for name in cls.__dataclass_fields__})
 
 
 class Worker(abc.ABC):
@@ -174,27 +180,22 @@ class Worker(abc.ABC):
 
     async def _open(self, message: ConversationOpened) -> None:
         cid = message.conversation_id
-        route = Route(
-            gateway=message.gateway,
-            vad_stt=message.vad_stt,
-            llm=message.llm,
-            tts=message.tts,
-            correlation_id=message.correlation_id,
-            connection_id=message.connection_id,
-        )
+        route = Route.of(message.model_dump())
         held = self._connections.get(cid)
         if held is not None and held != route.connection_id:  # state of an earlier socket whose end was missed
             await self.end_conversation(cid, "superseded by a new connection")
         if self._accept(cid, route):
             await self.prepare(cid, route)
 
-    async def admit(self, message: BusMessage) -> Route | None:
-        """The route of a live conversation this message may open state for, else None (dropped)."""
+    async def admit(self, message: BusMessage) -> bool:
+        """Prepare state for a conversation this worker does not hold, from its live routing; False
+        (the message is dropped) when the conversation is not, or no longer, connected."""
         route = await self.lookup_route(message.conversation_id)
         if route is None or not self._accept(message.conversation_id, route):
             log.debug("dropped %s: conversation is not connected", message.type)
-            return None
-        return route
+            return False
+        await self.prepare(message.conversation_id, route)
+        return True
 
     def _accept(self, conversation_id: str, route: Route) -> bool:
         """Record that this worker serves the conversation's socket, unless that socket has ended."""
@@ -236,7 +237,7 @@ class Worker(abc.ABC):
             return None
         decoded = {k.decode(): v.decode() for k, v in fields.items()}
         try:
-            return Route(**{name: decoded[name] for name in Route.__dataclass_fields__})
+            return Route.of(decoded)
         except KeyError:
             log.warning("conversation routing is incomplete: %s", decoded)
             return None

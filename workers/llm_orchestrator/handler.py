@@ -155,9 +155,8 @@ class LlmWorker(Worker):
     async def _conversation(self, message: BusMessage) -> ChatConversation | None:
         conv = self.conversations.get(message.conversation_id)
         if conv is None:
-            if (route := await self.admit(message)) is None:
+            if not await self.admit(message):
                 return None
-            await self.prepare(message.conversation_id, route)
             conv = self.conversations[message.conversation_id]
         return conv
 

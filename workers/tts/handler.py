@@ -115,9 +115,8 @@ class TtsWorker(Worker):
         if isinstance(message, (TtsSpeak, TtsEnd)):
             conv = self.conversations.get(message.conversation_id)
             if conv is None:
-                if (route := await self.admit(message)) is None:
+                if not await self.admit(message):
                     return
-                await self.prepare(message.conversation_id, route)
                 conv = self.conversations[message.conversation_id]
             conv.queue.append(message)
             if conv.speaker is None or conv.speaker.done():

@@ -114,9 +114,8 @@ class VadSttWorker(Worker):
     async def _conversation(self, message: BusMessage) -> AudioConversation | None:
         conv = self.conversations.get(message.conversation_id)
         if conv is None:
-            if (route := await self.admit(message)) is None:
+            if not await self.admit(message):
                 return None
-            await self.prepare(message.conversation_id, route)
             conv = self.conversations[message.conversation_id]
         conv.last_activity_ms = now_ms_float()
         return conv
