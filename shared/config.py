@@ -51,7 +51,11 @@ class Settings(BaseSettings):
     llm_api_key: str | None = None
     llm_max_tokens: int = 160
     llm_temperature: float = 0.6
-    llm_timeout_s: float = 30.0
+    llm_connect_timeout_s: float = 5.0  # connecting to the LLM server
+    llm_read_timeout_s: float = 30.0  # waiting for the next bytes of a reply (first token included)
+    llm_pool_size: int = 100  # concurrent HTTP connections to the LLM server per orchestrator process
+    llm_retries: int = 2  # retries of a refused connect or HTTP 429/502/503 before the first token
+    llm_retry_backoff_s: float = 0.2  # first retry delay (doubles, with jitter)
     system_prompt: str = (
         "You are a helpful voice assistant. Answer in one or two short spoken sentences, "
         "without lists or markdown."
@@ -60,7 +64,8 @@ class Settings(BaseSettings):
     history_max_chars: int = 6000
     first_clause_min_words: int = 4  # the first TTS piece may end at a comma after this many words
     first_piece_max_words: int = 6  # cut the first TTS piece after this many words (0: only at punctuation)
-    guard_blocked_terms: CommaList = Field(default_factory=list)
+    guard_blocked_terms: CommaList = Field(default_factory=list)  # output guard: words or phrases (empty: off)
+    max_pending_turns: int = 4  # user turns waiting behind a reply that was not interrupted
 
     # VAD / STT
     vad_aggressiveness: int = Field(default=2, ge=0, le=3)
@@ -68,7 +73,8 @@ class Settings(BaseSettings):
     vad_start_ms: int = 60  # voiced audio needed before speech counts as started
     vad_end_silence_ms: int = 300  # unvoiced audio that ends an utterance
     vad_preroll_ms: int = 200  # audio kept from before the start, so the first word is whole
-    vad_min_utterance_ms: int = 200
+    vad_min_utterance_ms: int = 200  # voiced speech an utterance needs to be transcribed
+    barge_in_min_speech_ms: int = 200  # voiced speech that interrupts a reply under way (0: only response.cancel)
     vad_max_utterance_ms: int = 15000
     stt_speculate_after_ms: int = 100  # start transcribing after this much silence (0: only at the end)
     stt_partials: bool = False  # interim transcripts while the user speaks (costs whisper time)

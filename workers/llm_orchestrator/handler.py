@@ -80,7 +80,7 @@ class LlmWorker(Worker):
                 s.llm_base_url,
                 s.llm_model,
                 api_key=s.llm_api_key,
-                timeout_s=s.llm_timeout_s,
+                timeout_s=s.llm_read_timeout_s,
                 max_tokens=s.llm_max_tokens,
                 temperature=s.llm_temperature,
             )
