@@ -65,6 +65,7 @@ class Stats:
     last_stale_sweep_ms: int | None = None
     last_shutdown_cleanup: dict[str, object] | None = None
     reasons: dict[str, int] = field(default_factory=dict)
+    interrupted: dict[str, int] = field(default_factory=dict)  # replies interrupted, by reason
 
 
 class Gateway:

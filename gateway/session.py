@@ -16,19 +16,21 @@ from uvicorn.protocols.utils import ClientDisconnected
 
 from gateway.hub import Gateway, NotReady, ResumeRefused
 from gateway.keepalive import KEEPALIVE_TIMEOUT
-from gateway.turns import Turn
+from gateway.turns import Turn, TurnTable
 from shared.clock import now_ms_float
 from shared.logging import log_context
 from shared.messages import (
     AudioCommit,
     AudioIn,
     BusMessage,
+    ResponseBlocked,
     ResponseCancel,
     ResponseTextDelta,
     ResponseTextDone,
     SessionTakeover,
     SpeechStarted,
     SpeechStopped,
+    SpeechSustained,
     StageError,
     TextInput,
     TranscriptFinal,
@@ -64,8 +66,8 @@ class ClientSession:
         self.conversation_id = conversation_id
         self.correlation_id = route["correlation_id"]
         self.route = route
-        self.turns: dict[str, Turn] = {}
-        self.active_turn: str | None = None  # the turn whose response is under way
+        self.turns = TurnTable()
+        self.barge_in = gateway.settings.barge_in_min_speech_ms > 0
         self.shutting_down = False
         self._outbound: asyncio.Queue[object] = asyncio.Queue(OUTBOUND_LIMIT)
         self._tasks = TaskSet(f"session:{conversation_id}")
@@ -190,24 +192,36 @@ class ClientSession:
             )
         elif isinstance(request, TextInputRequest):
             turn_id = uuid.uuid4().hex[:16]
-            self.turns[turn_id] = Turn(turn_id, typed=True, transcript_ms=now_ms_float())
-            self.active_turn = turn_id
-            await bus.publish(
-                names.inbox("llm", self.route["llm"]), TextInput(turn_id=turn_id, text=request.text, **self._envelope)
-            )
+            now = now_ms_float()
+            # a typed turn over a reply under way interrupts it, like speech (unless barge-in is off:
+            # then it waits for that reply); the cancel reaches the orchestrator first
+            reply = self.turns.current_reply(now) if self.barge_in else None
+            self.turns.open(turn_id, typed=True, transcript_ms=now, replying=True)
+            inbox = names.inbox("llm", self.route["llm"])
+            text_input = TextInput(turn_id=turn_id, text=request.text, **self._envelope)
+            if reply is not None:
+                await bus.publish_many([(inbox, self._interrupt(reply, "barge_in")), (inbox, text_input)])
+            else:
+                await bus.publish(inbox, text_input)
         elif isinstance(request, ResponseCancelRequest):
-            await self._cancel_response()
+            reply = self.turns.current_reply(now_ms_float())
+            if reply is not None:
+                await bus.publish(names.inbox("llm", self.route["llm"]), self._interrupt(reply, "cancelled"))
 
-    async def _cancel_response(self) -> None:
-        turn = self.turns.get(self.active_turn) if self.active_turn else None
-        if turn is None or turn.complete:
-            return
-        turn.cancelled = True
-        self.active_turn = None
-        await self.gateway.bus.publish(
-            self.gateway.names.inbox("llm", self.route["llm"]), ResponseCancel(turn_id=turn.turn_id, **self._envelope)
-        )
-        self.send_event("response.interrupted", turn.turn_id, reason="cancelled")
+    def _interrupt(self, turn: Turn, reason: str) -> ResponseCancel:
+        """Tell the client at once, fence the turn here (not one more audio frame of it is queued),
+        and return the cancel for the orchestrator, which stops generation and speech."""
+        self.turns.fence(turn.turn_id)
+        self.send_event("response.interrupted", turn.turn_id, reason=reason)
+        self.gateway.stats.interrupted[reason] = self.gateway.stats.interrupted.get(reason, 0) + 1
+        log.info("turn %s interrupted (%s) after %.2f pieces of audio", turn.turn_id, reason, turn.heard)
+        return ResponseCancel(turn_id=turn.turn_id, reason=reason, heard=round(turn.heard, 3), **self._envelope)
+
+    async def _publish_to_llm(self, message: BusMessage) -> None:
+        try:
+            await self.gateway.bus.publish(self.gateway.names.inbox("llm", self.route["llm"]), message)
+        except (RedisError, OSError) as exc:
+            log.warning("could not publish %s: %s", message.type, exc)
 
     # ---- inbound from the bus
     def deliver(self, message: BusMessage) -> None:
@@ -218,15 +232,17 @@ class ClientSession:
                 self._tasks.spawn(self.close(1000, "conversation resumed on another connection"), name="takeover")
             return
         turn_id = message.turn_id
-        turn = self.turns.get(turn_id) if turn_id else None
-        if turn is not None and turn.cancelled:
-            return  # late output of a cancelled response
-        if turn is None and turn_id is not None:
-            turn = self.turns[turn_id] = Turn(turn_id)
+        if turn_id is not None and self.turns.fenced(turn_id):
+            return  # late output of an interrupted reply
+        turn = self.turns.open(turn_id) if turn_id is not None else None
         now = now_ms_float()
         match message:
             case SpeechStarted():
                 self.send_event("speech.started", turn_id)
+            case SpeechSustained():
+                reply = self.turns.current_reply(now, besides=turn_id) if self.barge_in else None
+                if reply is not None:
+                    self._tasks.spawn(self._publish_to_llm(self._interrupt(reply, "barge_in")), name="barge-in")
             case SpeechStopped():
                 turn.speech_end_ms, turn.decided_ms = message.speech_end_ms, message.decided_ms
                 self.send_event("speech.stopped", turn_id)
@@ -236,9 +252,9 @@ class ClientSession:
                 turn.transcript_ms, turn.stt_ms, turn.stt_wait_ms = now, message.stt_ms, message.stt_wait_ms
                 self.send_event("transcript.final", turn_id, text=message.text)
                 if message.text:
-                    self.active_turn = turn_id
+                    turn.replying = True
                 else:
-                    self.turns.pop(turn_id, None)
+                    self.turns.drop(turn_id)
             case ResponseTextDelta():
                 if turn.first_token_ms is None:
                     turn.first_token_ms = now
@@ -246,24 +262,31 @@ class ClientSession:
             case ResponseTextDone():
                 turn.text, turn.pieces = message.text, message.sentences
                 turn.llm_ms, turn.llm_first_piece_ms = message.llm_ms, message.first_sentence_ms
+            case ResponseBlocked():
+                turn.blocked = True
+                self.send_event("response.blocked", turn_id, reason=message.reason)
             case TtsAudioStarted():
-                self.send_event("response.audio.started", turn_id, sample_rate=message.sample_rate)
+                turn.sample_rate = message.sample_rate
+                if not turn.blocked:
+                    self.send_event("response.audio.started", turn_id, sample_rate=message.sample_rate)
             case TtsAudio():
+                if turn.blocked:
+                    return
                 if turn.first_audio_ms is None:
                     turn.first_audio_ms = now
+                turn.audio_sent(now, len(message.pcm), message.piece, message.piece_end)
                 self._enqueue(message.pcm)
             case TtsAudioDone():
                 turn.audio_done = True
                 turn.tts_ms, turn.tts_first_chunk_ms = message.tts_ms, message.first_chunk_ms
-                self.send_event("response.audio.done", turn_id)
+                if not turn.blocked:
+                    self.send_event("response.audio.done", turn_id)
             case StageError():
                 self.send_event("error", turn_id, code=message.code, message=message.message)
             case _:
                 log.debug("ignored %s", message.type)
-        if turn is not None and turn.complete and turn_id in self.turns:
-            self.turns.pop(turn_id)
-            if self.active_turn == turn_id:
-                self.active_turn = None
+        if turn is not None and turn.complete and not turn.done:
+            turn.done = True  # kept (bounded) while its audio may still be playing: barge-in can stop it
             self.send_event(
                 "response.done", turn_id, text=turn.text, metrics=turn.metrics(), diagnostics=turn.diagnostics()
             )

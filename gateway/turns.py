@@ -1,12 +1,24 @@
 """Per-turn bookkeeping at the gateway and the `response.done` metrics (PROTOCOL.md §1.1).
 
+A conversation's `TurnTable` holds its few latest turns and remembers a few more that were
+interrupted, so late output of an interrupted turn is dropped (fenced); a conversation of 10,000
+turns holds about as much as one of ten. The gateway is the one process that knows what the client
+was sent, so it also keeps, per turn, how far the reply's audio got (`heard`, in TTS pieces) and
+until when the client is still playing it (`playing_until_ms`): barge-in interrupts a reply that
+is still generating or still playing.
+
 `metrics` holds exactly the keys of §1.1; `diagnostics` (beside it in `response.done`) holds the
 end-of-speech wait and the pipeline's own overhead, which §1.1 does not name. Every instant is the
 gateway's own clock (ms); stage durations come from the workers, so clocks of other machines never
 mix in."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+
+LIVE_TURNS = 8  # turns kept per conversation (the newest)
+FENCED_TURNS = 32  # interrupted turns remembered per conversation, to drop their late output
+PLAYBACK_MARGIN_MS = 300.0  # the client's own buffering on top of the audio's duration
 
 
 @dataclass
@@ -27,11 +39,28 @@ class Turn:
     text: str | None = None
     pieces: int = 0
     audio_done: bool = False
-    cancelled: bool = False
+    blocked: bool = False  # the output guard blocked the reply: no more audio of it is sent
+    replying: bool = False  # a reply was asked for (a non-empty transcript, or typed text)
+    done: bool = False  # `response.done` was sent
+    sample_rate: int = 0
+    heard: float = 0.0  # TTS pieces of the reply whose audio was sent (2.5: two and a half)
+    playing_until_ms: float = 0.0  # when the client runs out of the reply's audio sent so far
 
     @property
     def complete(self) -> bool:
-        return self.text is not None and (self.pieces == 0 or self.audio_done)
+        return self.text is not None and (self.pieces == 0 or self.audio_done or self.blocked)
+
+    def audio_sent(self, now_ms: float, pcm_bytes: int, piece: int, piece_end: float) -> None:
+        """Account one chunk sent to the client: how far the reply got, and its playback horizon."""
+        self.heard = max(self.heard, piece + piece_end)
+        if self.sample_rate:
+            self.playing_until_ms = max(self.playing_until_ms, now_ms) + pcm_bytes * 500 / self.sample_rate
+
+    def active(self, now_ms: float) -> bool:
+        """The reply is generating, or its audio may still be playing at the client."""
+        if not self.replying:
+            return False
+        return not self.done or now_ms < self.playing_until_ms + PLAYBACK_MARGIN_MS
 
     def metrics(self) -> dict[str, float]:
         """PROTOCOL.md §1.1; a stage the turn did not have (speech, for typed text) omits its keys."""
@@ -68,3 +97,44 @@ def _rounded(values: dict[str, float | None]) -> dict[str, float]:
 
 def _gap(start: float | None, end: float | None) -> float | None:
     return None if start is None or end is None else end - start
+
+
+class TurnTable:
+    """The turns of one conversation, bounded: the newest `LIVE_TURNS`, and `FENCED_TURNS` ids of
+    interrupted turns whose late messages are dropped."""
+
+    def __init__(self) -> None:
+        self._live: OrderedDict[str, Turn] = OrderedDict()
+        self._fenced: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def fenced(self, turn_id: str) -> bool:
+        return turn_id in self._fenced
+
+    def get(self, turn_id: str) -> Turn | None:
+        return self._live.get(turn_id)
+
+    def open(self, turn_id: str, **fields: object) -> Turn:
+        """The turn with this id, created (and the oldest dropped past the bound) when new."""
+        turn = self._live.get(turn_id)
+        if turn is None:
+            turn = self._live[turn_id] = Turn(turn_id, **fields)
+            while len(self._live) > LIVE_TURNS:
+                self._live.popitem(last=False)
+        return turn
+
+    def drop(self, turn_id: str) -> None:
+        self._live.pop(turn_id, None)
+
+    def fence(self, turn_id: str) -> None:
+        """The turn was interrupted: forget it, and drop whatever still arrives for it."""
+        self._live.pop(turn_id, None)
+        self._fenced[turn_id] = None
+        while len(self._fenced) > FENCED_TURNS:
+            self._fenced.popitem(last=False)
+
+    def current_reply(self, now_ms: float, besides: str | None = None) -> Turn | None:
+        """The oldest turn whose reply is generating or playing (the one the user hears)."""
+        return next((t for t in self._live.values() if t.turn_id != besides and t.active(now_ms)), None)

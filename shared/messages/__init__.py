@@ -15,15 +15,22 @@ from shared.messages.control import (
     StageError,
 )
 from shared.messages.envelope import Envelope
-from shared.messages.llm import ResponseCancel, ResponseTextDelta, ResponseTextDone
-from shared.messages.transcript import SpeechStarted, SpeechStopped, TextInput, TranscriptFinal, TranscriptPartial
+from shared.messages.llm import ResponseBlocked, ResponseCancel, ResponseTextDelta, ResponseTextDone
+from shared.messages.transcript import (
+    SpeechStarted,
+    SpeechStopped,
+    SpeechSustained,
+    TextInput,
+    TranscriptFinal,
+    TranscriptPartial,
+)
 from shared.messages.tts import TtsAudio, TtsAudioDone, TtsAudioStarted, TtsEnd, TtsSpeak, TtsStop
 
 BusMessage = Annotated[
     Union[
         AudioIn, AudioCommit,
-        SpeechStarted, SpeechStopped, TranscriptPartial, TranscriptFinal, TextInput,
-        ResponseTextDelta, ResponseTextDone, ResponseCancel,
+        SpeechStarted, SpeechSustained, SpeechStopped, TranscriptPartial, TranscriptFinal, TextInput,
+        ResponseTextDelta, ResponseTextDone, ResponseCancel, ResponseBlocked,
         TtsSpeak, TtsEnd, TtsStop, TtsAudioStarted, TtsAudio, TtsAudioDone,
         ConversationOpened, ConnectionDisconnected, StageError, IntrospectRequest, IntrospectReply, SessionTakeover,
     ],
@@ -32,8 +39,8 @@ BusMessage = Annotated[
 bus_message_adapter: TypeAdapter[BusMessage] = TypeAdapter(BusMessage)
 
 __all__ = [
-    "AudioCommit", "AudioIn", "BusMessage", "ConnectionDisconnected", "ConversationOpened", "Envelope", "IntrospectReply", "IntrospectRequest", "ResponseCancel", "SessionTakeover",
-    "ResponseTextDelta", "ResponseTextDone", "SpeechStarted", "SpeechStopped", "StageError", "TextInput",
+    "AudioCommit", "AudioIn", "BusMessage", "ConnectionDisconnected", "ConversationOpened", "Envelope", "IntrospectReply", "IntrospectRequest", "ResponseBlocked", "ResponseCancel", "SessionTakeover",
+    "ResponseTextDelta", "ResponseTextDone", "SpeechStarted", "SpeechStopped", "SpeechSustained", "StageError", "TextInput",
     "TranscriptFinal", "TranscriptPartial", "TtsAudio", "TtsAudioDone", "TtsAudioStarted", "TtsEnd",
     "TtsSpeak", "TtsStop", "bus_message_adapter",
 ]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from shared.messages.envelope import Envelope
 
 
@@ -26,7 +28,25 @@ class ResponseTextDone(Envelope):
     first_sentence_ms: float | None = None
 
 
+InterruptReason = Literal["barge_in", "cancelled"]
+
+
 class ResponseCancel(Envelope):
-    """Gateway -> orchestrator: stop the current response (client `response.cancel`)."""
+    """Gateway -> orchestrator: stop the reply of `turn_id` (barge-in or the client's `response.cancel`).
+
+    The client was already told (`response.interrupted`). The orchestrator acts only when `turn_id`
+    is its current or a waiting turn, so a late cancel never stops a newer reply. `heard` is how many
+    of the turn's TTS pieces the client was sent audio of (2.5: two whole pieces and half the third);
+    the history keeps only that text of the reply."""
 
     type: Literal["response.cancel"] = "response.cancel"
+    reason: InterruptReason = "cancelled"
+    heard: float = Field(default=0.0, ge=0)
+
+
+class ResponseBlocked(Envelope):
+    """Orchestrator -> gateway: the output guard blocked this turn's reply. The upstream stream is
+    already closed and TTS told to stop; `ResponseTextDone` (with what was released) follows."""
+
+    type: Literal["response.blocked"] = "response.blocked"
+    reason: str

@@ -12,6 +12,14 @@ class SpeechStarted(Envelope):
     type: Literal["speech.started"] = "speech.started"
 
 
+class SpeechSustained(Envelope):
+    """VAD/STT -> gateway: the utterance has `BARGE_IN_MIN_SPEECH_MS` of voiced speech since its onset
+    (sent once per utterance, only while barge-in is on). The gateway interrupts a reply that is
+    generating or playing; a click or a cough never gets this far."""
+
+    type: Literal["speech.sustained"] = "speech.sustained"
+
+
 class SpeechStopped(Envelope):
     """VAD/STT -> gateway: the utterance ended. A `TranscriptFinal` for the same turn follows.
 

@@ -24,10 +24,14 @@ class TtsEnd(Envelope):
 
 
 class TtsStop(Envelope):
-    """Orchestrator -> every TTS worker on the TTS control channel: drop this conversation's speech
-    (one turn when `turn_id` is set, else everything)."""
+    """Orchestrator -> every TTS worker on the TTS control channel: drop speech of the conversation.
+
+    With `turn_id`: that turn only (queued pieces dropped, synthesis under way stopped). Without it:
+    everything the worker holds for socket `connection_id` (the orchestrator's end of a conversation);
+    a worker already serving a newer socket of the conversation ignores it."""
 
     type: Literal["tts.stop"] = "tts.stop"
+    connection_id: str | None = None
 
 
 class TtsAudioStarted(Envelope):
@@ -42,6 +46,8 @@ class TtsAudio(Envelope):
 
     type: Literal["tts.audio"] = "tts.audio"
     seq: int
+    piece: int = 0  # the `TtsSpeak.seq` this audio speaks
+    piece_end: float = 1.0  # share of that piece's audio sent once this chunk is (0 < piece_end <= 1)
     pcm: bytes = Field(default=b"", exclude=True, repr=False)
 
 

@@ -122,13 +122,13 @@ async def test_failing_llm_gives_llm_unavailable_and_the_conversation_stays_usab
         assert events[-1]["text"] == fake_llm.reply and audio
 
 
-async def test_malformed_llm_stream_gives_llm_unavailable(stack, fake_llm):
+async def test_malformed_llm_stream_gives_llm_error(stack, fake_llm):
     fake_llm.malformed = True
     ws, _ = await connect(stack.ws_url)
     async with ws:
         await ws.send(json.dumps({"type": "text.input", "text": "Hello?"}))
         events, _ = await collect_until(ws, "response.done")
-    assert any(e["type"] == "error" and e["code"] == "llm_unavailable" for e in events)
+    assert any(e["type"] == "error" and e["code"] == "llm_error" for e in events)
 
 
 async def test_unreachable_llm_gives_llm_unavailable(redis_url, redis_client, transcriber, voice):

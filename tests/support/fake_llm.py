@@ -1,7 +1,13 @@
 """A deterministic OpenAI-compatible streaming chat server: a real HTTP server on a free port.
 
 It records every request and when each stream started and ended, and whether the client went away
-before the stream finished, so tests can prove the orchestrator closes upstream streams."""
+before the stream finished, so tests can prove the orchestrator closes upstream streams. It can
+also misbehave the ways real servers do (an error status for the first requests, a stall, a broken
+chunk, a connection dropped mid-stream) so the client's retries and timeouts meet the real thing.
+
+A stream notices its client leaving by itself, whatever starlette does about disconnects (it stops
+listening for them under ASGI spec 2.4): otherwise a stream sleeping between tokens, or stalled,
+would only end at its next write, and `ended` would measure the fake, not the client."""
 from __future__ import annotations
 
 import asyncio
@@ -25,6 +31,9 @@ class StreamRecord:
     started: float
     ended: float | None = None
     completed: bool = False  # False when the client closed it early
+    tokens_sent: int = 0
+    last_token_at: float | None = None  # time.monotonic() when the last token was written
+    client_port: int | None = None  # the client's TCP port: the same for streams on a kept-alive connection
 
     async def wait_ended(self, timeout: float = 2.0, poll_s: float = 0.005) -> float:
         """Wait until the stream has ended; returns when (time.monotonic())."""
@@ -41,6 +50,13 @@ class FakeLlm:
     fail_status: int | None = None  # answer this HTTP status instead of a stream
     malformed: bool = False  # send a broken chunk mid-stream
     echo: bool = False  # reply with the user's last message and the history length
+    tokens: list[str] | None = None  # stream exactly these content deltas (overrides reply and echo)
+    stall_after: int | None = None  # after this many tokens, send nothing more until the client leaves
+    drop_after: int | None = None  # after this many tokens, drop the connection (no [DONE], no end of body)
+    fail_first: int = 0  # the first N requests answer fail_first_status, the next ones stream
+    fail_first_status: int = 503
+    fail_retry_after: str | None = None  # a Retry-After header on those answers
+    requests: int = 0  # every POST to /chat/completions, failed or not
     streams: list[StreamRecord] = field(default_factory=list)
     port: int = field(default_factory=free_port)
 
@@ -54,28 +70,53 @@ class FakeLlm:
             return f"You said {users[-1]}. I remember {len(users) - 1} earlier questions."
         return self.reply
 
+    def tokens_for(self, messages: list[dict]) -> list[str]:
+        if self.tokens is not None:
+            return list(self.tokens)
+        words = self.reply_for(messages).split(" ")
+        return [word if i == 0 else " " + word for i, word in enumerate(words)]
+
     async def chat(self, request: Request):
+        self.requests += 1
         body = await request.json()
         if self.fail_status is not None:
             return PlainTextResponse("model exploded", status_code=self.fail_status)
-        record = StreamRecord(messages=body["messages"], started=time.monotonic())
+        if self.requests <= self.fail_first:
+            headers = {"Retry-After": self.fail_retry_after} if self.fail_retry_after is not None else None
+            return PlainTextResponse("model overloaded", status_code=self.fail_first_status, headers=headers)
+        client = request.client
+        record = StreamRecord(
+            messages=body["messages"], started=time.monotonic(), client_port=client.port if client else None
+        )
         self.streams.append(record)
-        text = self.reply_for(body["messages"])
+        tokens = self.tokens_for(body["messages"])
 
         async def events():
+            gone = asyncio.Event()  # set when the client has left
+            watcher = asyncio.create_task(_watch_disconnect(request, gone))
             try:
-                words = text.split(" ")
-                for i, word in enumerate(words):
+                for i, token in enumerate(tokens):
                     if self.malformed and i == 2:
                         yield "data: {not json\n\n"
                         return
-                    token = word if i == 0 else " " + word
+                    if self.drop_after is not None and i == self.drop_after:
+                        raise ConnectionAbortedError("fake LLM drops the connection")  # uvicorn closes it
+                    if self.stall_after is not None and i == self.stall_after:
+                        await _pause(None, gone)
+                        return
                     chunk = {"choices": [{"index": 0, "delta": {"content": token}}]}
                     yield f"data: {json.dumps(chunk)}\n\n"
-                    await asyncio.sleep(self.token_delay_s)
+                    record.tokens_sent += 1
+                    record.last_token_at = time.monotonic()
+                    if await _pause(self.token_delay_s, gone):
+                        return
+                if self.stall_after is not None and self.stall_after >= len(tokens):
+                    await _pause(None, gone)
+                    return
                 yield "data: [DONE]\n\n"
                 record.completed = True
             finally:
+                watcher.cancel()
                 record.ended = time.monotonic()
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -85,6 +126,27 @@ class FakeLlm:
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]), Route("/v1/models", self.models)])
+
+
+async def _watch_disconnect(request: Request, gone: asyncio.Event) -> None:
+    """Set `gone` when the client disconnects (uvicorn answers every receive after the body that way).
+
+    Safe next to starlette's own listener: uvicorn wakes every waiting receive on a disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            return
+
+
+async def _pause(seconds: float | None, gone: asyncio.Event) -> bool:
+    """Sleep `seconds` (None: until the client leaves); True as soon as the client has left."""
+    try:
+        async with asyncio.timeout(seconds):
+            await gone.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 class FakeLlmServer:

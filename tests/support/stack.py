@@ -69,7 +69,17 @@ async def run_stack(
     makers = {
         "vad_stt": lambda: VadSttWorker(settings, client(f"{settings.namespace}-vad_stt"), transcriber=transcriber),
         "llm": lambda: LlmWorker(
-            settings, client(f"{settings.namespace}-llm"), chat=ChatClient(llm_base_url or "http://127.0.0.1:9/v1", "fake")
+            settings,
+            client(f"{settings.namespace}-llm"),
+            chat=ChatClient(
+                llm_base_url or "http://127.0.0.1:9/v1",
+                "fake",
+                connect_timeout_s=settings.llm_connect_timeout_s,
+                read_timeout_s=settings.llm_read_timeout_s,
+                pool_size=settings.llm_pool_size,
+                retries=settings.llm_retries,
+                retry_backoff_s=settings.llm_retry_backoff_s,
+            ),
         ),
         "tts": lambda: TtsWorker(settings, client(f"{settings.namespace}-tts"), voice=voice),
     }

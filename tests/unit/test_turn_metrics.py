@@ -43,3 +43,32 @@ def test_completion_waits_for_audio_only_when_audio_was_promised():
     assert not turn.complete
     turn.audio_done = True
     assert turn.complete
+
+
+def test_turn_table_is_bounded_and_fences_interrupted_turns():
+    from gateway.turns import FENCED_TURNS, LIVE_TURNS, TurnTable
+
+    table = TurnTable()
+    for i in range(10_000):
+        table.open(f"t{i}", replying=True)
+        if i % 2:
+            table.fence(f"t{i}")
+    assert len(table) <= LIVE_TURNS and len(table._fenced) == FENCED_TURNS
+    assert table.fenced("t9999") and not table.fenced("t1")  # only the latest are remembered
+    assert table.get("t9998") is not None
+
+
+def test_the_current_reply_is_generating_or_still_playing():
+    from gateway.turns import PLAYBACK_MARGIN_MS, TurnTable
+
+    table = TurnTable()
+    spoken = table.open("a", replying=True, sample_rate=16000)
+    assert table.current_reply(0) is spoken and table.current_reply(0, besides="a") is None
+    spoken.audio_sent(1000, 32000, piece=0, piece_end=0.5)  # one second of audio from t=1000
+    spoken.audio_sent(1000, 32000, piece=1, piece_end=1.0)  # and another, queued behind it
+    assert spoken.heard == 2.0 and spoken.playing_until_ms == 3000
+    spoken.done = True
+    assert table.current_reply(2900 + PLAYBACK_MARGIN_MS) is spoken
+    assert table.current_reply(3001 + PLAYBACK_MARGIN_MS) is None
+    table.open("b")  # a turn with no reply asked for (speech that gave no transcript) is never current
+    assert table.current_reply(5000) is None

@@ -1,5 +1,5 @@
 """Segmenter: utterance boundaries from injected VAD decisions."""
-from workers.vad_stt.segmenter import Segmenter, SpeechEnd, SpeechPaused, SpeechResumed, SpeechStart
+from workers.vad_stt.segmenter import Segmenter, SpeechEnd, SpeechPaused, SpeechResumed, SpeechStart, SpeechSustained
 
 VOICED = b"\x01\x01" * 320  # one 20 ms frame
 SILENT = bytes(640)
@@ -82,3 +82,24 @@ def test_speculation_offers_the_utterance_when_silence_begins_and_withdraws_on_r
     kinds = [type(e) for e in events]
     assert kinds == [SpeechPaused, SpeechEnd]
     assert events[1].audio.startswith(events[0].audio)  # the final one only adds silence
+
+
+def test_sustained_speech_is_reported_once_after_enough_voiced_frames():
+    seg = make(sustain_ms=200)  # 10 frames of 20 ms, counted from the onset
+    events = feed(seg, [VOICED] * 9)
+    assert events == [SpeechStart()]
+    assert feed(seg, [SILENT, VOICED]) == [SpeechSustained()]
+    assert feed(seg, [VOICED] * 20) == []  # once per utterance
+    assert not any(isinstance(e, SpeechSustained) for e in feed(seg, [SILENT] * 6))
+
+
+def test_a_noise_burst_is_never_sustained_nor_transcribed_however_long_its_silence():
+    seg = make(sustain_ms=200, min_utterance_ms=200, end_silence_ms=300, preroll_ms=200)
+    events = feed(seg, [SILENT] * 10 + [VOICED] * 5 + [SILENT] * 20)  # 100 ms of sound
+    assert [type(e) for e in events] == [SpeechStart, SpeechEnd]
+    assert events[-1].audio == b""  # pre-roll and trailing silence do not count as speech
+
+
+def test_sustain_off_by_default_and_at_start_when_shorter_than_the_start():
+    assert SpeechSustained() not in feed(make(), [VOICED] * 40)
+    assert feed(make(sustain_ms=40), [VOICED] * 3) == [SpeechStart(), SpeechSustained()]

@@ -1,13 +1,23 @@
-"""LLM orchestrator: one reply task per conversation; text to the gateway, pieces to TTS, history kept."""
+"""LLM orchestrator: one reply at a time per conversation; text to the gateway, pieces to TTS, history kept.
+
+Between the LLM stream and everything downstream sits the output guard: text leaves only once the
+guard has decided it, and a block closes the upstream stream at once. A user turn that arrives while
+a reply is generating waits for it (at most `MAX_PENDING_TURNS`); a barge-in or `response.cancel`
+reaches the orchestrator as `ResponseCancel` naming its turn, which stops that reply (upstream stream
+closed, TTS told) only if it is still the current or a waiting one, and cuts the history's copy of
+the reply to what the client was sent audio of."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass, field
 
 from shared.messages import (
     BusMessage,
+    ResponseBlocked,
     ResponseCancel,
     ResponseTextDelta,
     ResponseTextDone,
@@ -19,41 +29,56 @@ from shared.messages import (
     TtsStop,
 )
 from shared.tasks import Fence, TaskSet, stop_tasks
-from workers.llm_orchestrator.history import HistoryStore, Message, trim
-from workers.llm_orchestrator.llm_client import ChatClient, LlmUnavailable
+from workers.llm_orchestrator.guard import Blocked, OutputGuard, term_check
+from workers.llm_orchestrator.history import HistoryStore, Message, for_llm, trim
+from workers.llm_orchestrator.llm_client import ChatClient, LlmFailure
 from workers.llm_orchestrator.sentences import SentenceSplitter
 from workers.runtime import Route, Worker
 
 log = logging.getLogger("voicepipe.llm")
 
+BLOCKED_LOG_LINE = "Connection closed after blocking streaming output"
+
+
+@dataclass
+class ReplyTurn:
+    """One user turn and the reply to it."""
+
+    turn_id: str | None
+    user_text: str
+    fence: Fence = field(default_factory=Fence)  # closed when the turn is cancelled
+    task: asyncio.Task[None] | None = None
+    pieces: list[str] = field(default_factory=list)  # the reply's text as handed to TTS, in order
+    generating: bool = False  # the upstream stream is open (or about to be)
+    in_history: bool = False  # the reply was written to the history
+    cancelled: bool = False
+
+    def heard_text(self, heard: float) -> str:
+        """The reply's text up to `heard` pieces (a partly sent piece contributes its share of words)."""
+        whole = min(int(heard), len(self.pieces))
+        parts = self.pieces[:whole]
+        if whole < len(self.pieces) and heard > whole:
+            words = self.pieces[whole].split()
+            parts.append(" ".join(words[: round(len(words) * (heard - whole))]))
+        return " ".join(p for p in parts if p)
+
 
 class ChatConversation:
-    """What the orchestrator holds for one conversation: at most one reply under way."""
+    """What the orchestrator holds for one conversation: the current turn and the turns waiting."""
 
     def __init__(self, conversation_id: str, route: Route, history: list[Message]) -> None:
         self.conversation_id = conversation_id
         self.route = route
-        self.history = history  # as the LLM sees it (trimmed); written through to Redis after each reply
+        self.history = history  # as stored (trimmed); written through to Redis after each reply
         self.tasks = TaskSet(f"llm:{conversation_id}")
         self.fence = Fence()
-        self.reply: asyncio.Task[None] | None = None
-        self.reply_turn: str | None = None
-        self.reply_fence = Fence()
+        self.current: ReplyTurn | None = None  # the latest turn replied to (its audio may still play)
+        self.pending: deque[ReplyTurn] = deque()
         self.upstream_streams = 0  # open HTTP streams to the LLM server
 
     @property
     def replying(self) -> bool:
-        return self.reply is not None and not self.reply.done()
-
-    async def cancel_reply(self) -> str | None:
-        """Stop the reply under way (closing its upstream stream); returns its turn id."""
-        task, turn = self.reply, self.reply_turn
-        self.reply, self.reply_turn = None, None
-        self.reply_fence.close()
-        if task is not None and not task.done():
-            await stop_tasks([task])
-            return turn
-        return None
+        return self.current is not None and self.current.generating
 
 
 class LlmWorker(Worker):
@@ -62,6 +87,7 @@ class LlmWorker(Worker):
     def __init__(self, settings, client, chat: ChatClient | None = None) -> None:
         super().__init__(settings, client)
         self.chat = chat
+        self.guard_check = term_check(settings.guard_blocked_terms)
         self.conversations: dict[str, ChatConversation] = {}
         self.history = HistoryStore(
             client,
@@ -80,7 +106,11 @@ class LlmWorker(Worker):
                 s.llm_base_url,
                 s.llm_model,
                 api_key=s.llm_api_key,
-                timeout_s=s.llm_read_timeout_s,
+                connect_timeout_s=s.llm_connect_timeout_s,
+                read_timeout_s=s.llm_read_timeout_s,
+                pool_size=s.llm_pool_size,
+                retries=s.llm_retries,
+                retry_backoff_s=s.llm_retry_backoff_s,
                 max_tokens=s.llm_max_tokens,
                 temperature=s.llm_temperature,
             )
@@ -104,6 +134,7 @@ class LlmWorker(Worker):
         return {
             "conversation": int(conv is not None),
             "generation_tasks": int(conv.replying) if conv else 0,
+            "pending_turns": len(conv.pending) if conv else 0,
             "upstream_streams": conv.upstream_streams if conv else 0,
         }
 
@@ -112,6 +143,7 @@ class LlmWorker(Worker):
         return {
             "conversations": len(self.conversations),
             "generation_tasks": sum(c.replying for c in convs),
+            "pending_turns": sum(len(c.pending) for c in convs),
             "upstream_streams": sum(c.upstream_streams for c in convs),
         }
 
@@ -120,108 +152,185 @@ class LlmWorker(Worker):
         if conv is None:
             return
         conv.fence.close()
+        conv.pending.clear()
         try:
-            await conv.cancel_reply()  # closes the upstream LLM stream at once
-            await conv.tasks.aclose()
-            await self.bus.publish(
-                self.names.tts_control,
-                TtsStop(conversation_id=conversation_id, correlation_id=conv.route.correlation_id),
+            await conv.tasks.aclose()  # closes the upstream LLM stream at once
+            stop = TtsStop(
+                conversation_id=conversation_id,
+                correlation_id=conv.route.correlation_id,
+                connection_id=conv.route.connection_id,
             )
+            await self.bus.publish(self.names.tts_control, stop)
             await self.history.keep_for_resume(conversation_id)
         finally:
             self.conversations.pop(conversation_id, None)
-
-    async def handle(self, channel: str, message: BusMessage) -> None:
-        if isinstance(message, (TranscriptFinal, TextInput)):
-            conv = await self._conversation(message)
-            if conv is not None and message.text.strip():
-                await self._stop_reply(conv)
-                conv.reply_turn, conv.reply_fence = message.turn_id, Fence()
-                conv.reply = conv.tasks.spawn(
-                    self._respond(conv, conv.reply_fence, message.turn_id, message.text), name="reply"
-                )
-        elif isinstance(message, ResponseCancel):
-            conv = self.conversations.get(message.conversation_id)
-            if conv is not None:
-                await self._stop_reply(conv)
-        else:
-            log.warning("unexpected %s on %s", message.type, channel)
 
     async def prepare(self, conversation_id: str, route: Route) -> None:
         if conversation_id not in self.conversations:  # the history is read now, not on the first turn
             history = await self.history.load(conversation_id)
             self.conversations[conversation_id] = ChatConversation(conversation_id, route, history)
 
-    async def _conversation(self, message: BusMessage) -> ChatConversation | None:
-        conv = self.conversations.get(message.conversation_id)
-        if conv is None:
-            if not await self.admit(message):
-                return None
-            conv = self.conversations[message.conversation_id]
-        return conv
+    async def handle(self, channel: str, message: BusMessage) -> None:
+        if isinstance(message, (TranscriptFinal, TextInput)):
+            conv = self.conversations.get(message.conversation_id)
+            if conv is None:
+                if not await self.admit(message):
+                    return
+                conv = self.conversations[message.conversation_id]
+            if message.text.strip():
+                await self._queue(conv, ReplyTurn(message.turn_id, message.text))
+        elif isinstance(message, ResponseCancel):
+            conv = self.conversations.get(message.conversation_id)
+            if conv is not None:
+                await self._cancel(conv, message)
+        else:
+            log.warning("unexpected %s on %s", message.type, channel)
 
-    async def _stop_reply(self, conv: ChatConversation) -> None:
-        turn = await conv.cancel_reply()
-        if turn is not None:
-            log.info("reply for turn %s stopped", turn)
-            await self.bus.publish(
-                self.names.tts_control,
-                TtsStop(conversation_id=conv.conversation_id, correlation_id=conv.route.correlation_id, turn_id=turn),
-            )
+    # ---- turns
+    async def _queue(self, conv: ChatConversation, turn: ReplyTurn) -> None:
+        """Reply now, or after the reply under way (which only a cancel or a barge-in stops)."""
+        if len(conv.pending) >= self.settings.max_pending_turns:
+            log.warning("turn %s refused: %d turns already wait for the reply under way", turn.turn_id, len(conv.pending))
+            envelope = self._envelope(conv, turn)
+            gateway = self.names.inbox("gateway", conv.route.gateway)
+            refusal = StageError(code="rate_limited", message="too many turns are waiting for the reply under way", **envelope)
+            await self.bus.publish_many([(gateway, refusal), (gateway, ResponseTextDone(text="", sentences=0, **envelope))])
+            return
+        conv.pending.append(turn)
+        self._start_next(conv)
 
-    async def _respond(self, conv: ChatConversation, fence: Fence, turn_id: str | None, user_text: str) -> None:
-        envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": turn_id}
+    def _start_next(self, conv: ChatConversation) -> None:
+        if conv.fence.closed or conv.replying or not conv.pending:
+            return
+        turn = conv.current = conv.pending.popleft()
+        turn.generating = True
+        turn.task = conv.tasks.spawn(self._reply(conv, turn), name=f"reply:{turn.turn_id}")
+
+    async def _cancel(self, conv: ChatConversation, message: ResponseCancel) -> None:
+        """Stop the reply of `message.turn_id` if it is current or waiting; ignore it otherwise."""
+        waiting = next((t for t in conv.pending if t.turn_id == message.turn_id), None)
+        if waiting is not None:
+            conv.pending.remove(waiting)
+            log.info("waiting turn %s cancelled (%s)", message.turn_id, message.reason)
+            return
+        turn = conv.current
+        if turn is None or turn.turn_id != message.turn_id or turn.cancelled:
+            log.debug("ignored a cancel for turn %s: not the current reply", message.turn_id)
+            return
+        turn.cancelled = True
+        turn.fence.close()
+        if turn.task is not None:
+            if turn.generating:
+                await stop_tasks([turn.task])  # leaves the stream: the upstream response is closed now
+            else:  # finishing up (last publish, history write): the fence ends it at its next publish
+                await asyncio.wait([turn.task], timeout=5)
+        envelope = self._envelope(conv, turn)
+        await self.bus.publish(self.names.tts_control, TtsStop(**envelope))
+        log.info("reply for turn %s stopped (%s); %.2f of %d pieces sent", turn.turn_id, message.reason, message.heard, len(turn.pieces))
+        cut: list[Message] = [
+            {"role": "user", "content": turn.user_text},
+            {"role": "assistant", "content": turn.heard_text(message.heard), "note": "interrupted"},
+        ]
+        await self._remember(conv, cut, replace_last=2 if turn.in_history else 0)
+        self._start_next(conv)
+
+    async def _remember(self, conv: ChatConversation, messages: list[Message], replace_last: int = 0) -> None:
+        s = self.settings
+        kept = conv.history[: len(conv.history) - replace_last] if replace_last else conv.history
+        conv.history = trim(kept + messages, s.history_max_messages, s.history_max_chars)
+        await self.history.append(conv.conversation_id, *messages, replace_last=replace_last)
+
+    @staticmethod
+    def _envelope(conv: ChatConversation, turn: ReplyTurn) -> dict[str, str | None]:
+        return {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": turn.turn_id}
+
+    async def _reply(self, conv: ChatConversation, turn: ReplyTurn) -> None:
+        try:
+            await self._generate(conv, turn)
+        finally:
+            turn.generating = False
+            if not turn.cancelled:
+                self._start_next(conv)
+
+    async def _generate(self, conv: ChatConversation, turn: ReplyTurn) -> None:
+        envelope = self._envelope(conv, turn)
         gateway = self.names.inbox("gateway", conv.route.gateway)
         tts = self.names.inbox("tts", conv.route.tts)
-        messages = [{"role": "system", "content": self.settings.system_prompt}, *conv.history, {"role": "user", "content": user_text}]
+        user: Message = {"role": "user", "content": turn.user_text}
+        messages = [{"role": "system", "content": self.settings.system_prompt}, *for_llm(conv.history), user]
         splitter = SentenceSplitter(self.settings.first_clause_min_words, self.settings.first_piece_max_words)
-        reply: list[str] = []
+        guard = OutputGuard(self.guard_check)
+        released: list[str] = []
         first_sentence_ms: float | None = None
-        failed = False
+        failure: LlmFailure | None = None
+        blocked: Blocked | None = None
         started = time.perf_counter()
 
         async def send(*items: tuple[str, BusMessage]) -> None:
-            """Publish (several in one round trip) unless this reply or the conversation has ended;
+            """Publish (several in one round trip) unless this turn or the conversation has ended;
             checked on both sides of the await."""
-            fence.guard()
+            turn.fence.guard()
             conv.fence.guard()
             await self.bus.publish_many(items)
-            fence.guard()
+            turn.fence.guard()
 
         def to_tts(pieces: list[str]) -> list[tuple[str, BusMessage]]:
             nonlocal first_sentence_ms
             if pieces and first_sentence_ms is None:
                 first_sentence_ms = round((time.perf_counter() - started) * 1000, 1)
-            first_seq = splitter.pieces - len(pieces)
+            first_seq = len(turn.pieces)
+            turn.pieces.extend(pieces)
             return [(tts, TtsSpeak(text=piece, seq=first_seq + i, **envelope)) for i, piece in enumerate(pieces)]
+
+        async def release(text: str) -> None:
+            """Text the guard let through: finished pieces to TTS first, in one round trip with the delta."""
+            if text:
+                released.append(text)
+                await send(*to_tts(splitter.feed(text)), (gateway, ResponseTextDelta(delta=text, **envelope)))
 
         conv.upstream_streams += 1
         try:
             async with contextlib.aclosing(self.chat.stream_chat(messages)) as stream:
                 async for delta in stream:
-                    reply.append(delta)
-                    # a finished piece goes to TTS first, in the same round trip as the text delta
-                    await send(*to_tts(splitter.feed(delta)), (gateway, ResponseTextDelta(delta=delta, **envelope)))
-        except LlmUnavailable as exc:
-            failed = True
-            log.warning("LLM failed: %s", exc)
-            await send((gateway, StageError(code="llm_unavailable", message=str(exc), **envelope)))
+                    try:
+                        text = guard.feed(delta)
+                    except Blocked as exc:
+                        blocked = exc
+                        break  # leaving the block closes the upstream response
+                    await release(text)
+            if blocked is None:
+                try:
+                    await release(guard.finish())
+                except Blocked as exc:
+                    blocked = exc
+        except LlmFailure as exc:
+            failure = exc
         finally:
             conv.upstream_streams -= 1
+            turn.generating = False
         llm_ms = round((time.perf_counter() - started) * 1000, 1)
-        rest = splitter.flush()
-        closing = to_tts([rest] if rest is not None else [])
-        if splitter.pieces:
-            closing.append((tts, TtsEnd(sentences=splitter.pieces, **envelope)))
-        text = "".join(reply).strip()
+        closing: list[tuple[str, BusMessage]] = []
+        if blocked is not None:
+            log.info(BLOCKED_LOG_LINE)
+            closing += [(self.names.tts_control, TtsStop(**envelope)), (gateway, ResponseBlocked(reason=blocked.reason, **envelope))]
+        else:
+            if failure is not None:
+                log.warning("LLM failed (%s): %s", failure.code, failure)
+                closing.append((gateway, StageError(code=failure.code, message=str(failure), **envelope)))
+            rest = splitter.flush()
+            closing += to_tts([rest] if rest is not None else [])
+            if turn.pieces:
+                closing.append((tts, TtsEnd(sentences=len(turn.pieces), **envelope)))
+        text = "".join(released).strip()
         done = ResponseTextDone(
-            text=text, sentences=splitter.pieces, llm_ms=llm_ms, first_sentence_ms=first_sentence_ms, **envelope
+            text=text, sentences=len(turn.pieces), llm_ms=llm_ms, first_sentence_ms=first_sentence_ms, **envelope
         )
         await send(*closing, (gateway, done))
-        log.info("reply of %d pieces in %.0f ms (first piece at %s ms)", splitter.pieces, llm_ms, first_sentence_ms)
-        if not failed and text:
-            fence.guard()
-            turn: list[Message] = [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
-            s = self.settings
-            conv.history = trim(conv.history + turn, s.history_max_messages, s.history_max_chars)
-            await self.history.append(conv.conversation_id, *turn)
+        log.info("reply of %d pieces in %.0f ms (first piece at %s ms)", len(turn.pieces), llm_ms, first_sentence_ms)
+        if blocked is not None or (failure is None and text):
+            turn.fence.guard()
+            reply: Message = {"role": "assistant", "content": text}
+            if blocked is not None:
+                reply["note"] = "blocked"
+            turn.in_history = True
+            await self._remember(conv, [user, reply])

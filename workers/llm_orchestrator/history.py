@@ -2,7 +2,12 @@
 
 The conversation's preserved record is one hash, `{ns}:conv:{cid}:history`: field `messages` holds
 the chat messages as a JSON list (trimmed to a budget), field `resume_token` the gateway's token.
-One orchestrator owns a conversation at a time, so read-modify-write of `messages` is safe."""
+One orchestrator owns a conversation at a time, so read-modify-write of `messages` is safe.
+
+A reply that did not reach the user whole carries a `note`: "interrupted" (barge-in or cancel; its
+content is only what the client was sent audio of) or "blocked" (the output guard stopped it). The
+LLM sees the note as a marker after the content, so the next reply does not assume the user heard
+the rest."""
 from __future__ import annotations
 
 import json
@@ -13,6 +18,20 @@ from shared.channels import Names
 
 Message = dict[str, str]
 MESSAGES_FIELD = "messages"
+NOTES = {
+    "interrupted": "[interrupted: the user heard only the text above]",
+    "blocked": "[the rest of this reply was withheld]",
+}
+
+
+def for_llm(messages: list[Message]) -> list[dict[str, str]]:
+    """The messages as an OpenAI-compatible server takes them: role and content, notes rendered."""
+    out = []
+    for m in messages:
+        note = NOTES.get(m.get("note", ""))
+        content = m.get("content", "")
+        out.append({"role": m["role"], "content": f"{content} {note}".strip() if note else content})
+    return out
 
 
 def trim(messages: list[Message], max_messages: int, max_chars: int) -> list[Message]:
@@ -37,7 +56,7 @@ def parse(raw: bytes | str | None) -> list[Message]:
     if not isinstance(items, list):
         return []
     return [
-        {"role": str(m.get("role")), "content": m["content"]}
+        {"role": str(m.get("role")), "content": m["content"], **({"note": m["note"]} if m.get("note") in NOTES else {})}
         for m in items
         if isinstance(m, dict) and isinstance(m.get("content"), str)
     ]
@@ -55,9 +74,12 @@ class HistoryStore:
         raw = await self._redis.hget(self._names.history(conversation_id), MESSAGES_FIELD)
         return trim(parse(raw), self._max_messages, self._max_chars)
 
-    async def append(self, conversation_id: str, *messages: Message) -> None:
+    async def append(self, conversation_id: str, *messages: Message, replace_last: int = 0) -> None:
+        """Add messages at the end, after dropping the last `replace_last` stored ones (a reply
+        written whole that turned out to be interrupted is rewritten this way)."""
         key = self._names.history(conversation_id)
-        stored = parse(await self._redis.hget(key, MESSAGES_FIELD)) + list(messages)
+        stored = parse(await self._redis.hget(key, MESSAGES_FIELD))
+        stored = stored[: len(stored) - replace_last] + list(messages)
         stored = stored[-self._max_messages :] if self._max_messages > 0 else []
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, MESSAGES_FIELD, json.dumps(stored))

@@ -1,11 +1,13 @@
 """TTS worker: one ordered speech queue per conversation; audio goes back in small chunks.
 
-While it speaks for a conversation the key `tts_active` exists (absent means false)."""
+While it speaks for a conversation the key `tts_active` exists (absent means false). A stop names
+its turn: the turn's queued pieces are dropped and its synthesis under way is abandoned; the stopped
+turn is remembered (a few of the latest only) so a piece of it that was still in flight is dropped too."""
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from shared.messages import BusMessage, TtsAudio, TtsAudioDone, TtsAudioStarted, TtsEnd, TtsSpeak, TtsStop
@@ -14,6 +16,8 @@ from workers.runtime import Route, Worker
 from workers.tts.voice import Voice
 
 log = logging.getLogger("voicepipe.tts")
+
+STOPPED_TURNS_KEPT = 16  # stopped turns remembered per conversation, for fencing late pieces
 
 
 @dataclass
@@ -34,7 +38,7 @@ class SpeechConversation:
     marked: asyncio.Event = field(default_factory=asyncio.Event)  # the speaking mark is written
     turns: dict[str | None, TurnAudio] = field(default_factory=dict)
     speaker: asyncio.Task[None] | None = None
-    stopped_turns: set[str | None] = field(default_factory=set)
+    stopped_turns: OrderedDict[str, None] = field(default_factory=OrderedDict)
     fence: Fence = field(default_factory=Fence)
     tasks: TaskSet = field(init=False)
 
@@ -46,6 +50,12 @@ class SpeechConversation:
         self.fence.guard()
         if turn_id in self.stopped_turns:
             raise asyncio.CancelledError("turn stopped")
+
+    def remember_stopped(self, turn_id: str) -> None:
+        self.stopped_turns[turn_id] = None
+        self.stopped_turns.move_to_end(turn_id)
+        while len(self.stopped_turns) > STOPPED_TURNS_KEPT:
+            self.stopped_turns.popitem(last=False)
 
     async def stop_speaker(self) -> None:
         task, self.speaker = self.speaker, None
@@ -118,6 +128,8 @@ class TtsWorker(Worker):
                 if not await self.admit(message):
                     return
                 conv = self.conversations[message.conversation_id]
+            if message.turn_id in conv.stopped_turns:
+                return  # in flight when its turn was stopped
             conv.queue.append(message)
             if conv.speaker is None or conv.speaker.done():
                 await self._start_speaker(conv)
@@ -131,9 +143,10 @@ class TtsWorker(Worker):
         if conv is None:
             return
         if message.turn_id is None:
-            await self.end_conversation(message.conversation_id, "stopped by the orchestrator")
+            if message.connection_id in (None, conv.route.connection_id):
+                await self.end_conversation(message.conversation_id, "stopped by the orchestrator")
             return
-        conv.stopped_turns.add(message.turn_id)
+        conv.remember_stopped(message.turn_id)
         if conv.queue and conv.queue[0].turn_id == message.turn_id:
             await conv.stop_speaker()  # it is speaking the stopped turn right now
         conv.queue = deque(item for item in conv.queue if item.turn_id != message.turn_id)
@@ -173,7 +186,7 @@ class TtsWorker(Worker):
                 turn.tts_ms += ms
                 if turn.first_chunk_ms is None:
                     turn.first_chunk_ms = round(ms, 1)
-                await self._send_audio(conv, gateway, turn, pcm, envelope)
+                await self._send_audio(conv, gateway, turn, pcm, item.seq, envelope)
             else:
                 conv.turns.pop(item.turn_id, None)
                 await self.bus.publish(
@@ -185,7 +198,7 @@ class TtsWorker(Worker):
         await self.redis.delete(active_key)
 
     async def _send_audio(
-        self, conv: SpeechConversation, gateway: str, turn: TurnAudio, pcm: bytes, envelope: dict
+        self, conv: SpeechConversation, gateway: str, turn: TurnAudio, pcm: bytes, piece: int, envelope: dict
     ) -> None:
         """The piece's audio in chunks of `TTS_CHUNK_MS`: the first at once (behind `audio.started`
         on a reply's first piece), then the rest together; one round trip each."""
@@ -194,9 +207,19 @@ class TtsWorker(Worker):
         if not turn.started:
             turn.started = True
             head.append(TtsAudioStarted(sample_rate=self.voice.sample_rate, **envelope))
-        chunks = [pcm[start : start + step] for start in range(0, len(pcm), step)]
+        first_seq = turn.chunks
+        chunks = [
+            TtsAudio(
+                seq=first_seq + i,
+                piece=piece,
+                piece_end=min(len(pcm), start + step) / len(pcm),
+                pcm=pcm[start : start + step],
+                **envelope,
+            )
+            for i, start in enumerate(range(0, len(pcm), step))
+        ]
         for batch in (chunks[:1], chunks[1:]):
-            messages = head + [TtsAudio(seq=turn.chunks + i, pcm=chunk, **envelope) for i, chunk in enumerate(batch)]
+            messages = head + batch
             head = []
             if messages:
                 conv.guard(envelope["turn_id"])

@@ -15,12 +15,14 @@ from shared.messages import (
     BusMessage,
     SpeechStarted,
     SpeechStopped,
+    SpeechSustained,
     TranscriptFinal,
     TranscriptPartial,
 )
 from shared.tasks import Fence, TaskSet
 from workers.runtime import Route, Worker
-from workers.vad_stt.segmenter import SAMPLE_RATE, Event, Segmenter, SpeechPaused, SpeechResumed, SpeechStart
+from workers.vad_stt import segmenter as seg
+from workers.vad_stt.segmenter import SAMPLE_RATE, Event, Segmenter
 from workers.vad_stt.stt import Transcriber
 
 log = logging.getLogger("voicepipe.vad_stt")
@@ -104,6 +106,7 @@ class VadSttWorker(Worker):
             min_utterance_ms=s.vad_min_utterance_ms,
             max_utterance_ms=s.vad_max_utterance_ms,
             speculate_after_ms=s.stt_speculate_after_ms,
+            sustain_ms=s.barge_in_min_speech_ms,
         )
 
     async def prepare(self, conversation_id: str, route: Route) -> None:
@@ -138,16 +141,19 @@ class VadSttWorker(Worker):
         gateway_inbox = self.names.inbox("gateway", conv.route.gateway)
         envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id}
         for event in events:
-            if isinstance(event, SpeechStart):
+            if isinstance(event, seg.SpeechStart):
                 conv.turn_id = uuid.uuid4().hex[:16]
                 conv.partial_at_bytes = 0
                 await self.bus.publish(gateway_inbox, SpeechStarted(turn_id=conv.turn_id, **envelope))
                 continue
-            if isinstance(event, SpeechPaused):
+            if isinstance(event, seg.SpeechSustained):  # long enough to be a barge-in: the gateway decides
+                await self.bus.publish(gateway_inbox, SpeechSustained(turn_id=conv.turn_id, **envelope))
+                continue
+            if isinstance(event, seg.SpeechPaused):
                 conv.speculation = conv.tasks.spawn(self._whisper(conv, event.audio), name="speculate")
                 continue
             speculation, conv.speculation = conv.speculation, None
-            if isinstance(event, SpeechResumed):
+            if isinstance(event, seg.SpeechResumed):
                 if speculation is not None:
                     speculation.cancel()  # the user went on speaking: that early transcript is stale
                 continue

@@ -4,6 +4,12 @@ Idle, it keeps a short pre-roll; `start_ms` of voiced audio starts speech; `end_
 unvoiced audio (or a commit, or `max_utterance_ms`) ends it. Every frame carries the gateway's
 receive time, so "speech end" is the arrival of the last voiced frame.
 
+The length of speech is counted from its onset (the first voiced frame of the run that started it),
+never from the pre-roll: an utterance shorter than `min_utterance_ms` from onset to its last voiced
+frame is not worth transcribing (a click, a cough). With `sustain_ms` set, `SpeechSustained` says
+once per utterance that this many voiced frames were heard since the onset: the signal for barge-in,
+which a short noise burst never reaches however long its trailing silence.
+
 With `speculate_after_ms` set, a `SpeechPaused` event offers the utterance as soon as silence
 begins, so transcription can overlap the end-of-speech wait; the final utterance then differs from
 it only by trailing silence, unless `SpeechResumed` came in between."""
@@ -20,6 +26,11 @@ BYTES_PER_MS = SAMPLE_RATE * 2 // 1000
 @dataclass(frozen=True)
 class SpeechStart:
     pass
+
+
+@dataclass(frozen=True)
+class SpeechSustained:
+    """`sustain_ms` of voiced frames since the onset of this utterance (sent once per utterance)."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +52,7 @@ class SpeechEnd:
     decided_ms: float
 
 
-Event = SpeechStart | SpeechPaused | SpeechResumed | SpeechEnd
+Event = SpeechStart | SpeechSustained | SpeechPaused | SpeechResumed | SpeechEnd
 
 
 class Segmenter:
@@ -56,13 +67,15 @@ class Segmenter:
         min_utterance_ms: int = 200,
         max_utterance_ms: int = 15000,
         speculate_after_ms: int = 0,
+        sustain_ms: int = 0,
     ) -> None:
         self._is_speech = is_speech
         self.frame_ms = frame_ms
         self._frame_bytes = frame_ms * BYTES_PER_MS
         self._start_frames = max(1, start_ms // frame_ms)
         self._end_frames = max(1, end_silence_ms // frame_ms)
-        self._min_bytes = min_utterance_ms * BYTES_PER_MS
+        self._min_frames = -(-min_utterance_ms // frame_ms)  # ceiling: a 100 ms minimum needs 5 frames of 20 ms
+        self._sustain_frames = -(-sustain_ms // frame_ms) if sustain_ms > 0 else 0
         self._max_bytes = max_utterance_ms * BYTES_PER_MS
         self._speculate_frames = speculate_after_ms // frame_ms if 0 < speculate_after_ms < end_silence_ms else 0
         self._paused = False
@@ -73,6 +86,10 @@ class Segmenter:
         self._utterance = bytearray()
         self._silent_frames = 0
         self._last_voiced_ms = 0.0
+        self._onset_frame = 0  # frame number of the first voiced frame of the utterance
+        self._last_voiced_frame = 0
+        self._voiced_frames = 0  # voiced frames since the onset
+        self._sustained = False
         self.frames_seen = 0
 
     @property
@@ -96,9 +113,7 @@ class Segmenter:
         while len(self._pending) >= size:
             frame = bytes(self._pending[:size])
             del self._pending[:size]
-            event = self._frame(frame, received_ms)
-            if event is not None:
-                events.append(event)
+            events += self._frame(frame, received_ms)
         return events
 
     def commit(self, received_ms: float) -> list[Event]:
@@ -109,7 +124,7 @@ class Segmenter:
         self._pending.clear()
         return [self._end(received_ms)]
 
-    def _frame(self, frame: bytes, received_ms: float) -> Event | None:
+    def _frame(self, frame: bytes, received_ms: float) -> list[Event]:
         self.frames_seen += 1
         voiced = self._is_speech(frame)
         if not self._speaking:
@@ -121,28 +136,44 @@ class Segmenter:
                 self._preroll.clear()
                 self._silent_frames = 0
                 self._last_voiced_ms = received_ms
-                return SpeechStart()
-            return None
+                self._onset_frame = self.frames_seen - self._voiced_run + 1
+                self._last_voiced_frame = self.frames_seen
+                self._voiced_frames = self._voiced_run
+                self._sustained = False
+                return [SpeechStart(), *self._sustain()]
+            return []
         self._utterance += frame
+        events: list[Event] = []
         if voiced:
             self._silent_frames = 0
             self._last_voiced_ms = received_ms
+            self._last_voiced_frame = self.frames_seen
+            self._voiced_frames += 1
+            events += self._sustain()
             if self._paused:
                 self._paused = False
-                return SpeechResumed()
+                events.append(SpeechResumed())
         else:
             self._silent_frames += 1
         if self._silent_frames >= self._end_frames or len(self._utterance) >= self._max_bytes:
-            return self._end(received_ms)
-        voiced_bytes = len(self._utterance) - self._silent_frames * self._frame_bytes
-        if self._speculate_frames and self._silent_frames == self._speculate_frames and voiced_bytes >= self._min_bytes:
+            return [*events, self._end(received_ms)]
+        if self._speculate_frames and self._silent_frames == self._speculate_frames and self._long_enough():
             self._paused = True
-            return SpeechPaused(bytes(self._utterance))
-        return None
+            events.append(SpeechPaused(bytes(self._utterance)))
+        return events
+
+    def _sustain(self) -> list[Event]:
+        if self._sustain_frames and not self._sustained and self._voiced_frames >= self._sustain_frames:
+            self._sustained = True
+            return [SpeechSustained()]
+        return []
+
+    def _long_enough(self) -> bool:
+        """Onset to last voiced frame spans at least `min_utterance_ms`."""
+        return self._last_voiced_frame - self._onset_frame + 1 >= self._min_frames
 
     def _end(self, decided_ms: float) -> SpeechEnd:
-        voiced_bytes = len(self._utterance) - self._silent_frames * self._frame_bytes
-        audio = bytes(self._utterance) if voiced_bytes >= self._min_bytes else b""
+        audio = bytes(self._utterance) if self._long_enough() else b""
         event = SpeechEnd(audio=audio, speech_end_ms=self._last_voiced_ms, decided_ms=decided_ms)
         self._speaking = False
         self._paused = False
