@@ -78,3 +78,100 @@ async def test_typing_into_the_page_without_a_microphone(stack, fake_llm):
             assert await page.inner_text("#error") == ""
         finally:
             await browser.close()
+
+
+LONG_REPLY = " ".join(
+    [
+        "Paris is the capital of France and its largest city by far.",
+        "It sits on the river Seine in the north of the country.",
+        "The city is known for the Eiffel Tower, which was built for a world fair.",
+        "The Louvre holds thousands of paintings, among them the Mona Lisa.",
+        "Notre Dame cathedral stands on an island in the middle of the river.",
+        "Wide boulevards were cut through the old town in the nineteenth century.",
+        "The metro opened in nineteen hundred and still carries millions every day.",
+        "Cafes line the streets, and people sit outside even in winter.",
+        "Montmartre looks down on the city from its hill in the north.",
+        "The Latin Quarter has been home to students for eight hundred years.",
+        "Parks such as the Luxembourg Garden are full on sunny afternoons.",
+        "Many visitors say a week is not enough to see it all.",
+    ]
+)
+QUANTUM = 128  # frames the audio thread renders per process call
+
+
+async def wait_for(page, expression: str, what: str, timeout_s: float = 30):
+    """Poll a page expression until it is truthy; return its value. Fails with the page's state."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                value = await page.evaluate(expression)
+                if value:
+                    return value
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        state = await page.evaluate(
+            "({state: voicepipe.state, played: voicepipe.playedSamples, queued: voicepipe.queuedSamples,"
+            " flushes: voicepipe.flushes, events: voicepipe.events.map(e => e.type).slice(-8)})"
+        )
+        pytest.fail(f"timed out after {timeout_s} s waiting for {what}; page: {state}")
+
+
+@needs_browser
+async def test_stopping_a_reply_flushes_the_buffered_audio_within_one_quantum(stack, fake_llm, tmp_path):
+    """The reply's audio reaches the page faster than real time, so seconds of it sit in the playback
+    worklet's queue. Stop reply -> response.cancel -> response.interrupted: the worklet drops its queue on
+    the next render quantum and plays nothing of it afterwards, measured by the worklet's own counters."""
+    from playwright.async_api import async_playwright
+
+    fake_llm.reply = LONG_REPLY
+    fake_llm.token_delay_s = 0.05  # ~7 s of generation: the turn is still live on the server when we click
+    async with async_playwright() as playwright:
+        browser = await launch(playwright, QUESTION)
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(stack.http_url)
+            await page.fill("#text", "Tell me about Paris.")
+            await page.click("#send")
+
+            rate = await wait_for(page, "voicepipe.contextSampleRate", "the AudioContext")
+            # Playing, with a good deal more than one quantum buffered behind the playhead.
+            await wait_for(
+                page,
+                "voicepipe.playedSamples > 0 && voicepipe.queuedSamples > voicepipe.contextSampleRate / 4",
+                "the worklet to play and buffer a quarter second of reply audio",
+                timeout_s=60,
+            )
+            assert await page.inner_text("#status") == "speaking"
+            types = [e["type"] for e in await page.evaluate("voicepipe.events")]
+            assert "response.done" not in types, "the reply finished before the test could stop it"
+
+            await page.click("#cancel")
+            interrupted, _ = await wait_for_event(page, "response.interrupted", timeout_s=10)
+            assert interrupted["reason"] == "cancelled"
+            # The worklet's flush record, once it has rendered 0.3 s worth of quanta since the flush.
+            after = int(0.3 * rate)
+            flush = await wait_for(
+                page,
+                "voicepipe.flushes.find((f) => f.reason === 'interrupted:cancelled'"
+                f" && f.framesAfterFlush >= {after})",
+                "the worklet to report its flush and 0.3 s of rendering after it",
+                timeout_s=10,
+            )
+            assert flush["queuedAtFlush"] > QUANTUM, flush  # there really was audio to drop
+            assert flush["playedAfterFlush"] <= QUANTUM, flush  # silent within one quantum
+            assert await page.evaluate("voicepipe.queuedSamples") == 0
+
+            assert await page.inner_text("#status") != "speaking"
+            bubble = page.locator(".msg.bot.cut")
+            assert await bubble.count() == 1
+            note = await bubble.locator(".note.cut").inner_text()
+            assert "Stopped" in note and "cancelled" in note
+            assert await bubble.get_attribute("data-interrupted") == "cancelled"
+            assert await page.is_disabled("#cancel")
+            assert await page.inner_text("#error") == ""
+            assert errors == []
+            await page.screenshot(path=str(tmp_path / "interrupted.png"))
+        finally:
+            await browser.close()
