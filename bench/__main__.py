@@ -6,6 +6,7 @@ BENCHMARKS = [
     ("voice latency", ["bench.voice_latency", "--rounds", "3"]),
     ("bus hop", ["bench.bus_hop"]),
     ("lifecycle", ["bench.lifecycle"]),
+    ("turn-taking", ["bench.turn_taking"]),
 ]
 
 if __name__ == "__main__":

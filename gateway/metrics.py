@@ -45,6 +45,8 @@ def render(gateway: Gateway) -> str:
     out.add("voicepipe_disconnect_events_published_total", "counter", "connection_disconnected events published.", s.published, gateway=gid)
     out.add("voicepipe_disconnect_event_publish_failures_total", "counter", "connection_disconnected events that could not be published.", s.publish_failures, gateway=gid)
     out.add("voicepipe_stale_conversations_total", "counter", "Conversations ended by the gateway's stale sweep.", s.stale_cleaned, gateway=gid)
+    for reason in ("barge_in", "cancelled"):
+        out.add("voicepipe_replies_interrupted_total", "counter", "Replies interrupted, by reason.", s.interrupted.get(reason, 0), gateway=gid, reason=reason)
     out.add("voicepipe_uptime_seconds", "gauge", "Seconds since the gateway started.", round(time.monotonic() - gateway.started, 1), gateway=gid)
     directory = gateway.directory.workers
     for stage, workers in directory.items():

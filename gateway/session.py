@@ -251,7 +251,7 @@ class ClientSession:
             case TranscriptFinal():
                 turn.transcript_ms, turn.stt_ms, turn.stt_wait_ms = now, message.stt_ms, message.stt_wait_ms
                 self.send_event("transcript.final", turn_id, text=message.text)
-                if message.text:
+                if message.text.strip():
                     turn.replying = True
                 else:
                     self.turns.drop(turn_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,10 @@ class VoiceClient:
     async def send_json(self, message: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(message))
 
+    def record(self) -> "Recording":
+        """Read everything the server sends from now on in the background (instead of `receive_turn`)."""
+        return Recording(self)
+
     async def receive_turn(self, timeout: float = 60.0) -> TurnResult:
         """Collect events until `response.done` (or a transcript that starts no response)."""
         result = TurnResult()
@@ -93,3 +98,54 @@ class VoiceClient:
                     return result
                 if event["type"] == "transcript.final" and not event.get("text"):
                     return result
+
+
+class Recording:
+    """Everything the server sends on one client, in arrival order: `(time.monotonic(), frame)` with
+    JSON events as dicts and audio as bytes. For clients that talk while the server talks (barge-in)."""
+
+    def __init__(self, client: VoiceClient) -> None:
+        self.frames: list[tuple[float, dict[str, Any] | bytes]] = []
+        self._ws = client.ws
+        self._new = asyncio.Event()
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for frame in self._ws:
+            self.frames.append((time.monotonic(), json.loads(frame) if isinstance(frame, str) else frame))
+            self._new.set()
+
+    def events(self, type_: str | None = None) -> list[dict[str, Any]]:
+        return [f for _, f in self.frames if isinstance(f, dict) and type_ in (None, f["type"])]
+
+    def audio_frames(self, start: int, end: int | None = None) -> int:
+        """Audio frames received between frame indexes `start` and `end`."""
+        return sum(isinstance(f, bytes) for _, f in self.frames[start:end])
+
+    async def wait(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0, start: int = 0
+    ) -> tuple[int, float, dict[str, Any]]:
+        """The first event from index `start` on that matches: (its index, arrival time, event)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for i in range(start, len(self.frames)):
+                    at, frame = self.frames[i]
+                    if isinstance(frame, dict) and predicate(frame):
+                        return i, at, frame
+                start = len(self.frames)
+                self._new.clear()
+                await self._new.wait()
+
+    async def wait_event(self, type_: str, turn_id: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
+        _, _, event = await self.wait(lambda e: e["type"] == type_ and turn_id in (None, e.get("turn_id")), timeout)
+        return event
+
+    async def wait_audio(self, count: int, timeout: float = 60.0) -> None:
+        async with asyncio.timeout(timeout):
+            while self.audio_frames(0) < count:
+                self._new.clear()
+                await self._new.wait()
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)

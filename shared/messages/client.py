@@ -18,6 +18,8 @@ class InputAudioCommit(_ClientMessage):
 
 
 class TextInputRequest(_ClientMessage):
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)  # blank text is no turn
+
     type: Literal["text.input"]
     text: Annotated[str, Field(min_length=1, max_length=8000)]
 
@@ -46,6 +48,8 @@ def parse_client_message(text: str) -> ClientMessage:
         data = json.loads(text)
     except ValueError as exc:
         raise BadClientMessage(f"invalid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadClientMessage("invalid JSON: nested too deeply") from exc
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise BadClientMessage("expected a JSON object with a string 'type'")
     try:

@@ -26,51 +26,6 @@ LONG_REPLY = " ".join(
 )
 
 
-class Recorder:
-    """Reads everything the server sends, in order: JSON events as dicts, audio frames as bytes."""
-
-    def __init__(self, ws) -> None:
-        self.ws = ws
-        self.frames: list[dict | bytes] = []
-        self._new = asyncio.Event()
-        self._task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for frame in self.ws:
-            self.frames.append(json.loads(frame) if isinstance(frame, str) else frame)
-            self._new.set()
-
-    def events(self, type_: str | None = None) -> list[dict]:
-        return [f for f in self.frames if isinstance(f, dict) and (type_ is None or f["type"] == type_)]
-
-    async def wait_for(self, predicate, timeout: float = 60.0) -> dict:
-        async with asyncio.timeout(timeout):
-            while True:
-                found = [f for f in self.frames if isinstance(f, dict) and predicate(f)]
-                if found:
-                    return found[0]
-                self._new.clear()
-                await self._new.wait()
-
-    async def wait_event(self, type_: str, turn_id: str | None = None, timeout: float = 60.0) -> dict:
-        return await self.wait_for(lambda e: e["type"] == type_ and turn_id in (None, e.get("turn_id")), timeout)
-
-    async def wait_audio(self, count: int, timeout: float = 60.0) -> None:
-        async with asyncio.timeout(timeout):
-            while sum(isinstance(f, bytes) for f in self.frames) < count:
-                self._new.clear()
-                await self._new.wait()
-
-    def audio_between(self, first: dict, last: dict) -> int:
-        """Audio frames received after event `first` and before event `last`."""
-        start, end = self.frames.index(first), self.frames.index(last)
-        return sum(isinstance(f, bytes) for f in self.frames[start:end])
-
-    async def aclose(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
 async def speak(client: VoiceClient, name: str = "capital.wav", trailing_silence_s: float = 1.0) -> None:
     await client.send_speech(read_wav_16k_mono(FIXTURES / name), realtime=True, trailing_silence_s=trailing_silence_s)
 
@@ -84,27 +39,27 @@ async def test_barge_in_during_generation_stops_the_reply_everywhere_and_answers
 ):
     fake_llm.reply, fake_llm.token_delay_s = LONG_REPLY, 0.12
     async with VoiceClient(stack.ws_url) as client:
-        rec = Recorder(client.ws)
+        rec = client.record()
         try:
             await client.send_json({"type": "text.input", "text": "Tell me about Paris."})
             first = await rec.wait_event("response.text.delta")
             old = first["turn_id"]
             await rec.wait_audio(3)  # some of the reply is playing
             await speak(client)
-            interrupted = await rec.wait_event("response.interrupted")
+            at, _, interrupted = await rec.wait(lambda e: e["type"] == "response.interrupted")
             assert interrupted == {"type": "response.interrupted", "turn_id": old, "reason": "barge_in"}
             assert not fake_llm.streams[0].completed
             await fake_llm.streams[0].wait_ended()  # the orchestrator closed the upstream stream
             fake_llm.token_delay_s = 0.002
-            final = await rec.wait_for(lambda e: e["type"] == "transcript.final" and e["text"])
+            _, _, final = await rec.wait(lambda e: e["type"] == "transcript.final" and e["text"])
             new = final["turn_id"]
             assert new != old and "capital" in final["text"].lower()
             done = await rec.wait_event("response.done", new)
             # not one audio frame of the old turn after response.interrupted: every frame after it
             # belongs to the new turn, whose audio starts with response.audio.started
-            new_audio = await rec.wait_event("response.audio.started", new)
-            assert rec.audio_between(interrupted, new_audio) == 0
-            assert not any(e.get("turn_id") == old for e in rec.frames[rec.frames.index(interrupted) + 1 :] if isinstance(e, dict))
+            end, _, _ = await rec.wait(lambda e: e["type"] == "response.audio.started" and e["turn_id"] == new)
+            assert rec.audio_frames(at, end) == 0
+            assert not any(isinstance(e, dict) and e.get("turn_id") == old for _, e in rec.frames[at + 1 :])
             assert done["text"] == LONG_REPLY
         finally:
             await rec.aclose()
@@ -127,7 +82,7 @@ async def test_barge_in_during_generation_stops_the_reply_everywhere_and_answers
 async def test_barge_in_while_the_reply_is_still_playing(stack, fake_llm):
     fake_llm.reply, fake_llm.token_delay_s = LONG_REPLY, 0.001
     async with VoiceClient(stack.ws_url) as client:
-        rec = Recorder(client.ws)
+        rec = client.record()
         try:
             await client.send_json({"type": "text.input", "text": "Tell me about Paris."})
             done = await rec.wait_event("response.done")  # every frame sent; the client plays for seconds more
@@ -135,7 +90,7 @@ async def test_barge_in_while_the_reply_is_still_playing(stack, fake_llm):
             await speak(client)
             interrupted = await rec.wait_event("response.interrupted")
             assert interrupted["turn_id"] == old and interrupted["reason"] == "barge_in"
-            final = await rec.wait_for(lambda e: e["type"] == "transcript.final" and e["text"])
+            _, _, final = await rec.wait(lambda e: e["type"] == "transcript.final" and e["text"])
             assert "capital" in final["text"].lower()
             await rec.wait_event("response.done", final["turn_id"])
         finally:
@@ -148,7 +103,7 @@ async def test_a_noise_burst_during_playback_does_not_interrupt(stack, fake_llm)
     loudest = max(range(0, len(speech) - 1600, 320), key=lambda i: sum(abs(x) for x in speech[i : i + 1600]))
     burst = speech[loudest : loudest + 1600].tobytes()  # 100 ms of real speech: loud enough to start the VAD
     async with VoiceClient(stack.ws_url) as client:
-        rec = Recorder(client.ws)
+        rec = client.record()
         try:
             await client.send_json({"type": "text.input", "text": "Tell me about Paris."})
             await rec.wait_event("response.audio.started")
@@ -207,17 +162,17 @@ async def test_with_barge_in_off_speech_waits_for_the_reply(redis_url, redis_cli
     fake_llm.reply, fake_llm.token_delay_s = LONG_REPLY, 0.05
     async with run_stack(settings, transcriber=transcriber, voice=voice, llm_base_url=fake_llm.base_url) as stack:
         async with VoiceClient(stack.ws_url) as client:
-            rec = Recorder(client.ws)
+            rec = client.record()
             try:
                 await client.send_json({"type": "text.input", "text": "Tell me about Paris."})
                 first = await rec.wait_event("response.text.delta")
                 await speak(client)
-                final = await rec.wait_for(lambda e: e["type"] == "transcript.final" and e["text"])
+                _, _, final = await rec.wait(lambda e: e["type"] == "transcript.final" and e["text"])
                 # both turns are answered in order, the first one whole
-                done = await rec.wait_event("response.done", first["turn_id"])
+                first_done, _, done = await rec.wait(lambda e: e["type"] == "response.done" and e["turn_id"] == first["turn_id"])
                 assert done["text"] == LONG_REPLY
-                second = await rec.wait_event("response.done", final["turn_id"])
-                assert rec.frames.index(done) < rec.frames.index(second)
+                second_done, _, _ = await rec.wait(lambda e: e["type"] == "response.done" and e["turn_id"] == final["turn_id"])
+                assert first_done < second_done
                 assert rec.events("response.interrupted") == []
                 assert all(s.completed for s in fake_llm.streams)
             finally:

@@ -40,3 +40,14 @@ def test_bad_messages_say_why(frame, reason):
 def test_server_events_carry_turn_id_only_when_there_is_a_turn():
     assert json.loads(server_event("pong")) == {"type": "pong"}
     assert json.loads(server_event("speech.started", "t1")) == {"type": "speech.started", "turn_id": "t1"}
+
+
+def test_blank_text_and_deep_nesting_are_bad_messages():
+    import pytest
+
+    from shared.messages.client import BadClientMessage, parse_client_message
+
+    for frame in ('{"type": "text.input", "text": "   "}', "[" * 30000 + "]" * 30000):
+        with pytest.raises(BadClientMessage):
+            parse_client_message(frame)
+    assert parse_client_message('{"type": "text.input", "text": " hi "}').text == "hi"

@@ -50,6 +50,7 @@ class ReplyTurn:
     task: asyncio.Task[None] | None = None
     pieces: list[str] = field(default_factory=list)  # the reply's text as handed to TTS, in order
     generating: bool = False  # the upstream stream is open (or about to be)
+    answered: bool = False  # `ResponseTextDone` went to the gateway
     in_history: bool = False  # the reply was written to the history
     cancelled: bool = False
 
@@ -247,6 +248,14 @@ class LlmWorker(Worker):
     async def _reply(self, conv: ChatConversation, turn: ReplyTurn) -> None:
         try:
             await self._generate(conv, turn)
+        except Exception:
+            log.exception("reply for turn %s failed", turn.turn_id)
+            if not turn.answered and not turn.fence.closed and not conv.fence.closed:
+                with contextlib.suppress(Exception):  # best effort: the client must not wait forever
+                    envelope = self._envelope(conv, turn)
+                    gateway = self.names.inbox("gateway", conv.route.gateway)
+                    error = StageError(code="llm_error", message="the reply failed", **envelope)
+                    await self.bus.publish_many([(gateway, error), (gateway, ResponseTextDone(text="", sentences=0, **envelope))])
         finally:
             turn.generating = False
             if not turn.cancelled:
@@ -326,6 +335,7 @@ class LlmWorker(Worker):
             text=text, sentences=len(turn.pieces), llm_ms=llm_ms, first_sentence_ms=first_sentence_ms, **envelope
         )
         await send(*closing, (gateway, done))
+        turn.answered = True
         log.info("reply of %d pieces in %.0f ms (first piece at %s ms)", len(turn.pieces), llm_ms, first_sentence_ms)
         if blocked is not None or (failure is None and text):
             turn.fence.guard()
