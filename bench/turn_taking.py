@@ -3,8 +3,8 @@
     python -m bench.turn_taking [--trials 50] [--cancels 100] [--blocks 50]
 
 - Barge-in: a reply is generating (even trials) or playing (odd trials); a spoken question starts
-  over it, at real-time pace after 300 ms of silence. Measured: the onset of the speech in the
-  client's audio (the first 10 ms whose level passes a tenth of the file's peak) -> the client
+  over it, at real-time pace after 300 ms of digital silence. Measured: the onset of the speech in
+  the client's audio (the first 10 ms whose level passes 1 % of the file's peak, -40 dB) -> the client
   receives `response.interrupted`; and the old turn's audio frames after it (must be 0).
 - `response.cancel` -> `response.interrupted` at the client, while a reply plays.
 - Guard: the reply streams a blocked term split over tokens and then stalls; measured on the fake
@@ -43,26 +43,26 @@ DECIDING_TOKEN = 9  # tokens sent when the guard can decide: " in" shows the ter
 
 
 def onset_offset(pcm: bytes) -> int:
-    """Byte offset of the first 10 ms whose RMS passes a tenth of the loudest 10 ms."""
+    """Byte offset of the first 10 ms whose RMS passes 1 % of the loudest 10 ms (-40 dB): the very
+    start of the sound, earlier than any VAD decides it is speech."""
     samples = array("h", pcm)
     windows = [samples[i : i + 160] for i in range(0, len(samples) - 160, 160)]
     levels = [(sum(x * x for x in w) / len(w)) ** 0.5 for w in windows]
     peak = max(levels)
-    return next(i for i, level in enumerate(levels) if level > peak / 10) * 320
+    return next(i for i, level in enumerate(levels) if level > peak / 100) * 320
 
 
 async def send_speech_timed(client: VoiceClient, pcm: bytes, onset: int) -> float:
-    """Stream `pcm` then 1 s of silence at real-time pace; returns when the onset frame was sent."""
+    """Stream `pcm` then 1 s of silence as a microphone would (each 20 ms frame once its 20 ms have
+    passed); returns the moment the onset sample was spoken, on the same clock."""
     pcm = pcm + bytes(-len(pcm) % FRAME_BYTES) + bytes(32000)
-    start, onset_at = time.monotonic(), 0.0
+    start = time.monotonic()
     for offset in range(0, len(pcm), FRAME_BYTES):
-        if offset <= onset < offset + FRAME_BYTES:
-            onset_at = time.monotonic() + (onset - offset) / 32000
-        await client.ws.send(pcm[offset : offset + FRAME_BYTES])
         ahead = start + (offset + FRAME_BYTES) / 32000 - time.monotonic()
         if ahead > 0:
             await asyncio.sleep(ahead)
-    return onset_at
+        await client.ws.send(pcm[offset : offset + FRAME_BYTES])
+    return start + onset / 32000
 
 
 async def barge_in(ws_url: str, llm: FakeLlm, trials: int) -> dict[str, list[float]]:
@@ -137,8 +137,9 @@ async def blocks(ws_url: str, llm: FakeLlm, n: int) -> tuple[list[float], list[f
     return to_close, turn
 
 
-def show(title: str, values: list[float], target: str) -> None:
-    print(f"  {title:44} n={len(values):3}  p50 {percentile(values, 50):6.1f} ms   p99 {percentile(values, 99):6.1f} ms   max {max(values):6.1f} ms   ({target})")
+def show(title: str, values: list[float], target: str = "") -> None:
+    line = f"  {title:44} n={len(values):3}  p50 {percentile(values, 50):6.1f} ms   p99 {percentile(values, 99):6.1f} ms   max {max(values):6.1f} ms"
+    print(line + (f"   ({target})" if target else ""))
 
 
 async def run(args: argparse.Namespace, http_url: str, llm: FakeLlm) -> None:
@@ -147,8 +148,8 @@ async def run(args: argparse.Namespace, http_url: str, llm: FakeLlm) -> None:
     print(f"\nbarge-in, {args.trials} trials, BARGE_IN_MIN_SPEECH_MS={args.min_speech_ms}")
     both = result["generating"] + result["playing"]
     show("speech onset -> response.interrupted", both, f"target p99 <= {args.min_speech_ms + 100}")
-    show("  ... while the reply generates", result["generating"], "")
-    show("  ... while the reply plays", result["playing"], "")
+    show("  ... while the reply generates", result["generating"])
+    show("  ... while the reply plays", result["playing"])
     old = result["old_frames_after"]
     print(f"  old-turn audio frames after response.interrupted: {sum(old)} in total, max {max(old)} in a trial (target 0)")
     latencies = await cancels(ws_url, llm, args.cancels)

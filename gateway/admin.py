@@ -1,4 +1,4 @@
-"""Admin routes (PROTOCOL.md §3): pools, stats, workers and conversations, behind X-API-Key.
+"""Admin routes (docs/protocol.md §3): pools, stats, workers and conversations, behind X-API-Key.
 
 Workers and conversations are asked live of every worker over the bus; a live worker (by its
 heartbeat) that does not answer within `INTROSPECT_TIMEOUT_S` is listed with `responding: false`."""

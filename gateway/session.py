@@ -1,4 +1,4 @@
-"""One client WebSocket (PROTOCOL.md §1): a receive loop beside one sender task.
+"""One client WebSocket (docs/protocol.md §1): a receive loop beside one sender task.
 
 The receive loop turns client frames into bus messages; `deliver` turns bus messages into client
 events and queues them for the sender. Whatever way the socket ends, `serve_client`'s `finally`

@@ -1,4 +1,4 @@
-"""Per-turn bookkeeping at the gateway and the `response.done` metrics (PROTOCOL.md §1.1).
+"""Per-turn bookkeeping at the gateway and the `response.done` metrics (docs/protocol.md §1.1).
 
 A conversation's `TurnTable` holds its few latest turns and remembers a few more that were
 interrupted, so late output of an interrupted turn is dropped (fenced); a conversation of 10,000
@@ -63,7 +63,7 @@ class Turn:
         return not self.done or now_ms < self.playing_until_ms + PLAYBACK_MARGIN_MS
 
     def metrics(self) -> dict[str, float]:
-        """PROTOCOL.md §1.1; a stage the turn did not have (speech, for typed text) omits its keys."""
+        """docs/protocol.md §1.1; a stage the turn did not have (speech, for typed text) omits its keys."""
         m: dict[str, float | None] = {}
         if not self.typed:
             m["speech_end_to_transcript_ms"] = _gap(self.speech_end_ms, self.transcript_ms)

@@ -1,7 +1,7 @@
 """Every Redis channel and key name, built in one place.
 
 Channels
-  connection_events                 gateway -> all workers (PROTOCOL.md §2)
+  connection_events                 gateway -> all workers (docs/protocol.md §2)
   tts_control                       orchestrator -> all TTS workers (stop a conversation's speech)
   {ns}:control                      gateway -> all workers (introspection requests)
   {ns}:inbox:{stage}:{id}           messages for one process (stage is gateway, vad_stt, llm, tts)

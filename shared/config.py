@@ -1,4 +1,4 @@
-"""Settings for every process (PROTOCOL.md §5): environment with the VOICEPIPE_ prefix, or `.env`.
+"""Settings for every process (docs/protocol.md §5): environment with the VOICEPIPE_ prefix, or `.env`.
 
 Built once in each process's entry point and passed down; nothing else reads the environment."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`voicepipe`: up | gateway | worker STAGE | talk FILE.wav (PROTOCOL.md §4)."""
+"""`voicepipe`: up | gateway | worker STAGE | talk FILE.wav (docs/protocol.md §4)."""
 from __future__ import annotations
 
 import argparse

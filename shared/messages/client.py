@@ -1,4 +1,4 @@
-"""The client WebSocket protocol (PROTOCOL.md §1): what a client may send, and server event frames."""
+"""The client WebSocket protocol (docs/protocol.md §1): what a client may send, and server event frames."""
 from __future__ import annotations
 
 import json

@@ -12,7 +12,7 @@ DisconnectReason = Literal["client_disconnect", "server_error", "timeout"]
 
 
 class ConnectionDisconnected(Envelope):
-    """Gateway -> every worker on `connection_events` (PROTOCOL.md §2): the WebSocket ended.
+    """Gateway -> every worker on `connection_events` (docs/protocol.md §2): the WebSocket ended.
 
     Every worker drops everything it holds for the conversation; the history stays for resume."""
 

@@ -1,4 +1,4 @@
-"""The client protocol of PROTOCOL.md §1 and the health routes of §3, over real sockets."""
+"""The client protocol of docs/protocol.md §1 and the health routes of §3, over real sockets."""
 from __future__ import annotations
 
 import asyncio

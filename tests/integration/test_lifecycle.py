@@ -1,4 +1,4 @@
-"""The connection lifecycle (PROTOCOL.md §2): however a socket ends, every worker lets go at once."""
+"""The connection lifecycle (docs/protocol.md §2): however a socket ends, every worker lets go at once."""
 from __future__ import annotations
 
 import asyncio

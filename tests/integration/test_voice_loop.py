@@ -57,7 +57,7 @@ async def test_spoken_turn_is_heard_answered_and_timed(stack):
     assert turn.done is not None and turn.done["text"]
     assert len(turn.audio) > 0
     metrics = turn.done["metrics"]
-    assert set(metrics) == SPOKEN_KEYS  # exactly PROTOCOL.md §1.1
+    assert set(metrics) == SPOKEN_KEYS  # exactly docs/protocol.md §1.1
     assert metrics["speech_end_to_first_audio_ms"] >= metrics["speech_end_to_transcript_ms"]
     assert metrics["speech_end_to_transcript_ms"] >= turn.done["diagnostics"]["endpointing_ms"] >= 0
     assert turn.done["diagnostics"]["pipeline_overhead_ms"] >= 0

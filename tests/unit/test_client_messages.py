@@ -1,4 +1,4 @@
-"""The client protocol's text frames (PROTOCOL.md §1)."""
+"""The client protocol's text frames (docs/protocol.md §1)."""
 import json
 
 import pytest

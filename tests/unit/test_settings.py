@@ -1,4 +1,4 @@
-"""Settings from the environment (PROTOCOL.md §5)."""
+"""Settings from the environment (docs/protocol.md §5)."""
 from shared.config import Settings
 
 

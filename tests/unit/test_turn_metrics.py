@@ -1,4 +1,4 @@
-"""response.done metrics (PROTOCOL.md §1.1), all on the gateway's clock."""
+"""response.done metrics (docs/protocol.md §1.1), all on the gateway's clock."""
 from gateway.turns import Turn
 
 
@@ -20,7 +20,7 @@ def test_spoken_turn_metrics():
     assert set(m) == {
         "speech_end_to_transcript_ms", "transcript_to_first_token_ms", "first_token_to_first_audio_ms",
         "speech_end_to_first_audio_ms", "stt_ms", "llm_ms", "tts_ms",
-    }  # exactly PROTOCOL.md §1.1
+    }  # exactly docs/protocol.md §1.1
     d = spoken().diagnostics()
     assert d == {"endpointing_ms": 300, "pipeline_overhead_ms": 500 - 90 - 150 - 120}
 
