@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     ping_interval_s: float = 10.0
     ping_timeout_s: float = 10.0
     max_audio_frame_bytes: int = 65536
+    trusted_proxies: CommaList = Field(default_factory=list)  # X-Forwarded-For is honoured only from these addresses
+    max_messages_per_s: int = 100  # client text frames a second (audio: `audio_realtime_factor` x real time)
+    audio_realtime_factor: float = 4.0
+    rate_limit_close_s: float = 5.0  # a client over its rate this long is closed with 1008
+    max_outbound_bytes: int = 4 * 1024 * 1024  # queued for one client; past it the client is too slow and is closed
+    max_json_depth: int = 16  # client text frames: nesting
+    max_json_fields: int = 64  # client text frames: keys and items in all
+    shutdown_max_iterations: int = 5  # rounds of closing sockets and publishing their events at shutdown
+    shutdown_confirm_timeout_s: float = 2.0  # how long shutdown waits for the workers to confirm their cleanup
 
     # Conversation lifecycle
     resume_window_s: int = 600
@@ -94,11 +103,16 @@ class Settings(BaseSettings):
     inference_idle: bool = True
     inference_nice: int = Field(default=10, ge=0, le=19)
 
-    # Logging
+    # Logging and metrics
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+    log_content: bool = False  # transcripts and replies in INFO lines (they are personal data; else DEBUG only)
+    metrics_port: int = 0  # a worker's own Prometheus /metrics on this port (0: off)
 
-    @field_validator("api_keys", "client_tokens", "allowed_origins", "guard_blocked_terms", mode="before")
+    # Benchmarks only: workers consume input and answer at once without models (never the default)
+    null_mode: bool = False
+
+    @field_validator("api_keys", "client_tokens", "allowed_origins", "guard_blocked_terms", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
