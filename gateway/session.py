@@ -240,7 +240,7 @@ class ClientSession:
             case SpeechStarted():
                 self.send_event("speech.started", turn_id)
             case SpeechSustained():
-                reply = self.turns.current_reply(now, besides=turn_id) if self.barge_in else None
+                reply = self.turns.current_reply(now, turn_id, message.onset_ms) if self.barge_in else None
                 if reply is not None:
                     self._tasks.spawn(self._publish_to_llm(self._interrupt(reply, "barge_in")), name="barge-in")
             case SpeechStopped():

@@ -135,6 +135,16 @@ class TurnTable:
         while len(self._fenced) > FENCED_TURNS:
             self._fenced.popitem(last=False)
 
-    def current_reply(self, now_ms: float, besides: str | None = None) -> Turn | None:
-        """The oldest turn whose reply is generating or playing (the one the user hears)."""
-        return next((t for t in self._live.values() if t.turn_id != besides and t.active(now_ms)), None)
+    def current_reply(self, now_ms: float, besides: str | None = None, asked_by_ms: float | None = None) -> Turn | None:
+        """The oldest turn whose reply is generating or playing (the one the user hears); with
+        `asked_by_ms`, only a reply asked for by then (speech that began earlier is no barge-in)."""
+        return next(
+            (
+                t
+                for t in self._live.values()
+                if t.turn_id != besides
+                and t.active(now_ms)
+                and (asked_by_ms is None or (t.transcript_ms is not None and t.transcript_ms <= asked_by_ms))
+            ),
+            None,
+        )

@@ -14,10 +14,12 @@ class SpeechStarted(Envelope):
 
 class SpeechSustained(Envelope):
     """VAD/STT -> gateway: the utterance has `BARGE_IN_MIN_SPEECH_MS` of voiced speech since its onset
-    (sent once per utterance, only while barge-in is on). The gateway interrupts a reply that is
-    generating or playing; a click or a cough never gets this far."""
+    (sent once per utterance, only while barge-in is on). The gateway interrupts a reply that was
+    already generating or playing when the speech began (`onset_ms`: gateway receive time of its
+    first voiced frame); a click or a cough never gets this far."""
 
     type: Literal["speech.sustained"] = "speech.sustained"
+    onset_ms: float = 0.0
 
 
 class SpeechStopped(Envelope):

@@ -120,6 +120,21 @@ async def test_a_noise_burst_during_playback_does_not_interrupt(stack, fake_llm)
             await rec.aclose()
 
 
+async def test_speech_that_began_before_a_typed_turn_does_not_interrupt_it(stack, fake_llm):
+    speech = read_wav_16k_mono(FIXTURES / "capital.wav")
+    async with VoiceClient(stack.ws_url) as client:
+        rec = client.record()
+        try:
+            await client.send_speech(speech[: 16000 * 2 // 2], realtime=False, trailing_silence_s=0)  # 500 ms
+            await client.send_json({"type": "text.input", "text": "Hello there."})
+            await rec.wait_event("speech.started")
+            done = await rec.wait_event("response.done")
+            assert done["text"] == fake_llm.reply
+            assert rec.events("response.interrupted") == []
+        finally:
+            await rec.aclose()
+
+
 async def test_response_cancel_while_playing_and_a_cancel_with_nothing_playing(stack, fake_llm):
     fake_llm.reply, fake_llm.token_delay_s = LONG_REPLY, 0.001
     ws, _ = await connect(stack.ws_url)

@@ -72,3 +72,6 @@ def test_the_current_reply_is_generating_or_still_playing():
     assert table.current_reply(3001 + PLAYBACK_MARGIN_MS) is None
     table.open("b")  # a turn with no reply asked for (speech that gave no transcript) is never current
     assert table.current_reply(5000) is None
+    typed = table.open("c", replying=True, transcript_ms=6000)
+    assert table.current_reply(6100) is typed
+    assert table.current_reply(6100, asked_by_ms=5990) is None  # speech that began before it was asked

@@ -86,9 +86,9 @@ def test_speculation_offers_the_utterance_when_silence_begins_and_withdraws_on_r
 
 def test_sustained_speech_is_reported_once_after_enough_voiced_frames():
     seg = make(sustain_ms=200)  # 10 frames of 20 ms, counted from the onset
-    events = feed(seg, [VOICED] * 9)
+    events = feed(seg, [SILENT, SILENT] + [VOICED] * 9)
     assert events == [SpeechStart()]
-    assert feed(seg, [SILENT, VOICED]) == [SpeechSustained()]
+    assert feed(seg, [SILENT, VOICED], 220) == [SpeechSustained(onset_ms=40)]  # the first voiced frame's time
     assert feed(seg, [VOICED] * 20) == []  # once per utterance
     assert not any(isinstance(e, SpeechSustained) for e in feed(seg, [SILENT] * 6))
 

@@ -147,7 +147,8 @@ class VadSttWorker(Worker):
                 await self.bus.publish(gateway_inbox, SpeechStarted(turn_id=conv.turn_id, **envelope))
                 continue
             if isinstance(event, seg.SpeechSustained):  # long enough to be a barge-in: the gateway decides
-                await self.bus.publish(gateway_inbox, SpeechSustained(turn_id=conv.turn_id, **envelope))
+                sustained = SpeechSustained(turn_id=conv.turn_id, onset_ms=event.onset_ms, **envelope)
+                await self.bus.publish(gateway_inbox, sustained)
                 continue
             if isinstance(event, seg.SpeechPaused):
                 conv.speculation = conv.tasks.spawn(self._whisper(conv, event.audio), name="speculate")

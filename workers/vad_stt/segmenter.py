@@ -30,7 +30,10 @@ class SpeechStart:
 
 @dataclass(frozen=True)
 class SpeechSustained:
-    """`sustain_ms` of voiced frames since the onset of this utterance (sent once per utterance)."""
+    """`sustain_ms` of voiced frames since the onset of this utterance (sent once per utterance).
+    `onset_ms` is the receive time of the utterance's first voiced frame."""
+
+    onset_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ class Segmenter:
         self._silent_frames = 0
         self._last_voiced_ms = 0.0
         self._onset_frame = 0  # frame number of the first voiced frame of the utterance
+        self._run_started_ms = 0.0  # receive time of the first frame of the current voiced run
+        self._onset_ms = 0.0
         self._last_voiced_frame = 0
         self._voiced_frames = 0  # voiced frames since the onset
         self._sustained = False
@@ -130,6 +135,8 @@ class Segmenter:
         if not self._speaking:
             self._preroll.append(frame)
             self._voiced_run = self._voiced_run + 1 if voiced else 0
+            if self._voiced_run == 1:
+                self._run_started_ms = received_ms
             if self._voiced_run >= self._start_frames:
                 self._speaking = True
                 self._utterance = bytearray(b"".join(self._preroll))
@@ -137,6 +144,7 @@ class Segmenter:
                 self._silent_frames = 0
                 self._last_voiced_ms = received_ms
                 self._onset_frame = self.frames_seen - self._voiced_run + 1
+                self._onset_ms = self._run_started_ms
                 self._last_voiced_frame = self.frames_seen
                 self._voiced_frames = self._voiced_run
                 self._sustained = False
@@ -165,7 +173,7 @@ class Segmenter:
     def _sustain(self) -> list[Event]:
         if self._sustain_frames and not self._sustained and self._voiced_frames >= self._sustain_frames:
             self._sustained = True
-            return [SpeechSustained()]
+            return [SpeechSustained(self._onset_ms)]
         return []
 
     def _long_enough(self) -> bool:
