@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, WebSocket
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -85,8 +85,8 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> Fast
         return JSONResponse({"status": "ready", "workers": workers})
 
     @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(app.state.gateway), media_type="text/plain; version=0.0.4")
+    async def prometheus() -> Response:
+        return Response(app.state.gateway.metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
     app.include_router(admin.router)
 

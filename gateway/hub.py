@@ -13,6 +13,7 @@ import secrets
 import socket
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.directory import WorkerDirectory
+from gateway.metrics import GatewayMetrics
 from shared.bus import Bus, run_subscriber
 from shared.channels import STAGES, Names
 from shared.clock import now_ms
@@ -60,6 +62,8 @@ class Stats:
     rejected: int = 0
     published: int = 0
     publish_failures: int = 0
+    published_by_reason: Counter[str] = field(default_factory=Counter)  # for /metrics
+    failures_by_reason: Counter[str] = field(default_factory=Counter)
     stale_sweeps: int = 0
     stale_cleaned: int = 0
     last_stale_sweep_ms: int | None = None
@@ -84,6 +88,7 @@ class Gateway:
         self._subscribed = asyncio.Event()
         self._introspections: dict[str, list[IntrospectReply]] = {}
         self._lease_s = max(1, int(settings.stale_timeout_s))
+        self.metrics = GatewayMetrics(self)
 
     async def start(self) -> None:
         self._tasks.spawn(
@@ -257,11 +262,13 @@ class Gateway:
             self._published(event, receivers)
             return True
         self.stats.publish_failures += 1
+        self.stats.failures_by_reason[event.reason] += 1
         log.error("connection_disconnected could not be published; the workers' sweep will clean up")
         return False
 
     def _published(self, event: ConnectionDisconnected, receivers: int) -> None:
         self.stats.published += 1
+        self.stats.published_by_reason[event.reason] += 1
         if receivers == 0:
             log.warning("connection_disconnected reached no subscriber; the workers' sweep will clean up")
         log.info("published connection_disconnected (%s) to %d subscribers", event.reason, receivers)

@@ -1,73 +1,138 @@
-"""`GET /metrics`: Prometheus text exposition of the gateway and of every live worker (from heartbeats)."""
+"""`GET /metrics` of one gateway (docs/protocol.md §3), written with prometheus-client.
+
+Why it is built this way:
+- One `CollectorRegistry` per `Gateway`, never the library's global one: several gateways live in
+  one test process, and a global registry would refuse the second (or mix their figures).
+- Only this gateway's own series. Workers serve their own `/metrics` (workers/metrics.py); when
+  every gateway re-exported every worker from its heartbeat, `sum()` over N gateways counted each
+  worker N times. Here every series belongs to this process alone, so summing over the replicas
+  gives the deployment's figure (which is also why no series carries a per-process id: the scrape
+  target's `instance` label tells replicas apart; `voicepipe_gateway_info` maps it to the id in logs).
+- What the admin API also reports (`gateway.stats`, the Redis pool) is read at scrape time by a
+  collector, so `/metrics` and `/admin/resources/stats` cannot disagree and nothing is counted twice;
+  what exists only as an event (a turn's latencies, an `error` sent) is a real Counter or Histogram,
+  observed by a hook in session.py.
+- Base units (seconds), `_total` on counters, no `_peak` gauges (`max_over_time` gives peaks), and
+  no gauge named like a counter's base (`voicepipe_connections` vs `voicepipe_connections_accepted`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
-from gateway.hub import Gateway
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from shared.bus import pool_stats
+from shared.channels import STAGES
+from shared.metrics import CONTENT_TYPE, pool_families
+
+if TYPE_CHECKING:
+    from gateway.hub import Gateway
+
+__all__ = ["CONTENT_TYPE", "GatewayMetrics", "error_stage"]
+
+# docs/protocol.md §1.1, without `_ms`: the keys of `response.done.metrics`
+TURN_STAGES = (
+    "speech_end_to_transcript",
+    "transcript_to_first_token",
+    "first_token_to_first_audio",
+    "speech_end_to_first_audio",
+    "stt",
+    "llm",
+    "tts",
+)
+# from a few ms (a typed turn's first token) to a long reply's whole synthesis
+TURN_STAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+DISCONNECT_REASONS = ("client_disconnect", "server_error", "timeout")  # §2: always exported, 0 or not
+INTERRUPT_REASONS = ("barge_in", "cancelled")
 
 
-def _labels(**labels: str) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in labels.items())
-    return "{" + inner + "}"
+def error_stage(code: str, source: str | None = None) -> str:
+    """The process family an `error` event came from: the stage of the worker that sent it over the
+    bus (worker ids start with their stage), else by its code (`llm_*`), else the gateway itself."""
+    if source:
+        prefix = source.split("-", 1)[0]
+        if prefix in STAGES:
+            return prefix
+    if code.startswith("llm_"):
+        return "llm"
+    return "gateway"
 
 
-class Exposition:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._declared: set[str] = set()
+class GatewayMetrics:
+    """The series of one gateway process, on a registry of its own."""
 
-    def declare(self, family: str, kind: str, help_: str) -> None:
-        if family not in self._declared:
-            self._declared.add(family)
-            self.lines += [f"# HELP {family} {help_}", f"# TYPE {family} {kind}"]
+    def __init__(self, gateway: Gateway) -> None:
+        self.registry = CollectorRegistry()
+        self.turn_stage = Histogram(
+            "voicepipe_turn_stage_seconds",
+            "Per-turn latencies of response.done (docs/protocol.md §1.1), by stage, observed when the turn ends.",
+            ["stage"],
+            buckets=TURN_STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        for stage in TURN_STAGES:  # every stage's series exists from the start, 0 until observed
+            self.turn_stage.labels(stage)
+        self.errors = Counter(
+            "voicepipe_errors",
+            "error events sent to clients, by the process family that produced them (stage) and code.",
+            ["stage", "code"],
+            registry=self.registry,
+        )
+        self.registry.register(_GatewayCollector(gateway))
+        ProcessCollector(registry=self.registry)  # process_* series: memory, CPU, open files, start time
 
-    def add(self, name: str, kind: str, help_: str, value: float, **labels: str) -> None:
-        self.declare(name, kind, help_)
-        self.sample(name, value, **labels)
+    def turn_done(self, metrics: Mapping[str, float]) -> None:
+        """A turn ended with `response.done`: observe its §1.1 figures (ms) in seconds."""
+        for key, ms in metrics.items():
+            if key.endswith("_ms"):
+                self.turn_stage.labels(key[:-3]).observe(ms / 1000)
 
-    def sample(self, name: str, value: float, **labels: str) -> None:
-        self.lines.append(f"{name}{_labels(**labels)} {value}")
+    def error_sent(self, code: str, source: str | None = None) -> None:
+        """An `error` event went to a client; `source` is the bus message's sender, if a worker's."""
+        self.errors.labels(error_stage(code, source), code).inc()
 
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
-def render(gateway: Gateway) -> str:
-    s = gateway.stats
-    out = Exposition()
-    gid = gateway.gateway_id
-    out.add("voicepipe_connections", "gauge", "Open client connections.", s.current, gateway=gid)
-    out.add("voicepipe_connections_peak", "gauge", "Most open client connections at once.", s.peak, gateway=gid)
-    out.add("voicepipe_connections_total", "counter", "Client connections accepted.", s.total, gateway=gid)
-    out.add("voicepipe_connections_rejected_total", "counter", "Client connections refused.", s.rejected, gateway=gid)
-    out.add("voicepipe_disconnect_events_published_total", "counter", "connection_disconnected events published.", s.published, gateway=gid)
-    out.add("voicepipe_disconnect_event_publish_failures_total", "counter", "connection_disconnected events that could not be published.", s.publish_failures, gateway=gid)
-    out.add("voicepipe_stale_conversations_total", "counter", "Conversations ended by the gateway's stale sweep.", s.stale_cleaned, gateway=gid)
-    for reason in ("barge_in", "cancelled"):
-        out.add("voicepipe_replies_interrupted_total", "counter", "Replies interrupted, by reason.", s.interrupted.get(reason, 0), gateway=gid, reason=reason)
-    out.add("voicepipe_uptime_seconds", "gauge", "Seconds since the gateway started.", round(time.monotonic() - gateway.started, 1), gateway=gid)
-    directory = gateway.directory.workers
-    for stage, workers in directory.items():
-        out.add("voicepipe_stage_workers", "gauge", "Live workers per stage.", len(workers), stage=stage)
-    everyone = [(stage, w) for stage, workers in directory.items() for w in workers]
-    gauges = [
-        ("voicepipe_worker_conversations", "gauge", "Conversations a worker holds.", lambda w: w.conversations),
-        ("voicepipe_worker_conversations_peak", "gauge", "Most conversations a worker held.", lambda w: w.stats.get("peak_conversations", 0)),
-        ("voicepipe_worker_disconnect_events_total", "counter", "connection_disconnected events a worker received.", lambda w: w.stats.get("disconnect_events_received", 0)),
-        ("voicepipe_worker_stale_cleaned_total", "counter", "Conversations a worker's sweep cleaned.", lambda w: w.stats.get("stale_cleaned", 0)),
-    ]
-    for name, kind, help_, value in gauges:
-        for stage, w in everyone:
-            out.add(name, kind, help_, value(w), worker_id=w.worker_id, stage=stage)
-    if everyone:
-        out.declare("voicepipe_worker_cleanup_seconds", "histogram", "Time a worker took to release one conversation.")
-    for stage, w in everyone:
-        labels = {"worker_id": w.worker_id, "stage": stage}
-        for bound, count in (w.stats.get("cleanup_ms_buckets") or {}).items():
-            le = bound if bound == "+Inf" else str(float(bound) / 1000)
-            out.sample("voicepipe_worker_cleanup_seconds_bucket", count, **labels, le=le)
-        out.sample("voicepipe_worker_cleanup_seconds_sum", w.stats.get("cleanup_ms_sum", 0) / 1000, **labels)
-        out.sample("voicepipe_worker_cleanup_seconds_count", w.stats.get("cleanup_count", 0), **labels)
-    return out.text()
+class _GatewayCollector(Collector):
+    """Figures the gateway keeps anyway (for the admin API), read when Prometheus scrapes."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        g = self._gateway
+        s = g.stats
+        yield InfoMetricFamily("voicepipe_gateway", "This gateway's id, as its log lines and bus messages name it.", value={"gateway_id": g.gateway_id})
+        yield GaugeMetricFamily("voicepipe_connections", "Client WebSocket connections open now.", value=s.current)
+        yield CounterMetricFamily("voicepipe_connections_accepted", "Client connections accepted (a conversation opened).", value=s.total)
+        yield CounterMetricFamily("voicepipe_connections_rejected", "Client connections refused before a conversation opened.", value=s.rejected)
+        yield _by_reason(
+            "voicepipe_disconnect_events_published", "connection_disconnected events published, by reason.",
+            s.published_by_reason, DISCONNECT_REASONS,
+        )
+        yield _by_reason(
+            "voicepipe_disconnect_event_publish_failures",
+            "connection_disconnected events that could not be published after every retry, by reason.",
+            s.failures_by_reason, DISCONNECT_REASONS,
+        )
+        yield _by_reason("voicepipe_replies_interrupted", "Replies interrupted, by reason.", s.interrupted, INTERRUPT_REASONS)
+        yield CounterMetricFamily("voicepipe_stale_sweeps", "Runs of this gateway's sweep for expired routing leases.", value=s.stale_sweeps)
+        yield CounterMetricFamily(
+            "voicepipe_stale_conversations",
+            "Conversations whose gateway died, ended by this gateway's sweep (it published their event).",
+            value=s.stale_cleaned,
+        )
+        yield from pool_families({"redis": pool_stats(g.redis)})
+        yield GaugeMetricFamily("voicepipe_uptime_seconds", "Seconds since this gateway started.", value=time.monotonic() - g.started)
+
+
+def _by_reason(name: str, help_: str, counts: Mapping[str, int], always: tuple[str, ...]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, help_, labels=["reason"])
+    for reason in sorted({*always, *counts}):
+        family.add_metric([reason], counts.get(reason, 0))
+    return family

@@ -75,7 +75,10 @@ class ClientSession:
         self._envelope = {"conversation_id": conversation_id, "correlation_id": self.correlation_id}
 
     # ---- outbound
-    def send_event(self, type_: str, turn_id: str | None = None, **fields: object) -> None:
+    def send_event(self, type_: str, turn_id: str | None = None, *, source: str | None = None, **fields: object) -> None:
+        """Queue one event for the client; `source`: the worker whose bus message it relays (for metrics)."""
+        if type_ == "error":
+            self.gateway.metrics.error_sent(str(fields.get("code")), source)
         self._enqueue(server_event(type_, turn_id, **fields))
 
     def _enqueue(self, frame: object) -> None:
@@ -282,11 +285,12 @@ class ClientSession:
                 if not turn.blocked:
                     self.send_event("response.audio.done", turn_id)
             case StageError():
-                self.send_event("error", turn_id, code=message.code, message=message.message)
+                self.send_event("error", turn_id, code=message.code, message=message.message, source=message.source)
             case _:
                 log.debug("ignored %s", message.type)
         if turn is not None and turn.complete and not turn.done:
             turn.done = True  # kept (bounded) while its audio may still be playing: barge-in can stop it
+            self.gateway.metrics.turn_done(turn.metrics())
             self.send_event(
                 "response.done", turn_id, text=turn.text, metrics=turn.metrics(), diagnostics=turn.diagnostics()
             )
@@ -322,6 +326,7 @@ async def serve_client(gateway: Gateway, websocket: WebSocket) -> None:
                 await gateway.check_resume(*resume)
             except (ResumeRefused, TimeoutError) as exc:
                 log.info("resume refused: %s", exc)
+                gateway.metrics.error_sent("unknown_conversation")
                 with contextlib.suppress(Exception):
                     await websocket.send_text(server_event("error", code="unknown_conversation", message=str(exc)))
                     await websocket.close(4404, "unknown or expired conversation")
@@ -352,6 +357,7 @@ async def _serve_conversation(
     except NotReady as exc:
         reason = "server_error"
         log.warning("refusing conversation: %s", exc)
+        gateway.metrics.error_sent("not_ready")
         with contextlib.suppress(Exception):
             await websocket.send_text(server_event("error", code="not_ready", message=str(exc)))
             await websocket.close(1011, "pipeline not ready")

@@ -107,7 +107,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     log_content: bool = False  # transcripts and replies in INFO lines (they are personal data; else DEBUG only)
-    metrics_port: int = 0  # a worker's own Prometheus /metrics on this port (0: off)
+    metrics_port: int = 0  # a worker's own Prometheus /metrics on this port (0: off; the gateway's is on PORT)
+    metrics_host: str = "127.0.0.1"  # ... on this address ("0.0.0.0" for a scraper on another machine)
 
     # Benchmarks only: workers consume input and answer at once without models (never the default)
     null_mode: bool = False

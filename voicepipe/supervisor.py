@@ -2,7 +2,10 @@
 
 Start order: Redis (embedded unless VOICEPIPE_REDIS_URL), LLM server (embedded unless
 VOICEPIPE_LLM_BASE_URL), the three workers, the gateway. Stop order is the reverse. A child that
-dies is restarted (at most 3 times a minute); Ctrl-C or SIGTERM stops everything."""
+dies is restarted (at most 3 times a minute); Ctrl-C or SIGTERM stops everything.
+
+With VOICEPIPE_METRICS_PORT set, the workers serve their /metrics on it and the next two ports
+(vad_stt, llm, tts), since one port can be bound by one process only; unset, they serve none."""
 from __future__ import annotations
 
 import asyncio
@@ -114,9 +117,12 @@ class Supervisor:
                 env_extra["VOICEPIPE_LLM_BASE_URL"] = f"http://127.0.0.1:{port}/v1"
                 await _wait_for(lambda: _http_ok(env_extra["VOICEPIPE_LLM_BASE_URL"] + "/models"), "llm-server", 120)
             python = sys.executable
-            for stage in ("vad_stt", "llm", "tts"):
+            for offset, stage in enumerate(("vad_stt", "llm", "tts")):
                 argv = [python, "-m", "voicepipe", "worker", stage]
-                await self._start(Child(f"worker-{stage}", argv, self._env(**env_extra)))
+                ports = {}
+                if self.settings.metrics_port:  # one machine: each worker's /metrics on a port of its own
+                    ports["VOICEPIPE_METRICS_PORT"] = str(self.settings.metrics_port + offset)
+                await self._start(Child(f"worker-{stage}", argv, self._env(**env_extra, **ports)))
             gateway_argv = [python, "-m", "voicepipe", "gateway", "--host", self.host, "--port", str(self.port)]
             await self._start(Child("gateway", gateway_argv, self._env(**env_extra)))
             shown_host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host

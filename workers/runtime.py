@@ -42,6 +42,7 @@ from shared.config import Settings
 from shared.logging import log_context
 from shared.memory import trim_loop
 from shared.messages import BusMessage, ConnectionDisconnected, ConversationOpened, IntrospectReply, IntrospectRequest
+from workers.metrics import WorkerMetrics
 from workers.stats import WorkerStats
 
 log = logging.getLogger("voicepipe.worker")
@@ -83,6 +84,7 @@ class Worker(abc.ABC):
         self._ended: OrderedDict[str, tuple[str | None, float]] = OrderedDict()  # id -> (socket, cleaned at ms)
         self._last_heartbeat_ms = 0
         self._suspects: set[str] = set()  # held conversations whose lease was missing at the last sweep
+        self.metrics = WorkerMetrics(self)  # its /metrics page, served on METRICS_PORT when set
 
     # ---- what each stage provides
     @abc.abstractmethod
@@ -128,6 +130,7 @@ class Worker(abc.ABC):
                 group.create_task(self._heartbeat_loop(), name=f"{self.worker_id}:heartbeat")
                 group.create_task(self._sweep_loop(), name=f"{self.worker_id}:sweep")
                 group.create_task(self._health_loop(), name=f"{self.worker_id}:health")
+                group.create_task(self.metrics.serve(), name=f"{self.worker_id}:metrics")
                 group.create_task(
                     trim_loop(
                         self.settings.memory_trim_interval_s,
@@ -227,6 +230,7 @@ class Worker(abc.ABC):
         if known:
             elapsed = (time.perf_counter() - started) * 1000
             self.stats.cleanup_ms.observe(elapsed)
+            self.metrics.cleanup_seconds.observe(elapsed / 1000)
             log.info("conversation ended (%s); released everything in %.2f ms", reason, elapsed)
         return known
 

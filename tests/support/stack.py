@@ -54,8 +54,15 @@ async def wait_ready(http_url: str, timeout: float = 20.0) -> None:
 
 @contextlib.asynccontextmanager
 async def run_stack(
-    settings: Settings, *, transcriber=None, voice=None, llm_base_url: str | None = None, stages=("vad_stt", "llm", "tts")
+    settings: Settings,
+    *,
+    transcriber=None,
+    voice=None,
+    llm_base_url: str | None = None,
+    stages=("vad_stt", "llm", "tts"),
+    metrics_ports: dict[str, int] | None = None,
 ) -> AsyncIterator[Stack]:
+    """`metrics_ports`: stage -> the METRICS_PORT of that worker (its own /metrics); the rest serve none."""
     port = free_port()
     server = build_server(settings, "127.0.0.1", port)
     stack = Stack(settings, port, server)
@@ -66,10 +73,14 @@ async def run_stack(
         clients.append(create_redis(settings.redis_url_or_default, settings.redis_max_connections, name=name))
         return clients[-1]
 
+    def of(stage: str) -> Settings:
+        port = (metrics_ports or {}).get(stage, 0)
+        return settings.model_copy(update={"metrics_port": port}) if port else settings
+
     makers = {
-        "vad_stt": lambda: VadSttWorker(settings, client(f"{settings.namespace}-vad_stt"), transcriber=transcriber),
+        "vad_stt": lambda: VadSttWorker(of("vad_stt"), client(f"{settings.namespace}-vad_stt"), transcriber=transcriber),
         "llm": lambda: LlmWorker(
-            settings,
+            of("llm"),
             client(f"{settings.namespace}-llm"),
             chat=ChatClient(
                 llm_base_url or "http://127.0.0.1:9/v1",
@@ -81,7 +92,7 @@ async def run_stack(
                 retry_backoff_s=settings.llm_retry_backoff_s,
             ),
         ),
-        "tts": lambda: TtsWorker(settings, client(f"{settings.namespace}-tts"), voice=voice),
+        "tts": lambda: TtsWorker(of("tts"), client(f"{settings.namespace}-tts"), voice=voice),
     }
     try:
         for stage in stages:
