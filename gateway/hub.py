@@ -88,6 +88,7 @@ class Gateway:
         self._subscribed = asyncio.Event()
         self._introspections: dict[str, list[IntrospectReply]] = {}
         self._lease_s = max(1, int(settings.stale_timeout_s))
+        self.closing = False  # shutting down: no new conversation is opened
         self.metrics = GatewayMetrics(self)
 
     async def start(self) -> None:
@@ -112,26 +113,69 @@ class Gateway:
         await self.close_sessions(1001, "server shutting down")
         await self._tasks.aclose()
 
-    async def close_sessions(self, code: int, reason: str) -> None:
-        """Close every client socket; each session's own cleanup publishes its disconnect event."""
-        sessions = list(self.sessions.values())
-        if not sessions:
-            return
-        started, published = time.perf_counter(), self.stats.published
-        for session in sessions:
-            session.shutting_down = True
-            await session.close(code, reason)
-        deadline = time.monotonic() + 5
-        while self.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        self.stats.last_shutdown_cleanup = {
+    async def close_sessions(self, code: int, reason: str) -> dict[str, object]:
+        """The shutdown cleanup, once: stop taking conversations; close every socket (each
+        session's own end publishes its disconnect event, no batch cap), round after round until
+        none is left or `SHUTDOWN_MAX_ITERATIONS`; publish the event here for any socket that did
+        not end; wait (bounded) until the workers confirm they hold none of these conversations;
+        log one summary line and keep its figures in `last_shutdown_cleanup`."""
+        if self.stats.last_shutdown_cleanup is not None:
+            return self.stats.last_shutdown_cleanup
+        self.closing = True
+        started = time.perf_counter()
+        before = len(self.sessions)
+        closed: dict[str, ClientSession] = {}
+        iterations = 0
+        while self.sessions and iterations < max(1, self.settings.shutdown_max_iterations):
+            iterations += 1
+            round_ = dict(self.sessions)
+            closed.update(round_)
+            for session in round_.values():
+                session.shutting_down = True
+                await session.close(code, reason)
+            deadline = time.monotonic() + 2
+            while any(self.sessions.get(cid) is s for cid, s in round_.items()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        after = len(self.sessions)
+        for cid, session in list(self.sessions.items()):  # stuck sockets: their workers still hear of the end
+            with log_context(cid, session.correlation_id):
+                await self.end_conversation(cid, session.correlation_id, "server_error", "shutdown")
+        confirmed = await self._workers_released(set(closed))
+        duration_ms = (time.perf_counter() - started) * 1000
+        summary: dict[str, object] = {
+            "cleaned": before - after,
+            "iterations": iterations,
+            "before": before,
+            "after": after,
+            "duration_ms": round(duration_ms, 1),
+            "max_iterations_reached": after > 0,
+            "workers_confirmed": confirmed,
             "at_ms": now_ms(),
-            "sessions": len(sessions),
-            "events_published": self.stats.published - published,
-            "left_open": len(self.sessions),
-            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
         }
-        log.info("shutdown cleanup: %s", self.stats.last_shutdown_cleanup)
+        self.stats.last_shutdown_cleanup = summary
+        log.info(
+            "Shutdown cleanup completed: cleaned=%d connections, iterations=%d, before=%d, after=%d, "
+            "duration=%.1fms, max_iterations_reached=%s",
+            before - after, iterations, before, after, duration_ms, after > 0,
+        )
+        return summary
+
+    async def _workers_released(self, conversation_ids: set[str]) -> bool:
+        """Wait up to `SHUTDOWN_CONFIRM_TIMEOUT_S` until no live worker holds any of these."""
+        if not conversation_ids:
+            return True
+        deadline = time.monotonic() + self.settings.shutdown_confirm_timeout_s
+        while True:
+            try:
+                replies, silent = await self.introspect(held_of=sorted(conversation_ids))
+                if not silent and not any(r.still_held for r in replies):
+                    return True
+            except (RedisError, OSError) as exc:
+                log.warning("could not ask the workers to confirm the shutdown cleanup: %s", exc)
+            if time.monotonic() >= deadline:
+                log.warning("workers did not confirm the shutdown cleanup within %.1f s", self.settings.shutdown_confirm_timeout_s)
+                return False
+            await asyncio.sleep(0.05)
 
     async def _refresh_directory(self) -> None:
         while True:
@@ -159,6 +203,8 @@ class Gateway:
         self, conversation_id: str, correlation_id: str, resume_token: str | None = None
     ) -> dict[str, str]:
         """Assign a worker of each stage and write the routing lease; returns the route."""
+        if self.closing:
+            raise NotReady("the gateway is shutting down")
         if self.directory.missing():
             await self.directory.refresh()
         if missing := self.directory.missing():
@@ -315,7 +361,9 @@ class Gateway:
         return cleaned
 
     # ---- introspection: ask every worker, live
-    async def introspect(self, conversation_id: str = "") -> tuple[list[IntrospectReply], list[str]]:
+    async def introspect(
+        self, conversation_id: str = "", held_of: list[str] | None = None
+    ) -> tuple[list[IntrospectReply], list[str]]:
         """Every live worker's answer, and the ids of live workers that did not answer in time."""
         await self.directory.refresh()
         expected = {w.worker_id for stage in STAGES for w in self.directory.workers[stage]}
@@ -323,7 +371,9 @@ class Gateway:
         replies: list[IntrospectReply] = []
         self._introspections[request_id] = replies
         try:
-            request = IntrospectRequest(conversation_id=conversation_id, request_id=request_id, reply_to=self.inbox)
+            request = IntrospectRequest(
+                conversation_id=conversation_id, request_id=request_id, reply_to=self.inbox, held_of=held_of or []
+            )
             await self.bus.publish(self.names.control, request)
             deadline = time.monotonic() + self.settings.introspect_timeout_s
             while time.monotonic() < deadline and not expected <= {r.worker_id for r in replies}:

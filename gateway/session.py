@@ -360,7 +360,7 @@ async def _serve_conversation(
         gateway.metrics.error_sent("not_ready")
         with contextlib.suppress(Exception):
             await websocket.send_text(server_event("error", code="not_ready", message=str(exc)))
-            await websocket.close(1011, "pipeline not ready")
+            await websocket.close(*((1001, "server shutting down") if gateway.closing else (1011, "pipeline not ready")))
     except WebSocketDisconnect:
         reason = "client_disconnect"
     except asyncio.CancelledError:

@@ -84,6 +84,7 @@ class Worker(abc.ABC):
         self._ended: OrderedDict[str, tuple[str | None, float]] = OrderedDict()  # id -> (socket, cleaned at ms)
         self._last_heartbeat_ms = 0
         self._suspects: set[str] = set()  # held conversations whose lease was missing at the last sweep
+        self.closing = False  # shutting down: no new conversation is taken
         self.metrics = WorkerMetrics(self)  # its /metrics page, served on METRICS_PORT when set
 
     # ---- what each stage provides
@@ -153,16 +154,29 @@ class Worker(abc.ABC):
             await self.aclose()
 
     async def aclose(self) -> None:
-        """Release every conversation, then withdraw the heartbeat. Safe to call twice."""
-        for conversation_id in self.conversation_ids():
-            with log_context(conversation_id):
-                await self.end_conversation(conversation_id, "shutdown")
+        """Shutdown: withdraw the heartbeat (no gateway routes a new conversation here), refuse new
+        conversations, release every one held (Redis state included), log one summary line.
+        Safe to call twice."""
+        if self.closing:
+            return
+        self.closing = True
+        started = time.perf_counter()
+        held = self.conversation_ids()
         try:
             async with asyncio.timeout(2):
-                await self.redis.delete(self.names.worker(self.stage, self.worker_id))
-                await self.redis.zrem(self.names.workers(self.stage), self.worker_id)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.delete(self.names.worker(self.stage, self.worker_id))
+                    pipe.zrem(self.names.workers(self.stage), self.worker_id)
+                    await pipe.execute()
         except Exception as exc:  # Redis gone at shutdown: the heartbeat key expires by itself
             log.warning("could not remove heartbeat: %s", exc)
+        for conversation_id in held:
+            with log_context(conversation_id):
+                await self.end_conversation(conversation_id, "shutdown")
+        log.info(
+            "Shutdown cleanup completed: worker=%s, cleaned=%d conversations, remaining=%d, duration=%.1fms",
+            self.worker_id, len(held), len(self.conversation_ids()), (time.perf_counter() - started) * 1000,
+        )
 
     async def _dispatch(self, channel: str, message: BusMessage) -> None:
         with log_context(message.conversation_id or None, message.correlation_id):
@@ -201,7 +215,10 @@ class Worker(abc.ABC):
         return True
 
     def _accept(self, conversation_id: str, route: Route) -> bool:
-        """Record that this worker serves the conversation's socket, unless that socket has ended."""
+        """Record that this worker serves the conversation's socket, unless that socket has ended
+        (or this worker is shutting down)."""
+        if self.closing:
+            return False
         ended = self._ended.get(conversation_id)
         if ended is not None and ended[0] == route.connection_id:
             return False
@@ -309,6 +326,7 @@ class Worker(abc.ABC):
             cleaned_ms=self._ended[cid][1] if cid in self._ended else None,
             stats=self.stats.summary(),
             pools=self.pools(),
+            still_held=sorted(set(request.held_of) & set(self.conversation_ids())),
         )
         await self.bus.publish(request.reply_to, reply)
 

@@ -50,11 +50,14 @@ class StageError(Envelope):
 class IntrospectRequest(Envelope):
     """Gateway -> every worker on the control channel: report what you hold, to `reply_to`.
 
-    `conversation_id` empty: report everything (for /admin/workers); else that conversation only."""
+    `conversation_id` empty: report everything (for /admin/workers); else that conversation only.
+    `held_of`: also say which of these conversations are still held (the gateway's shutdown waits
+    until none is)."""
 
     type: Literal["introspect.request"] = "introspect.request"
     request_id: str
     reply_to: str
+    held_of: list[str] = Field(default_factory=list)
 
 
 class IntrospectReply(Envelope):
@@ -71,6 +74,7 @@ class IntrospectReply(Envelope):
     cleaned_ms: float | None = None  # when this worker last finished cleaning the conversation
     stats: dict[str, float | int] = Field(default_factory=dict)
     pools: dict[str, dict[str, int]] = Field(default_factory=dict)
+    still_held: list[str] = Field(default_factory=list)  # of the request's `held_of`
 
 
 class SessionTakeover(Envelope):

@@ -146,3 +146,68 @@ def test_up_fully_embedded_answers_a_spoken_question(tmp_path):
         code = up.stop(signal.SIGTERM)
     assert code == 0
     _assert_all_gone(children)
+
+
+def test_sigterm_with_50_open_sockets_cleans_everything_and_says_so(redis_url, tmp_path):
+    import json
+
+    import redis as redis_sync
+    import websockets
+
+    env = stack_env(VOICEPIPE_REDIS_URL=redis_url)
+    ns, channel = env["VOICEPIPE_NAMESPACE"], env["VOICEPIPE_CONNECTION_EVENTS_CHANNEL"]
+    with FakeLlmServer(FakeLlm()) as llm:
+        env["VOICEPIPE_LLM_BASE_URL"] = llm.base_url
+        up = Up(env, tmp_path / "up.log")
+        events = redis_sync.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+        events.subscribe(channel)
+        try:
+            up.wait_ready(120)
+
+            async def hold_50_then_stop() -> tuple[list[int], set[str]]:
+                sockets = [await websockets.connect(f"ws://127.0.0.1:{up.port}/v1/ws") for _ in range(50)]
+                ids = {json.loads(await ws.recv())["conversation_id"] for ws in sockets}
+                up.process.send_signal(signal.SIGTERM)
+                codes = []
+                for ws in sockets:
+                    try:
+                        async with asyncio.timeout(30):
+                            async for _ in ws:
+                                pass
+                    except websockets.ConnectionClosed:
+                        pass
+                    codes.append(ws.close_code)
+                return codes, ids
+
+            codes, ids = asyncio.run(hold_50_then_stop())
+            assert codes == [1001] * 50
+            assert up.process.wait(60) == 0
+            heard: dict[str, dict] = {}
+            deadline = time.monotonic() + 10
+            while len(heard) < 50 and time.monotonic() < deadline:
+                message = events.get_message(timeout=1)
+                if message is not None:
+                    event = json.loads(message["data"])
+                    heard[event["conversation_id"]] = event
+            assert set(heard) == ids
+            assert all(e["reason"] == "server_error" and e.get("detail") == "shutdown" for e in heard.values())
+        finally:
+            up.stop()
+            events.close()
+    log = up.log_path.read_text()
+    lines = re.findall(r"Shutdown cleanup completed: .*", log)
+    gateway_line = [line for line in lines if "connections" in line]
+    assert len(gateway_line) == 1, lines
+    assert re.fullmatch(
+        r"Shutdown cleanup completed: cleaned=50 connections, iterations=1, before=50, after=0, "
+        r"duration=\d+(\.\d+)?ms, max_iterations_reached=False",
+        gateway_line[0],
+    ), gateway_line
+    workers = [line for line in lines if "worker=" in line]
+    assert {re.search(r"worker=(\w+?)-", line).group(1) for line in workers} == {"vad_stt", "llm", "tts"}
+    assert all("remaining=0" in line for line in workers)
+    client = redis_sync.Redis.from_url(redis_url)
+    left = [k.decode() for k in client.scan_iter(match=f"{ns}:*")]
+    client.close()
+    assert all(k.endswith(":history") for k in left if f"{ns}:conv:" in k), left
+    assert not [k for k in left if f"{ns}:conv:" not in k and not k.startswith(f"{ns}:workers:")], left
