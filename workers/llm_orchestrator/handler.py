@@ -99,6 +99,10 @@ class LlmWorker(Worker):
         )
 
     async def load(self) -> None:
+        if self.chat is None and self.settings.null_mode:
+            from workers.null import NullChat
+
+            self.chat = NullChat()
         if self.chat is None:
             s = self.settings
             if not s.llm_base_url:

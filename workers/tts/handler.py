@@ -72,6 +72,10 @@ class TtsWorker(Worker):
         self.conversations: dict[str, SpeechConversation] = {}
 
     async def load(self) -> None:
+        if self.voice is None and self.settings.null_mode:
+            from workers.null import NullVoice
+
+            self.voice = NullVoice()
         if self.voice is None:
             s = self.settings
             self.voice = await asyncio.to_thread(

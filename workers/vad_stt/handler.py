@@ -58,6 +58,10 @@ class VadSttWorker(Worker):
         self.conversations: dict[str, AudioConversation] = {}
 
     async def load(self) -> None:
+        if self.transcriber is None and self.settings.null_mode:
+            from workers.null import NullTranscriber
+
+            self.transcriber = NullTranscriber()
         if self.transcriber is None:
             s = self.settings
             self.transcriber = await asyncio.to_thread(
