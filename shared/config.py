@@ -4,6 +4,7 @@ Built once in each process's entry point and passed down; nothing else reads the
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -122,3 +123,15 @@ class Settings(BaseSettings):
     @property
     def redis_url_or_default(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret (client tokens, admin keys, the LLM key, the Redis password), for
+        the log filter that keeps them out of every log line (shared/logging.py)."""
+        found = [*self.client_tokens, *self.api_keys]
+        if self.llm_api_key:
+            found.append(self.llm_api_key)
+        if self.redis_url:
+            password = urlsplit(self.redis_url).password
+            if password:
+                found.append(password)
+        return found
