@@ -1,23 +1,62 @@
-"""uvicorn's WebSocket protocol, telling the app when a socket died of a keepalive ping timeout.
+"""uvicorn's WebSocket protocol, with three things the app needs from the connection underneath.
 
-uvicorn reports every lost connection as code 1005; a half-open client (gone without a close
-frame, noticed only because pings go unanswered) must end with reason `timeout`, so this protocol
-puts a disconnect marked with `KEEPALIVE_TIMEOUT` ahead of uvicorn's own."""
+1. Keepalive timeouts: uvicorn reports every lost connection as code 1005; a half-open client
+   (gone without a close frame, noticed only because pings go unanswered) must end with reason
+   `timeout`, so this protocol puts a disconnect marked with `KEEPALIVE_TIMEOUT` ahead of uvicorn's
+   own.
+2. A deadline for the TCP connection: a client that stopped reading cannot take a close frame (its
+   TCP window is full), and a transport closed gracefully waits for its buffer to drain, which for
+   such a client is forever. The scope extension `ABORT_AFTER_EXTENSION` lets the session arm a
+   timer that aborts the connection unless it has ended by then. A timer on the connection, not a
+   task: it dies with the connection, whoever ends first.
+3. A quiet refusal: after a handshake is denied with an HTTP response (the "websocket.http.response"
+   extension, gateway/handshake.py), uvicorn's sansio implementation never marks the handshake
+   complete, so it logs "ASGI callable returned without completing handshake." at ERROR for every
+   refused client (Kludex/uvicorn PR #3138, open at the time of writing). The response is on the
+   wire once its last body part is sent; mark it so there, as uvicorn's wsproto implementation does."""
 from __future__ import annotations
+
+import asyncio
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 KEEPALIVE_TIMEOUT = "keepalive ping timeout"
+ABORT_AFTER_EXTENSION = "voicepipe.abort_after"  # scope["extensions"][...](seconds)
 
 
 class KeepaliveAwareProtocol(WebSocketsSansIOProtocol):
     _keepalive_expired = False
+    _abort_timer: asyncio.TimerHandle | None = None
+
+    def handle_connect(self, event) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # absent when the handshake itself was refused
+        if scope is not None:  # the app's task has not run yet, so it sees the extension
+            scope["extensions"][ABORT_AFTER_EXTENSION] = self.abort_after
+
+    def abort_after(self, seconds: float) -> None:
+        """Drop the TCP connection in `seconds` unless it has ended by then."""
+        if self._abort_timer is None and not self.disconnected:
+            self._abort_timer = self.loop.call_later(seconds, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_timer = None
+        if not self.disconnected:
+            self.transport.abort()
+
+    async def send(self, message) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            self.handshake_complete = True
 
     def keepalive_timeout(self) -> None:
         self._keepalive_expired = True
         super().keepalive_timeout()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
         if self._keepalive_expired:
             self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006, "reason": KEEPALIVE_TIMEOUT})
         super().connection_lost(exc)
