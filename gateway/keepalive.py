@@ -1,4 +1,5 @@
-"""uvicorn's WebSocket protocol, with three things the app needs from the connection underneath.
+"""uvicorn's WebSocket protocol, with what the app needs from the connection underneath and two
+fixes of uvicorn's websockets-sansio implementation (uvicorn 0.54) at the edge.
 
 1. Keepalive timeouts: uvicorn reports every lost connection as code 1005; a half-open client
    (gone without a close frame, noticed only because pings go unanswered) must end with reason
@@ -13,7 +14,11 @@
    extension, gateway/handshake.py), uvicorn's sansio implementation never marks the handshake
    complete, so it logs "ASGI callable returned without completing handshake." at ERROR for every
    refused client (Kludex/uvicorn PR #3138, open at the time of writing). The response is on the
-   wire once its last body part is sent; mark it so there, as uvicorn's wsproto implementation does."""
+   wire once its last body part is sent; mark it so there, as uvicorn's wsproto implementation does.
+4. An answer to a handshake websockets cannot parse: for a header line over 8 KiB, too many
+   headers or a request line too long, websockets writes its own 431/414 (or EOF) into its send
+   buffer, but uvicorn never flushes it, so the client hangs until it gives up and server shutdown
+   later trips an assertion with a traceback. Flush it and close."""
 from __future__ import annotations
 
 import asyncio
@@ -43,6 +48,14 @@ class KeepaliveAwareProtocol(WebSocketsSansIOProtocol):
         self._abort_timer = None
         if not self.disconnected:
             self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and not self.close_sent and self.conn.handshake_exc is not None:
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.handshake_complete = True
+            self.close_sent = True
+            self.transport.close()
 
     async def send(self, message) -> None:
         await super().send(message)

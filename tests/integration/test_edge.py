@@ -108,6 +108,19 @@ async def test_admin_keys_and_headers_with_any_bytes_never_give_a_500(stack):
     assert status == 101
 
 
+async def test_a_handshake_too_big_to_parse_is_answered_at_once(stack):
+    """A header line over 8 KiB: websockets refuses it with 431, which must reach the client
+    (not hang until it gives up); the gateway keeps serving."""
+    status, _ = await raw_handshake(stack.port, b"/v1/ws", [(b"X-Big", b"a" * 20000)])
+    assert status == 431
+    many = [(b"X-H%d" % i, b"1") for i in range(200)]
+    assert (await raw_handshake(stack.port, b"/v1/ws", many))[0] == 431
+    ws, _ = await connect(stack.ws_url)
+    await ws.send(json.dumps({"type": "ping"}))
+    assert (await next_event(ws))["type"] == "pong"
+    await ws.close()
+
+
 async def test_readyz_names_what_is_missing_but_no_exception_text(stack, monkeypatch):
     async def broken_ping(*args, **kwargs):
         raise RedisConnectionError("Error connecting to redis://:hunter2@10.0.0.1:6379: secret detail")
