@@ -18,7 +18,12 @@ fixes of uvicorn's websockets-sansio implementation (uvicorn 0.54) at the edge.
 4. An answer to a handshake websockets cannot parse: for a header line over 8 KiB, too many
    headers or a request line too long, websockets writes its own 431/414 (or EOF) into its send
    buffer, but uvicorn never flushes it, so the client hangs until it gives up and server shutdown
-   later trips an assertion with a traceback. Flush it and close."""
+   later trips an assertion with a traceback. Flush it and close.
+5. A bound on pongs: every client ping makes uvicorn write a pong straight to the transport,
+   outside the write flow control the app's frames obey, so a client that pings without reading
+   grew the gateway's memory without limit (40 MB of pings: +29 MB). App frames wait for the
+   transport to drain, so its buffer stays near its 64 KiB high-water mark; a peer that has left
+   more than PONG_BACKLOG_BYTES of our writes unread and still pings is dropped."""
 from __future__ import annotations
 
 import asyncio
@@ -26,6 +31,7 @@ import asyncio
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 KEEPALIVE_TIMEOUT = "keepalive ping timeout"
+PONG_BACKLOG_BYTES = 1024 * 1024  # unread bytes we hold for a peer before its pings drop it
 ABORT_AFTER_EXTENSION = "voicepipe.abort_after"  # scope["extensions"][...](seconds)
 
 
@@ -56,6 +62,12 @@ class KeepaliveAwareProtocol(WebSocketsSansIOProtocol):
             self.handshake_complete = True
             self.close_sent = True
             self.transport.close()
+
+    def handle_ping(self) -> None:
+        if self.transport.get_write_buffer_size() > PONG_BACKLOG_BYTES:
+            self.transport.abort()  # not reading, still pinging: every pong would only pile up
+            return
+        super().handle_ping()
 
     async def send(self, message) -> None:
         await super().send(message)

@@ -3,7 +3,9 @@ tokens, origins, per-client limits, hostile input, resume tokens and correlation
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import re
 from urllib.parse import quote
 
@@ -14,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tests.conftest import make_settings
 from tests.support.admin import KEY, admin_get, wait_clean
-from tests.support.stack import run_stack
+from tests.support.stack import run_stack, wait_ready
 from tests.support.ws import collect_until, connect, next_event, raw_handshake, refused_status, wait_closed
 from voicepipe.client import VoiceClient
 
@@ -287,7 +289,9 @@ async def test_hostile_input_table_then_a_normal_turn(redis_url, redis_client, t
         await ws.send(b"\xff\xfe{}", text=True)
         assert await wait_closed(ws) not in (1011, None)
 
-        # and the same gateway still serves a normal typed turn
+        # and the same gateway still serves a normal typed turn (the in-process workers' heartbeats
+        # share the floods' event loop; wait until they are live, as a client's retry would)
+        await wait_ready(stack.http_url)
         ws, _ = await connect(stack.ws_url)
         await ws.send(json.dumps({"type": "text.input", "text": "What is the capital of France?"}))
         events, audio = await collect_until(ws, "response.done")
@@ -319,6 +323,34 @@ async def test_a_client_that_does_not_read_is_closed_1008_and_counted(redis_url,
         assert code == 1008
         stats = await admin_get(stack, "/admin/resources/stats")
         assert stats["connections"]["closed_slow"] == 1
+
+
+async def test_a_client_that_pings_without_reading_is_dropped(stack):
+    """Pongs bypass the app's outbound budget; a peer that lets them pile up is cut off."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+    key = base64.b64encode(os.urandom(16))
+    writer.write(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 101")
+    writer.transport.pause_reading()  # never read again
+    mask = os.urandom(4)
+    pings = (bytes([0x89, 0x84]) + mask + bytes(b ^ mask[i] for i, b in enumerate(b"ping"))) * 100_000
+    with pytest.raises(ConnectionError):
+        async with asyncio.timeout(30):
+            for _ in range(100):  # 100 MB at most; the gateway gives up long before
+                writer.write(pings)
+                await writer.drain()
+    writer.transport.abort()
+    async with asyncio.timeout(10):
+        while stack.gateway.sessions:
+            await asyncio.sleep(0.01)
+    # in-process, the flood kept the one event loop busy long enough for the test workers' 2 s
+    # heartbeats to lapse: wait until they are live again, then everyone else is served as before
+    await wait_ready(stack.http_url)
+    ws, _ = await connect(stack.ws_url)
+    await ws.send(json.dumps({"type": "ping"}))
+    assert (await next_event(ws))["type"] == "pong"
+    await ws.close()
 
 
 # ---- resume tokens
