@@ -65,6 +65,11 @@ def test_the_client_address_behind_trusted_proxies(peer, forwarded, expected):
 def test_bad_trusted_proxies_are_a_settings_error():
     with pytest.raises(ValueError, match="TRUSTED_PROXIES"):
         auth.parse_networks(["10.0.0.0/33"])
+    with pytest.raises(ValueError, match="not an IP address or network"):
+        Settings(_env_file=None, trusted_proxies="10.0.0.1, proxy.internal")
+    assert Settings(_env_file=None, trusted_proxies="10.0.0.1, 192.168.0.0/16, ::1").trusted_proxies == [
+        "10.0.0.1", "192.168.0.0/16", "::1"
+    ]
 
 
 def test_identities_never_contain_the_token():
