@@ -23,7 +23,10 @@ fixes of uvicorn's websockets-sansio implementation (uvicorn 0.54) at the edge.
    outside the write flow control the app's frames obey, so a client that pings without reading
    grew the gateway's memory without limit (40 MB of pings: +29 MB). App frames wait for the
    transport to drain, so its buffer stays near its 64 KiB high-water mark; a peer that has left
-   more than PONG_BACKLOG_BYTES of our writes unread and still pings is dropped."""
+   more than PONG_BACKLOG_BYTES of our writes unread and still pings is dropped.
+6. A text frame that is not UTF-8 closes the socket with 1007 (RFC 6455), as uvicorn does, but
+   with one INFO line instead of uvicorn's ERROR and traceback: any client could otherwise fill
+   the logs with tracebacks and trip every ERROR alert at will."""
 from __future__ import annotations
 
 import asyncio
@@ -62,6 +65,18 @@ class KeepaliveAwareProtocol(WebSocketsSansIOProtocol):
             self.handshake_complete = True
             self.close_sent = True
             self.transport.close()
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()  # frames are at most MAX_AUDIO_FRAME_BYTES (64 KiB)
+            except UnicodeDecodeError:
+                self.frames = []
+                self.logger.info("a WebSocket text frame was not UTF-8; closing with 1007")
+                self.conn.send_close(1007)
+                self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
 
     def handle_ping(self) -> None:
         if self.transport.get_write_buffer_size() > PONG_BACKLOG_BYTES:
