@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 import uvicorn
+from redis.exceptions import RedisError
 
 from gateway.app import create_app
 from gateway.keepalive import KeepaliveAwareProtocol
@@ -15,7 +16,21 @@ log = logging.getLogger("voicepipe.gateway")
 
 class GatewayServer(uvicorn.Server):
     """Closes client sockets with 1001 before uvicorn tears connections down, so every session
-    publishes its disconnect event during shutdown."""
+    publishes its disconnect event during shutdown; and, once its port is bound, tells the
+    connection limits that whichever gateway listened there before is gone (gateway/limits.py)."""
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        gateway = getattr(self.config.app.state, "gateway", None)
+        if gateway is None or self.should_exit or not getattr(self, "servers", None):
+            return
+        bound = [s.getsockname() for server in self.servers for s in (server.sockets or ())]
+        ports = {address[1] for address in bound if isinstance(address, tuple) and len(address) >= 2}
+        for port in sorted(ports):
+            try:
+                await gateway.limits.claim_endpoint(port)
+            except (RedisError, OSError) as exc:
+                log.warning("could not register this gateway's address for the connection limits: %s", exc)
 
     async def shutdown(self, sockets=None) -> None:
         for server in self.servers:
@@ -37,6 +52,9 @@ def build_server(settings: Settings, host: str | None = None, port: int | None =
         ws_ping_timeout=settings.ping_timeout_s,
         log_config=None,
         access_log=False,
+        # uvicorn would take X-Forwarded-For from 127.0.0.1 by default; TRUSTED_PROXIES decides alone
+        # whose forwarded address counts (gateway/auth.py), so the client is always the TCP peer here
+        proxy_headers=False,
         timeout_graceful_shutdown=10,
     )
     return GatewayServer(config)
@@ -44,7 +62,7 @@ def build_server(settings: Settings, host: str | None = None, port: int | None =
 
 def main(settings: Settings | None = None, host: str | None = None, port: int | None = None) -> None:
     settings = settings or Settings()
-    setup_logging(settings.log_level, settings.log_format, "gateway")
+    setup_logging(settings.log_level, settings.log_format, "gateway", secrets=settings.secret_values())
     build_server(settings, host, port).run()
 
 

@@ -4,12 +4,12 @@ Workers and conversations are asked live of every worker over the bus; a live wo
 heartbeat) that does not answer within `INTROSPECT_TIMEOUT_S` is listed with `responding: false`."""
 from __future__ import annotations
 
-import hmac
 import time
 from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 
+from gateway.auth import api_key_valid
 from gateway.hub import Gateway
 from shared.bus import pool_stats
 
@@ -19,9 +19,8 @@ def gateway_of(request: Request) -> Gateway:
 
 
 def require_api_key(request: Request) -> None:
-    key = request.headers.get("x-api-key", "")
-    valid = gateway_of(request).settings.api_keys
-    if not key or not any(hmac.compare_digest(key, candidate) for candidate in valid):
+    """Constant-time over bytes (gateway/auth.py), so a non-ASCII key is a 401, not a 500."""
+    if not api_key_valid(request.headers.get("x-api-key", ""), gateway_of(request).settings.api_keys):
         raise HTTPException(status_code=401, detail="missing or invalid X-API-Key")
 
 
@@ -56,13 +55,28 @@ async def stats(request: Request) -> dict:
     s = gateway.stats
     workers = [w for found in gateway.directory.workers.values() for w in found]
     return {
-        "connections": {"current": s.current, "peak": s.peak, "total": s.total, "rejected": s.rejected},
+        "connections": {
+            "current": s.current,
+            "peak": s.peak,
+            "total": s.total,
+            "rejected": s.rejected,
+            "rejected_by": s.rejected_by,
+            "closed_slow": s.closed_slow,
+            "closed_rate_limited": s.closed_rate_limited,
+        },
+        "rate_limited_frames": s.rate_limited_frames,
+        "connection_limit": {
+            "max_per_client": gateway.limits.limit,
+            "slots_held": gateway.limits.held,
+        },
         "disconnect_events": {"published": s.published, "publish_failures": s.publish_failures, "by_reason": s.reasons},
         "stale_cleanup": {
             "gateway_sweeps": s.stale_sweeps,
             "gateway_events_published": s.stale_cleaned,
             "last_sweep_ms": s.last_stale_sweep_ms,
             "worker_conversations_cleaned": sum(int(w.stats.get("stale_cleaned", 0)) for w in workers),
+            "connection_slot_sweeps": gateway.limits.sweeps,
+            "connection_slots_repaired": gateway.limits.repaired,
         },
         "last_shutdown_cleanup": s.last_shutdown_cleanup,
         "uptime_s": round(time.monotonic() - gateway.started, 1),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import admin, metrics
+from gateway.correlation import correlation_id as correlation_id_of
 from gateway.hub import Gateway
 from gateway.session import serve_client
 from shared.bus import create_redis
@@ -21,10 +22,12 @@ from shared.config import Settings
 from shared.logging import log_context
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("voicepipe.gateway")
 
 
 class CorrelationIdMiddleware:
-    """Every HTTP response carries X-Correlation-ID (the caller's, or a new UUID4)."""
+    """Every HTTP response carries X-Correlation-ID: the caller's if valid (gateway/correlation.py),
+    else a new UUID4. WebSocket handshakes take theirs in gateway/session.py."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -33,8 +36,7 @@ class CorrelationIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope["headers"]).get(b"x-correlation-id")
-        correlation_id = incoming.decode() if incoming else str(uuid.uuid4())
+        correlation_id = correlation_id_of(scope["headers"])
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -77,8 +79,9 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> Fast
             async with asyncio.timeout(1):
                 await gateway.redis.ping()
                 await gateway.directory.refresh()
-        except Exception as exc:
-            return JSONResponse({"status": "not_ready", "missing": ["redis"], "detail": str(exc)}, status_code=503)
+        except Exception as exc:  # the answer names what is missing; the why (maybe a URL) stays in the log
+            log.warning("readiness: Redis does not answer: %s", type(exc).__name__)
+            return JSONResponse({"status": "not_ready", "missing": ["redis"]}, status_code=503)
         workers = {stage: len(found) for stage, found in gateway.directory.workers.items()}
         if missing := gateway.directory.missing():
             return JSONResponse({"status": "not_ready", "missing": missing, "workers": workers}, status_code=503)

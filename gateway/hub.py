@@ -2,11 +2,20 @@
 
 `end_conversation` is the single place a conversation ends at the gateway: it removes the routing
 lease and publishes `connection_disconnected` (retried with backoff), whatever way the socket ended.
-A sweep publishes the event for conversations whose gateway died (lease expired, no event)."""
+A sweep publishes the event for conversations whose gateway died (lease expired, no event).
+
+Resume tokens (docs/protocol.md §1 "Resuming"): Redis keeps only a SHA-256 of the token, and a
+resume swaps it for a new one in one Lua step (`CLAIM_RESUME`), so the token rotates on every
+resume and, of two resumes racing with the same token, exactly one wins; the other is refused
+(4404) before anything of the conversation is touched. Comparing digests inside Redis is not a
+timing oracle: how many leading bytes of SHA-256(guess) match says nothing about the token.
+A socket only ever deletes the routing lease if the lease still names that socket
+(`END_CONVERSATION`), so a socket that was taken over, ending late, never tears down the lease of
+the one that replaced it (the workers likewise ignore its disconnect event, by `connection_id`)."""
 from __future__ import annotations
 
 import asyncio
-import hmac
+import hashlib
 import logging
 import os
 import secrets
@@ -20,7 +29,9 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.auth import as_bytes, parse_networks
 from gateway.directory import WorkerDirectory
+from gateway.limits import ConnectionLimits
 from gateway.metrics import GatewayMetrics
 from shared.bus import Bus, run_subscriber
 from shared.channels import STAGES, Names
@@ -43,7 +54,37 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("voicepipe.gateway")
 
-RESUME_TOKEN_FIELD = "resume_token"
+RESUME_TOKEN_FIELD = "resume_token_sha256"  # in the history hash; the token itself is never stored
+TAKEOVER_WAIT_S = 5.0  # how long a resume waits for the old socket's cleanup before replacing it anyway
+
+# KEYS[1] the history hash; ARGV[1] the token field, ARGV[2] SHA-256 of the presented token,
+# ARGV[3] SHA-256 of its successor. 1: claimed (the successor is stored), 0: refused
+CLAIM_RESUME = """
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if not stored or stored ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+# KEYS[1] the lease, KEYS[2] live conversations, KEYS[3] the history hash
+# ARGV[1] this socket's connection id, ARGV[2] conversation id, ARGV[3] resume window (s),
+# ARGV[4] the connection_events channel, ARGV[5] the event. The lease goes (if it is this socket's,
+# or gone already) and then the event goes out, in one step; returns the event's receivers.
+END_CONVERSATION = """
+local holder = redis.call('HGET', KEYS[1], 'connection_id')
+if holder == false or holder == nil or holder == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
+end
+return redis.call('PUBLISH', ARGV[4], ARGV[5])
+"""
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(as_bytes(token)).hexdigest()
 
 
 class NotReady(Exception):
@@ -59,7 +100,11 @@ class Stats:
     current: int = 0
     peak: int = 0
     total: int = 0
-    rejected: int = 0
+    rejected: int = 0  # refused before the upgrade, for any reason in `rejected_by`
+    rejected_by: dict[str, int] = field(default_factory=dict)  # token, origin, limit, bus_unavailable
+    closed_slow: int = 0  # clients closed for not reading (MAX_OUTBOUND_BYTES queued)
+    closed_rate_limited: int = 0  # clients closed for sending too fast for RATE_LIMIT_CLOSE_S
+    rate_limited_frames: dict[str, int] = field(default_factory=dict)  # dropped client frames: text, audio
     published: int = 0
     publish_failures: int = 0
     published_by_reason: Counter[str] = field(default_factory=Counter)  # for /metrics
@@ -90,6 +135,15 @@ class Gateway:
         self._lease_s = max(1, int(settings.stale_timeout_s))
         self.closing = False  # shutting down: no new conversation is opened
         self.metrics = GatewayMetrics(self)
+        self.limits = ConnectionLimits(settings, client, self.names, self.gateway_id)
+        self.trusted_proxies = parse_networks(settings.trusted_proxies)
+        self.client_tokens = [as_bytes(token) for token in settings.client_tokens]
+        self._claim_resume = client.register_script(CLAIM_RESUME)
+        self._end_conversation = client.register_script(END_CONVERSATION)
+
+    def reject(self, why: str) -> None:
+        self.stats.rejected += 1
+        self.stats.rejected_by[why] = self.stats.rejected_by.get(why, 0) + 1
 
     async def start(self) -> None:
         self._tasks.spawn(
@@ -100,6 +154,12 @@ class Gateway:
         self._tasks.spawn(self._stale_sweep_loop(), name="stale-sweep")
         trim = trim_loop(self.settings.memory_trim_interval_s, lambda: self.stats.published, lambda: not self.sessions)
         self._tasks.spawn(trim, name="memory-trim")
+        if self.limits.enabled:
+            try:
+                await self.limits.start()
+            except (RedisError, OSError) as exc:
+                log.warning("connection-limit heartbeat failed at start (retried): %s", exc)
+            self._tasks.spawn(self.limits.run(), name="connection-limits")
         try:
             async with asyncio.timeout(5):
                 await self._subscribed.wait()
@@ -112,6 +172,7 @@ class Gateway:
     async def aclose(self) -> None:
         await self.close_sessions(1001, "server shutting down")
         await self._tasks.aclose()
+        await self.limits.aclose()  # after every session released its slot
 
     async def close_sessions(self, code: int, reason: str) -> dict[str, object]:
         """The shutdown cleanup, once: stop taking conversations; close every socket (each
@@ -199,16 +260,21 @@ class Gateway:
         session.deliver(message)
 
     # ---- conversation lifecycle
-    async def open_conversation(
-        self, conversation_id: str, correlation_id: str, resume_token: str | None = None
-    ) -> dict[str, str]:
-        """Assign a worker of each stage and write the routing lease; returns the route."""
+    async def ensure_ready(self) -> None:
+        """Raise NotReady unless every stage has a live worker (and the gateway is not shutting down)."""
         if self.closing:
             raise NotReady("the gateway is shutting down")
         if self.directory.missing():
             await self.directory.refresh()
         if missing := self.directory.missing():
             raise NotReady(f"no live worker for: {', '.join(missing)}")
+
+    async def open_conversation(
+        self, conversation_id: str, correlation_id: str, resume_token: str | None = None
+    ) -> dict[str, str]:
+        """Assign a worker of each stage and write the routing lease; returns the route, whose
+        `resume_token` is the one to give the client (for a resume: the successor `resume` claimed)."""
+        await self.ensure_ready()
         route = {stage: self.directory.pick(stage).worker_id for stage in STAGES}
         route.update(
             gateway=self.gateway_id,
@@ -228,7 +294,7 @@ class Gateway:
         async with self.redis.pipeline(transaction=True) as pipe:  # the lease, then the announcement
             pipe.hset(conv_key, mapping=route)
             pipe.expire(conv_key, self._lease_s)
-            pipe.hset(history_key, RESUME_TOKEN_FIELD, token)
+            pipe.hset(history_key, RESUME_TOKEN_FIELD, token_digest(token))
             pipe.expire(history_key, self.settings.resume_window_s + self._lease_s)
             pipe.zadd(self.names.live, {conversation_id: now_ms() + self._lease_s * 1000})
             for stage in STAGES:
@@ -240,26 +306,37 @@ class Gateway:
         self.stats.peak = max(self.stats.peak, self.stats.current)
         return route
 
-    async def check_resume(self, conversation_id: str, token: str) -> None:
-        """Raise ResumeRefused unless the pair names a conversation within its resume window.
+    async def resume(self, conversation_id: str, token: str) -> str:
+        """Claim the conversation for a new socket: returns the rotated resume token, or raises
+        ResumeRefused (unknown conversation, wrong or already used token, window passed).
 
         If the conversation's old socket is still registered (a client that moved networks before
-        its old socket timed out), that socket is closed first and its cleanup awaited."""
-        stored = await self.redis.hget(self.names.history(conversation_id), RESUME_TOKEN_FIELD)
-        if stored is None or not hmac.compare_digest(stored.decode(), token):
+        its old socket timed out), it is told to close, and its cleanup is awaited for up to
+        TAKEOVER_WAIT_S; after that the new socket replaces it anyway (its gateway may be dead),
+        and the old socket's late end cannot touch the new lease."""
+        successor = secrets.token_urlsafe(24)
+        claimed = await self._claim_resume(
+            keys=[self.names.history(conversation_id)],
+            args=[RESUME_TOKEN_FIELD, token_digest(token), token_digest(successor)],
+        )
+        if not claimed:
             raise ResumeRefused("unknown or expired conversation_id and resume_token")
         route = await self.redis.hgetall(self.names.conversation(conversation_id))
         if not route:
-            return
+            return successor
         takeover = SessionTakeover(
             conversation_id=conversation_id,
             correlation_id=route[b"correlation_id"].decode(),
             connection_id=route[b"connection_id"].decode(),
         )
         await self.bus.publish(self.names.inbox("gateway", route[b"gateway"].decode()), takeover)
-        async with asyncio.timeout(5):
-            while await self.redis.exists(self.names.conversation(conversation_id)):
-                await asyncio.sleep(0.02)
+        try:
+            async with asyncio.timeout(TAKEOVER_WAIT_S):
+                while await self.redis.exists(self.names.conversation(conversation_id)):
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            log.warning("the conversation's old socket did not end in %.0f s; replacing it", TAKEOVER_WAIT_S)
+        return successor
 
     async def end_conversation(
         self,
@@ -281,13 +358,17 @@ class Gateway:
             connection_id=connection_id,
             detail=detail,
         )
-        try:  # one round trip: the lease goes and the event goes out together, in that order
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self.names.conversation(conversation_id))
-                pipe.zrem(self.names.live, conversation_id)
-                pipe.expire(self.names.history(conversation_id), self.settings.resume_window_s)
-                pipe.publish(self.names.connection_events, self.bus.encode(event))
-                *_, receivers = await pipe.execute()
+        try:  # one step: the lease goes (if it is this socket's) and the event goes out, in that order
+            receivers = await self._end_conversation(
+                keys=[self.names.conversation(conversation_id), self.names.live, self.names.history(conversation_id)],
+                args=[
+                    connection_id or "",
+                    conversation_id,
+                    self.settings.resume_window_s,
+                    self.names.connection_events,
+                    self.bus.encode(event),
+                ],
+            )
         except (RedisError, OSError) as exc:
             log.warning("could not end the conversation in Redis (its lease expires by itself): %s", exc)
             await self.publish_disconnect(event)

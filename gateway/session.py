@@ -2,20 +2,32 @@
 
 The receive loop turns client frames into bus messages; `deliver` turns bus messages into client
 events and queues them for the sender. Whatever way the socket ends, `serve_client`'s `finally`
-ends the conversation exactly once."""
+ends the conversation exactly once, and releases the client's connection slot.
+
+Client input is never trusted: every frame passes the connection's rate limits before anything
+else is done with it (gateway/ratelimit.py), text is parsed within limits, and nothing a client
+sends ends the socket with 1011; only the server's own failures do. Outbound frames are bounded
+in bytes (gateway/outbound.py): a client that stops reading is closed with 1008, a policy
+violation on its side (1011 would claim a server fault, and 1013 is the connection limit's code
+in PROTOCOL §1.2, telling a client to come back later, which would not help it)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import re
 import uuid
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from redis.exceptions import RedisError
 from uvicorn.protocols.utils import ClientDisconnected
 
+from gateway import handshake
+from gateway.correlation import correlation_id as correlation_id_of
 from gateway.hub import Gateway, NotReady, ResumeRefused
-from gateway.keepalive import KEEPALIVE_TIMEOUT
+from gateway.keepalive import ABORT_AFTER_EXTENSION, KEEPALIVE_TIMEOUT
+from gateway.outbound import Outbound
+from gateway.ratelimit import RateGuard, Verdict
 from gateway.turns import Turn, TurnTable
 from shared.clock import now_ms_float
 from shared.logging import log_context
@@ -43,6 +55,7 @@ from shared.messages.client import (
     INPUT_AUDIO,
     BadClientMessage,
     InputAudioCommit,
+    JsonLimits,
     Ping,
     ResponseCancelRequest,
     TextInputRequest,
@@ -53,7 +66,8 @@ from shared.tasks import TaskSet
 
 log = logging.getLogger("voicepipe.gateway.session")
 
-OUTBOUND_LIMIT = 4096  # queued frames for one client; past it the client is too slow and is closed
+SLOW_CLOSE_GRACE_S = 2.0  # a client too slow to read gets this long for the close, then TCP is dropped
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9-]{1,64}")  # what a resume may name (ours are UUID4s)
 
 
 class ClientSession:
@@ -69,7 +83,16 @@ class ClientSession:
         self.turns = TurnTable()
         self.barge_in = gateway.settings.barge_in_min_speech_ms > 0
         self.shutting_down = False
-        self._outbound: asyncio.Queue[object] = asyncio.Queue(OUTBOUND_LIMIT)
+        settings = gateway.settings
+        self._outbound = Outbound(settings.max_outbound_bytes)
+        self.rate = RateGuard(
+            settings.max_messages_per_s,
+            settings.audio_realtime_factor,
+            settings.rate_limit_close_s,
+            max_frame_bytes=settings.max_audio_frame_bytes,
+        )
+        self.json_limits = JsonLimits.from_settings(settings)
+        self._outbound_closing = False  # set once the client is being closed for not reading
         self._tasks = TaskSet(f"session:{conversation_id}")
         self._ended = asyncio.Event()
         self._envelope = {"conversation_id": conversation_id, "correlation_id": self.correlation_id}
@@ -81,12 +104,23 @@ class ClientSession:
             self.gateway.metrics.error_sent(str(fields.get("code")), source)
         self._enqueue(server_event(type_, turn_id, **fields))
 
-    def _enqueue(self, frame: object) -> None:
-        try:
-            self._outbound.put_nowait(frame)
-        except asyncio.QueueFull:
-            log.warning("client is not reading; closing the connection")
-            self._tasks.spawn(self.close(1011, "client too slow"), name="close-slow")
+    def _enqueue(self, frame: str | bytes) -> None:
+        if self._outbound.put(frame) or self._outbound_closing:
+            return
+        self._outbound_closing = True
+        self.gateway.stats.closed_slow += 1
+        log.warning("client is not reading (over %d bytes queued); closing the connection", self._outbound.max_bytes)
+        self._tasks.spawn(self._close_slow(), name="close-slow")
+
+    async def _close_slow(self) -> None:
+        """Close a client that does not read. Its close frame may never get through a full TCP
+        window, so the connection is dropped after SLOW_CLOSE_GRACE_S in any case."""
+        abort_after = self.websocket.scope.get("extensions", {}).get(ABORT_AFTER_EXTENSION)
+        if abort_after is not None:
+            abort_after(SLOW_CLOSE_GRACE_S)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SLOW_CLOSE_GRACE_S):
+                await self.close(1008, "client too slow: not reading")
 
     async def _send_loop(self) -> None:
         """Write queued frames until the socket goes away (then the receiver reports why)."""
@@ -104,7 +138,7 @@ class ClientSession:
     async def close(self, code: int, reason: str = "") -> None:
         with contextlib.suppress(Exception):
             if self.websocket.application_state == WebSocketState.CONNECTED:
-                await self.websocket.close(code, reason)
+                await self.websocket.close(code, handshake.close_reason(reason))
 
     # ---- the connection
     async def run(self) -> str:
@@ -165,12 +199,38 @@ class ClientSession:
                 if len(data) > limit:
                     await self.close(1009, "audio frame larger than 64 KiB")
                     return "client_disconnect"
-                await self._on_audio(data)
-            elif message.get("text") is not None:
-                if len(message["text"]) > limit:
+                verdict = self.rate.audio(len(data))
+                if verdict is Verdict.PASS:
+                    await self._on_audio(data)
+                elif await self._rate_limited(verdict, "audio"):
+                    return "client_disconnect"
+            elif (text := message.get("text")) is not None:
+                if len(text) > limit:
                     await self.close(1009, "message larger than 64 KiB")
                     return "client_disconnect"
-                await self._on_text(message["text"])
+                verdict = self.rate.text()
+                if verdict is Verdict.PASS:
+                    await self._on_text(text)
+                elif await self._rate_limited(verdict, "text"):
+                    return "client_disconnect"
+
+    async def _rate_limited(self, verdict: Verdict, kind: str) -> bool:
+        """A frame over the rate was dropped; True when the client has been closed for it."""
+        stats = self.gateway.stats
+        stats.rate_limited_frames[kind] = stats.rate_limited_frames.get(kind, 0) + 1
+        settings = self.gateway.settings
+        if verdict is Verdict.CLOSE:
+            stats.closed_rate_limited += 1
+            log.warning("client over its %s rate for %.1f s; closing the connection", kind, settings.rate_limit_close_s)
+            await self.close(1008, "rate limit exceeded")
+            return True
+        if verdict is Verdict.NOTIFY:
+            if kind == "text":
+                why = f"more than {settings.max_messages_per_s} messages a second; the excess is dropped"
+            else:
+                why = f"audio faster than {settings.audio_realtime_factor:g}x real time; the excess is dropped"
+            self.send_event("error", code="rate_limited", message=why)
+        return False
 
     async def _on_audio(self, pcm: bytes) -> None:
         if len(pcm) % 2:
@@ -182,7 +242,7 @@ class ClientSession:
 
     async def _on_text(self, text: str) -> None:
         try:
-            request = parse_client_message(text)
+            request = parse_client_message(text, self.json_limits)
         except BadClientMessage as exc:
             self.send_event("error", code="bad_message", message=str(exc))
             return
@@ -296,44 +356,65 @@ class ClientSession:
             )
 
 
-def _policy_error(gateway: Gateway, websocket: WebSocket) -> str | None:
-    s = gateway.settings
-    if s.client_tokens and websocket.query_params.get("token") not in s.client_tokens:
-        return "missing or invalid token"
-    origin = websocket.headers.get("origin")
-    if s.allowed_origins and origin and origin not in s.allowed_origins:
-        return f"origin {origin} is not allowed"
-    return None
-
-
 async def serve_client(gateway: Gateway, websocket: WebSocket) -> None:
     """The whole life of one client connection."""
-    correlation_id = websocket.headers.get("x-correlation-id") or str(uuid.uuid4())
+    correlation_id = correlation_id_of(websocket.scope["headers"])
     with log_context(correlation_id=correlation_id):
-        if (problem := _policy_error(gateway, websocket)) is not None:
-            gateway.stats.rejected += 1
-            await websocket.accept()
-            await websocket.close(1008, problem)
-            log.info("connection refused: %s", problem)
+        try:
+            admission = await handshake.admit(gateway, websocket, correlation_id)
+        except (ClientDisconnected, WebSocketDisconnect, OSError):
+            return  # the client left during its own refusal
+        if admission is None:
             return
-        params = websocket.query_params
-        resume = (params.get("conversation_id"), params.get("resume_token"))
-        if any(resume):
-            await websocket.accept()
-            try:
-                if not all(resume):
-                    raise ResumeRefused("resuming needs both conversation_id and resume_token")
-                await gateway.check_resume(*resume)
-            except (ResumeRefused, TimeoutError) as exc:
-                log.info("resume refused: %s", exc)
-                gateway.metrics.error_sent("unknown_conversation")
-                with contextlib.suppress(Exception):
-                    await websocket.send_text(server_event("error", code="unknown_conversation", message=str(exc)))
-                    await websocket.close(4404, "unknown or expired conversation")
-                return
-        conversation_id = resume[0] or str(uuid.uuid4())
-        with log_context(conversation_id=conversation_id):
-            await _serve_conversation(gateway, websocket, conversation_id, correlation_id, resume[1])
+        try:
+            await _serve_admitted(gateway, websocket, correlation_id, admission)
+        finally:
+            if admission.slot is not None:
+                await asyncio.shield(gateway.limits.release(admission.slot))
+
+
+async def _serve_admitted(
+    gateway: Gateway, websocket: WebSocket, correlation_id: str, admission: handshake.Admission
+) -> None:
+    try:
+        await websocket.accept(subprotocol=admission.subprotocol)
+    except (ClientDisconnected, WebSocketDisconnect, OSError):
+        return
+    params = websocket.query_params
+    conversation_id, token = params.get("conversation_id"), params.get("resume_token")
+    new_token = None
+    if conversation_id or token:
+        try:
+            if not (conversation_id and token):
+                raise ResumeRefused("resuming needs both conversation_id and resume_token")
+            if not CONVERSATION_ID.fullmatch(conversation_id):
+                raise ResumeRefused("unknown or expired conversation_id and resume_token")
+            await gateway.ensure_ready()  # first: a resume that cannot be served keeps its token
+            new_token = await gateway.resume(conversation_id, token)
+        except ResumeRefused as exc:
+            log.info("resume refused: %s", exc)
+            await _refuse(gateway, websocket, "unknown_conversation", str(exc), 4404, "unknown or expired conversation")
+            return
+        except NotReady as exc:  # nothing was opened or claimed: no disconnect event to publish
+            log.warning("refusing the resume: %s", exc)
+            await _refuse(gateway, websocket, "not_ready", str(exc), 1011, "pipeline not ready")
+            return
+        except (RedisError, OSError) as exc:
+            log.warning("resume failed: %s", exc)
+            await _refuse(gateway, websocket, "bus_unavailable", "the server cannot resume conversations now", 1011, "bus unavailable")
+            return
+    conversation_id = conversation_id or str(uuid.uuid4())
+    with log_context(conversation_id=conversation_id):
+        await _serve_conversation(gateway, websocket, conversation_id, correlation_id, new_token)
+
+
+async def _refuse(
+    gateway: Gateway, websocket: WebSocket, code: str, message: str, close_code: int, close_reason: str
+) -> None:
+    gateway.metrics.error_sent(code)
+    with contextlib.suppress(Exception):
+        await websocket.send_text(server_event("error", code=code, message=message))
+        await websocket.close(close_code, close_reason)
 
 
 async def _serve_conversation(
@@ -341,8 +422,6 @@ async def _serve_conversation(
 ) -> None:
     reason, detail, connection_id, session = "client_disconnect", None, None, None
     try:
-        if websocket.client_state == WebSocketState.CONNECTING:
-            await websocket.accept()
         route = await gateway.open_conversation(conversation_id, correlation_id, resume_token)
         connection_id = route["connection_id"]
         log.info(

@@ -13,6 +13,12 @@ Keys
                                     and which socket (connection_id); a lease the gateway refreshes
   {ns}:conv:{cid}:history           hash: chat history (JSON) and resume token, kept for the resume window
   {ns}:conv:{cid}:tts_active        present while TTS speaks for the conversation
+Keys of the per-client connection limit (gateway/limits.py)
+  {ns}:gateways                     sorted set: gateway ids by heartbeat expiry (ms, Redis server clock)
+  {ns}:gateway:{gid}:slots          set: "{client} {slot}" for every connection slot the gateway holds
+  {ns}:client:{client}:slots        hash: slot id -> gateway id; a client's counted connections
+                                    ({client} is a hash of the client's identity, never a token)
+  {ns}:gateway_endpoints            hash: "host:port" -> id of the gateway that last bound it
 """
 from __future__ import annotations
 
@@ -59,6 +65,20 @@ class Names:
 
     def tts_active(self, conversation_id: str) -> str:
         return f"{self.namespace}:conv:{conversation_id}:tts_active"
+
+    @property
+    def gateways(self) -> str:
+        return f"{self.namespace}:gateways"
+
+    def gateway_slots(self, gateway_id: str) -> str:
+        return f"{self.namespace}:gateway:{gateway_id}:slots"
+
+    def client_slots(self, client_key: str) -> str:
+        return f"{self.namespace}:client:{client_key}:slots"
+
+    @property
+    def gateway_endpoints(self) -> str:
+        return f"{self.namespace}:gateway_endpoints"
 
     def conversation_keys_pattern(self, conversation_id: str) -> str:
         """SCAN pattern of the conversation's sub-keys (glob characters in the id are escaped)."""

@@ -3,7 +3,9 @@
 Built once in each process's entry point and passed down; nothing else reads the environment."""
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -120,6 +122,28 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:  # a typo here would silently trust nobody, or everybody
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
+        return value
+
     @property
     def redis_url_or_default(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret (client tokens, admin keys, the LLM key, the Redis password), for
+        the log filter that keeps them out of every log line (shared/logging.py)."""
+        found = [*self.client_tokens, *self.api_keys]
+        if self.llm_api_key:
+            found.append(self.llm_api_key)
+        if self.redis_url:
+            password = urlsplit(self.redis_url).password
+            if password:
+                found.append(password)
+        return found

@@ -1,16 +1,25 @@
 """One logging setup for every process.
 
 A correlation id and conversation id live in context variables; a filter copies them into every
-record, so `grep <id>` over all processes' logs shows a conversation's whole life."""
+record, so `grep <id>` over all processes' logs shows a conversation's whole life.
+
+No secret reaches a log line: `RedactSecrets` rewrites every record before it is formatted,
+including third-party ones (uvicorn logs each WebSocket handshake with its full path, so
+`/v1/ws?token=…&resume_token=…` would otherwise be written out, and websockets logs every request
+header at DEBUG). It blanks the values of secret-bearing query parameters, bearer credentials,
+`token.<T>` subprotocols, URL passwords, and every configured secret wherever it appears (also
+percent-encoded), in the message and in tracebacks."""
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from urllib.parse import quote
 
 correlation_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="-")
 conversation_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("conversation_id", default="-")
@@ -22,6 +31,50 @@ class ContextFilter(logging.Filter):
         record.correlation_id = correlation_id_var.get()
         record.conversation_id = conversation_id_var.get()
         record.process_name = _process_name
+        return True
+
+
+REDACTED = "***"
+MIN_SECRET_CHARS = 4  # shorter configured secrets are not replaced everywhere (it would garble logs)
+_QUERY_SECRET = re.compile(r"(?i)((?:^|[?&;\s])(?:token|resume_token|access_token|api_key|apikey|key|password)=)[^&;\s\"'#]*")
+_BEARER = re.compile(r"(?i)(\bbearer\s+)[^\s\"',;]+")
+_URL_PASSWORD = re.compile(r"(\w://[^:/@\s]*:)[^@/\s]+(@)")
+_SUBPROTOCOL_HEADER = re.compile(r"(?i)sec-websocket-protocol:[^\r\n]*")  # websockets logs request headers at DEBUG
+_SUBPROTOCOL_TOKEN = re.compile(r"(?i)(token\.)[^\s,]+")
+_UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+class RedactSecrets(logging.Filter):
+    """Blanks secrets out of a record's message and traceback (see the module docstring)."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        literal = {form for secret in secrets if len(secret) >= MIN_SECRET_CHARS for form in (secret, quote(secret, safe=""))}
+        self._literal = sorted(literal, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self._literal:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        text = _QUERY_SECRET.sub(lambda m: m.group(1) + REDACTED, text)
+        text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+        text = _SUBPROTOCOL_HEADER.sub(lambda m: _SUBPROTOCOL_TOKEN.sub(lambda t: t.group(1) + REDACTED, m.group(0)), text)
+        return _URL_PASSWORD.sub(lambda m: m.group(1) + REDACTED + m.group(2), text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: let the handler report it as logging does
+            return True
+        clean = self.redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
         return True
 
 
@@ -37,7 +90,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         if record.exc_info:
-            entry["exc_info"] = self.formatException(record.exc_info)
+            entry["exc_info"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
@@ -47,15 +100,23 @@ TEXT_FORMAT = (
 )
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text", process_name: str = "voicepipe") -> None:
+def setup_logging(
+    level: str = "INFO", fmt: str = "text", process_name: str = "voicepipe", secrets: Iterable[str] = ()
+) -> None:
+    """`secrets`: configured secrets to blank out wherever they appear (Settings.secret_values())."""
     global _process_name
     _process_name = process_name
+    redact = RedactSecrets(secrets)
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(redact)
     handler.addFilter(ContextFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in _UVICORN_LOGGERS:  # also before any handler uvicorn's own log config might add
+        logger = logging.getLogger(name)
+        logger.filters[:] = [f for f in logger.filters if not isinstance(f, RedactSecrets)] + [redact]
     for noisy in ("httpx", "httpcore", "faster_whisper"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 

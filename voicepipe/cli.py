@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     talk.add_argument("--url", default=None, help="the gateway: ws://host:port/v1/ws or http://host:port (default ws://127.0.0.1:8000/v1/ws)")
     talk.add_argument("--out", default="reply.wav", help="where to save the reply audio")
     talk.add_argument("--timeout", type=float, default=60.0)
+    talk.add_argument("--token", default=None, help="client token, sent as Authorization: Bearer (default: first of VOICEPIPE_CLIENT_TOKENS)")
     from voicepipe.simulate import add_arguments
 
     add_arguments(sub.add_parser("simulate-disconnects", help="drop clients at every phase and prove nothing leaks"))
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         from voicepipe.talk import talk
 
         url = args.url or f"ws://127.0.0.1:{settings.port}/v1/ws"
-        sys.exit(talk(args.file, url, args.out, args.timeout))
+        token = args.token or (settings.client_tokens[0] if settings.client_tokens else None)
+        sys.exit(talk(args.file, url, args.out, args.timeout, token))
     elif args.command == "simulate-disconnects":
         from voicepipe.simulate import main as simulate_main
 

@@ -6,11 +6,14 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import websockets
 
 FRAME_BYTES = 640  # 20 ms at 16 kHz
+SUBPROTOCOL = "voicepipe.v1"
+TokenPlace = Literal["header", "subprotocol", "query"]
 
 
 @dataclass
@@ -32,15 +35,44 @@ class TurnResult:
         return [e for e in self.events if e["type"] == "error"]
 
 
+def with_query(url: str, **params: str) -> str:
+    """`url` with these query parameters set (others kept)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in params]
+    return urlunsplit(parts._replace(query=urlencode(query + list(params.items()))))
+
+
 class VoiceClient:
-    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+    """A client of `/v1/ws`. A client token (docs/protocol.md §1) goes as `Authorization: Bearer`
+    by default, where it stays out of URLs and server logs; `token_in="subprotocol"` sends it as
+    browsers do (`voicepipe.v1` + `token.<T>`), `"query"` as the `token` query parameter."""
+
+    def __init__(
+        self,
+        url: str,
+        headers: dict[str, str] | None = None,
+        token: str | None = None,
+        token_in: TokenPlace = "header",
+    ) -> None:
         self.url = url
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        self.subprotocols: list[str] | None = None
+        if token is not None:
+            if token_in == "header":
+                self.headers["Authorization"] = f"Bearer {token}"
+            elif token_in == "subprotocol":
+                self.subprotocols = [SUBPROTOCOL, f"token.{token}"]
+            elif token_in == "query":
+                self.url = with_query(url, token=token)
+            else:
+                raise ValueError(f"token_in must be header, subprotocol or query, not {token_in!r}")
         self.ws: websockets.ClientConnection | None = None
         self.session: dict[str, Any] = {}
 
     async def __aenter__(self) -> "VoiceClient":
-        self.ws = await websockets.connect(self.url, additional_headers=self.headers, max_size=None)
+        self.ws = await websockets.connect(
+            self.url, additional_headers=self.headers, subprotocols=self.subprotocols, max_size=None
+        )
         self.session = json.loads(await self.ws.recv())
         if self.session.get("type") != "session.started":
             raise RuntimeError(f"expected session.started, got {self.session}")

@@ -180,9 +180,12 @@ class BusWatcher:
 
 
 class Simulation:
-    def __init__(self, base_url: str, api_key: str, settings: Settings, pcm: bytes, cleanup_timeout: float) -> None:
+    def __init__(
+        self, base_url: str, api_key: str, settings: Settings, pcm: bytes, cleanup_timeout: float, token: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.ws_url = self.base_url.replace("http", "ws", 1) + "/v1/ws"
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}  # docs/protocol.md §1: off the URL
         self.admin = Admin(self.base_url, api_key)
         self.names = Names.from_settings(settings)
         self.pcm = pcm
@@ -190,7 +193,8 @@ class Simulation:
 
     async def one(self, phase: str, way: str) -> Outcome:
         outcome = Outcome(phase, way)
-        ws = await websockets.connect(self.ws_url, additional_headers={"X-Correlation-ID": f"sim-{uuid.uuid4()}"})
+        headers = {"X-Correlation-ID": f"sim-{uuid.uuid4()}", **self.auth}
+        ws = await websockets.connect(self.ws_url, additional_headers=headers)
         try:
             started = json.loads(await asyncio.wait_for(ws.recv(), 10))
             outcome.conversation_id = started["conversation_id"]
@@ -220,7 +224,7 @@ class Simulation:
 
     async def churn_cycle(self) -> None:
         """Connect, speak (or type) a little, vanish at a random moment."""
-        ws = await websockets.connect(self.ws_url)
+        ws = await websockets.connect(self.ws_url, additional_headers=self.auth)
         try:
             await asyncio.wait_for(ws.recv(), 10)
             if random.random() < 0.5:
@@ -282,7 +286,8 @@ async def simulate(args: argparse.Namespace, settings: Settings) -> int:
         print("error: the admin API key is needed: pass --api-key or set VOICEPIPE_API_KEYS", file=sys.stderr)
         return 2
     pcm = read_wav_16k_mono(args.speech or SPEECH)
-    sim = Simulation(base_url, api_key, settings, pcm, args.cleanup_timeout)
+    token = args.token or (settings.client_tokens[0] if settings.client_tokens else None)
+    sim = Simulation(base_url, api_key, settings, pcm, args.cleanup_timeout, token)
     try:
         redis_url = args.redis_url or settings.redis_url or (await sim.admin.get("/admin/resources/pools"))["redis"]["url"]
         client = aioredis.Redis.from_url(redis_url)
@@ -336,6 +341,7 @@ async def _churn(sim: Simulation, args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway (default http://127.0.0.1:8000)")
     parser.add_argument("--api-key", default=None, help="admin key (default: first of VOICEPIPE_API_KEYS)")
+    parser.add_argument("--token", default=None, help="client token, sent as Authorization: Bearer (default: first of VOICEPIPE_CLIENT_TOKENS)")
     parser.add_argument("--redis-url", default=None, help="the bus to watch (default: VOICEPIPE_REDIS_URL, else asked of the gateway)")
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--ways", default=",".join(WAYS))

@@ -25,7 +25,7 @@ def websocket_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
-async def _talk(path: str, url: str, out: str, timeout: float) -> int:
+async def _talk(path: str, url: str, out: str, timeout: float, token: str | None = None) -> int:
     try:
         pcm = read_wav_16k_mono(path)
         url = websocket_url(url)
@@ -33,7 +33,7 @@ async def _talk(path: str, url: str, out: str, timeout: float) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        async with VoiceClient(url) as client:
+        async with VoiceClient(url, token=token) as client:
             sender = asyncio.create_task(client.send_speech(pcm), name="talk:send")
             try:
                 turn = await client.receive_turn(timeout)
@@ -57,5 +57,5 @@ async def _talk(path: str, url: str, out: str, timeout: float) -> int:
     return 0
 
 
-def talk(path: str, url: str, out: str, timeout: float = 60.0) -> int:
-    return asyncio.run(_talk(path, url, out, timeout))
+def talk(path: str, url: str, out: str, timeout: float = 60.0, token: str | None = None) -> int:
+    return asyncio.run(_talk(path, url, out, timeout, token))

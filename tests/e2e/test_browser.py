@@ -175,3 +175,33 @@ async def test_stopping_a_reply_flushes_the_buffered_audio_within_one_quantum(st
             await page.screenshot(path=str(tmp_path / "interrupted.png"))
         finally:
             await browser.close()
+
+
+@needs_browser
+async def test_the_page_sends_its_token_as_a_subprotocol(redis_url, redis_client, transcriber, voice, fake_llm):
+    """`/?token=T` with client tokens on: the page offers `voicepipe.v1` and `token.T`, the gateway
+    answers `voicepipe.v1`, and the token never appears in the WebSocket URL (nor in server logs)."""
+    from playwright.async_api import async_playwright
+
+    from tests.conftest import make_settings
+    from tests.support.stack import run_stack
+
+    settings = make_settings(redis_url, client_tokens=["page-token-1"])
+    async with run_stack(settings, transcriber=transcriber, voice=voice, llm_base_url=fake_llm.base_url) as stack:
+        async with async_playwright() as playwright:
+            browser = await launch(playwright, QUESTION)
+            try:
+                page = await browser.new_page()
+                sockets: list[str] = []
+                page.on("websocket", lambda ws: sockets.append(ws.url))
+                await page.goto(f"{stack.http_url}/?token=page-token-1")
+                await page.fill("#text", "What is the capital of France?")
+                await page.click("#send")
+                done, _ = await wait_for_event(page, "response.done")
+                assert done["text"] == fake_llm.reply
+                assert await page.evaluate("window.voicepipe.protocol") == "voicepipe.v1"
+                assert sockets and all("token" not in url for url in sockets), sockets
+                assert await page.inner_text("#error") == ""
+            finally:
+                await browser.close()
+        assert stack.gateway.stats.rejected == 0

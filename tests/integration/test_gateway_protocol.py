@@ -11,7 +11,7 @@ import websockets
 from shared.channels import STAGES
 from tests.conftest import make_settings
 from tests.support.stack import run_stack
-from tests.support.ws import connect, next_event, wait_closed
+from tests.support.ws import connect, next_event, refused_status, wait_closed
 
 
 async def test_session_started_describes_the_conversation(stack, voice):
@@ -103,22 +103,20 @@ async def test_not_ready_without_workers(redis_url, redis_client):
 
 
 async def test_client_token_is_required_when_configured(redis_url, redis_client, transcriber, voice, fake_llm):
+    """Refused before the upgrade with HTTP 403 (tests/integration/test_edge.py has every form)."""
     settings = make_settings(redis_url, client_tokens=["sesame", "other"])
     async with run_stack(settings, transcriber=transcriber, voice=voice, llm_base_url=fake_llm.base_url) as stack:
-        ws = await websockets.connect(stack.ws_url)
-        assert await wait_closed(ws) == 1008
-        ws = await websockets.connect(stack.ws_url + "?token=wrong")
-        assert await wait_closed(ws) == 1008
+        assert (await refused_status(stack.ws_url))[0] == 403
+        assert (await refused_status(stack.ws_url + "?token=wrong"))[0] == 403
         ws, started = await connect(stack.ws_url + "?token=sesame")
         await ws.close()
         assert stack.gateway.stats.rejected == 2
 
 
-async def test_disallowed_origin_closes_1008(redis_url, redis_client, transcriber, voice, fake_llm):
+async def test_disallowed_origin_gets_403(redis_url, redis_client, transcriber, voice, fake_llm):
     settings = make_settings(redis_url, allowed_origins=["https://voice.example"])
     async with run_stack(settings, transcriber=transcriber, voice=voice, llm_base_url=fake_llm.base_url) as stack:
-        ws = await websockets.connect(stack.ws_url, origin="https://evil.example")
-        assert await wait_closed(ws) == 1008
+        assert (await refused_status(stack.ws_url, origin="https://evil.example"))[0] == 403
         ws, _ = await connect(stack.ws_url, origin="https://voice.example")
         await ws.close()
 
