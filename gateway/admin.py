@@ -79,8 +79,16 @@ async def stats(request: Request) -> dict:
             "connection_slots_repaired": gateway.limits.repaired,
         },
         "last_shutdown_cleanup": s.last_shutdown_cleanup,
+        "latency": gateway.latency.summary(),
         "uptime_s": round(time.monotonic() - gateway.started, 1),
     }
+
+
+@router.post("/resources/latency/reset")
+async def reset_latency(request: Request) -> dict:
+    """Start a new latency sample (a benchmark resets it once its load is steady)."""
+    gateway_of(request).latency.reset()
+    return {"status": "reset"}
 
 
 @router.get("/workers")

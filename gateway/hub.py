@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from gateway.auth import as_bytes, parse_networks
 from gateway.directory import WorkerDirectory
+from gateway.latency import GatewayLatency
 from gateway.limits import ConnectionLimits
 from gateway.metrics import GatewayMetrics
 from shared.bus import Bus, run_subscriber
@@ -135,6 +136,7 @@ class Gateway:
         self._lease_s = max(1, int(settings.stale_timeout_s))
         self.closing = False  # shutting down: no new conversation is opened
         self.metrics = GatewayMetrics(self)
+        self.latency = GatewayLatency()  # what the gateway itself adds to a message (capacity benchmark)
         self.limits = ConnectionLimits(settings, client, self.names, self.gateway_id)
         self.trusted_proxies = parse_networks(settings.trusted_proxies)
         self.client_tokens = [as_bytes(token) for token in settings.client_tokens]

@@ -8,6 +8,7 @@ wedge a healthy client."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 Frame = str | bytes
@@ -18,7 +19,7 @@ class Outbound:
         self.max_bytes = max_bytes
         self.queued_bytes = 0
         self.overflowed = False  # set once; the client is being closed
-        self._frames: deque[Frame] = deque()
+        self._frames: deque[tuple[Frame, float]] = deque()  # with when it was queued (perf_counter)
         self._ready = asyncio.Event()
 
     def __len__(self) -> int:
@@ -36,16 +37,16 @@ class Outbound:
             self._frames.clear()  # a client that is closed gets none of it; free the memory now
             self.queued_bytes = 0
             return False
-        self._frames.append(frame)
+        self._frames.append((frame, time.perf_counter()))
         self.queued_bytes += size
         self._ready.set()
         return True
 
-    async def get(self) -> Frame:
-        """The next frame to write (it stops counting against the budget now)."""
+    async def get(self) -> tuple[Frame, float]:
+        """The next frame to write and when it was queued (it stops counting against the budget now)."""
         while not self._frames:
             self._ready.clear()
             await self._ready.wait()
-        frame = self._frames.popleft()
+        frame, queued_at = self._frames.popleft()
         self.queued_bytes -= len(frame)
-        return frame
+        return frame, queued_at

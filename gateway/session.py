@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import re
 import uuid
 
@@ -124,8 +125,9 @@ class ClientSession:
 
     async def _send_loop(self) -> None:
         """Write queued frames until the socket goes away (then the receiver reports why)."""
+        to_client = self.gateway.latency.to_client
         while True:
-            frame = await self._outbound.get()
+            frame, queued_at = await self._outbound.get()
             try:
                 if isinstance(frame, bytes):
                     await self.websocket.send_bytes(frame)
@@ -134,6 +136,7 @@ class ClientSession:
             except (WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError) as exc:
                 log.debug("stopped sending: %s", type(exc).__name__)
                 return
+            to_client.observe((time.perf_counter() - queued_at) * 1000)
 
     async def close(self, code: int, reason: str = "") -> None:
         with contextlib.suppress(Exception):
@@ -237,8 +240,10 @@ class ClientSession:
             self.send_event("error", code="bad_audio", message=f"audio frame of {len(pcm)} bytes is not whole 16-bit samples")
             return
         if pcm:
+            read_at = time.perf_counter()
             inbox = self.gateway.names.inbox("vad_stt", self.route["vad_stt"])
             await self.gateway.bus.publish(inbox, AudioIn(received_ms=now_ms_float(), pcm=pcm, **self._envelope))
+            self.gateway.latency.audio_in.observe((time.perf_counter() - read_at) * 1000)
 
     async def _on_text(self, text: str) -> None:
         try:
