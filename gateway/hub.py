@@ -34,6 +34,7 @@ from gateway.directory import WorkerDirectory
 from gateway.latency import GatewayLatency
 from gateway.limits import ConnectionLimits
 from gateway.metrics import GatewayMetrics
+from gateway.uplink import Uplink
 from shared.bus import Bus, run_subscriber
 from shared.channels import STAGES, Names
 from shared.clock import now_ms
@@ -137,6 +138,7 @@ class Gateway:
         self.closing = False  # shutting down: no new conversation is opened
         self.metrics = GatewayMetrics(self)
         self.latency = GatewayLatency()  # what the gateway itself adds to a message (capacity benchmark)
+        self.uplink = Uplink(client, self.latency.audio_in.observe)  # client audio and commits, pipelined
         self.limits = ConnectionLimits(settings, client, self.names, self.gateway_id)
         self.trusted_proxies = parse_networks(settings.trusted_proxies)
         self.client_tokens = [as_bytes(token) for token in settings.client_tokens]
@@ -152,6 +154,7 @@ class Gateway:
             run_subscriber(self.redis, [self.inbox], self._deliver, on_subscribed=self._on_subscribed, name="gateway"),
             name="inbox",
         )
+        self._tasks.spawn(self.uplink.run(), name="uplink")
         self._tasks.spawn(self._refresh_directory(), name="directory")
         self._tasks.spawn(self._stale_sweep_loop(), name="stale-sweep")
         trim = trim_loop(self.settings.memory_trim_interval_s, lambda: self.stats.published, lambda: not self.sessions)

@@ -240,10 +240,8 @@ class ClientSession:
             self.send_event("error", code="bad_audio", message=f"audio frame of {len(pcm)} bytes is not whole 16-bit samples")
             return
         if pcm:
-            read_at = time.perf_counter()
             inbox = self.gateway.names.inbox("vad_stt", self.route["vad_stt"])
-            await self.gateway.bus.publish(inbox, AudioIn(received_ms=now_ms_float(), pcm=pcm, **self._envelope))
-            self.gateway.latency.audio_in.observe((time.perf_counter() - read_at) * 1000)
+            self.gateway.uplink.send(inbox, self.gateway.bus.encode(AudioIn(received_ms=now_ms_float(), pcm=pcm, **self._envelope)))
 
     async def _on_text(self, text: str) -> None:
         try:
@@ -254,10 +252,9 @@ class ClientSession:
         names, bus = self.gateway.names, self.gateway.bus
         if isinstance(request, Ping):
             self.send_event("pong")
-        elif isinstance(request, InputAudioCommit):
-            await bus.publish(
-                names.inbox("vad_stt", self.route["vad_stt"]), AudioCommit(received_ms=now_ms_float(), **self._envelope)
-            )
+        elif isinstance(request, InputAudioCommit):  # behind the socket's audio, on the same uplink
+            commit = AudioCommit(received_ms=now_ms_float(), **self._envelope)
+            self.gateway.uplink.send(names.inbox("vad_stt", self.route["vad_stt"]), bus.encode(commit))
         elif isinstance(request, TextInputRequest):
             turn_id = uuid.uuid4().hex[:16]
             now = now_ms_float()
