@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hmac
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from gateway.hub import Gateway
 from shared.bus import pool_stats
+from shared.logging import redact_url
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -28,13 +28,6 @@ def require_api_key(request: Request) -> None:
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_api_key)])
 
 
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname}:{parts.port}")
-    return urlunsplit(parts)
-
-
 def _stage_of(gateway: Gateway, worker_id: str) -> str | None:
     return next((w.stage for found in gateway.directory.workers.values() for w in found if w.worker_id == worker_id), None)
 
@@ -44,7 +37,7 @@ async def pools(request: Request) -> dict:
     gateway = gateway_of(request)
     replies, silent = await gateway.introspect()
     return {
-        "redis": {**pool_stats(gateway.redis), "url": _redacted(gateway.settings.redis_url_or_default)},
+        "redis": {**pool_stats(gateway.redis), "url": redact_url(gateway.settings.redis_url_or_default)},
         "workers": [{"worker_id": r.worker_id, "stage": r.stage, **r.pools} for r in replies]
         + [{"worker_id": wid, "stage": _stage_of(gateway, wid), "responding": False} for wid in silent],
     }

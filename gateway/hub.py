@@ -24,7 +24,7 @@ from shared.bus import Bus, run_subscriber
 from shared.channels import STAGES, Names
 from shared.clock import now_ms
 from shared.config import Settings
-from shared.logging import log_context
+from shared.logging import log_context, redact_url
 from shared.memory import trim_loop
 from shared.messages import (
     BusMessage,
@@ -86,6 +86,7 @@ class Gateway:
         self._lease_s = max(1, int(settings.stale_timeout_s))
 
     async def start(self) -> None:
+        log.info("gateway %s on %s", self.gateway_id, redact_url(self.settings.redis_url_or_default))
         self._tasks.spawn(
             run_subscriber(self.redis, [self.inbox], self._deliver, on_subscribed=self._on_subscribed, name="gateway"),
             name="inbox",

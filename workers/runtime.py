@@ -39,7 +39,7 @@ from shared.bus import Bus, pool_stats, run_subscriber
 from shared.channels import Names
 from shared.clock import now_ms, now_ms_float
 from shared.config import Settings
-from shared.logging import log_context
+from shared.logging import log_context, redact_url
 from shared.memory import trim_loop
 from shared.messages import BusMessage, ConnectionDisconnected, ConversationOpened, IntrospectReply, IntrospectRequest
 from workers.stats import WorkerStats
@@ -354,7 +354,7 @@ async def serve(worker_cls: type[Worker], settings: Settings) -> None:
     client = create_redis(settings.redis_url_or_default, settings.redis_max_connections, name=worker_cls.stage)
     try:
         worker = worker_cls(settings, client)
-        log.info("starting %s", worker.worker_id)
+        log.info("starting %s on %s", worker.worker_id, redact_url(settings.redis_url_or_default))
         await worker.run()
     finally:
         await client.aclose()

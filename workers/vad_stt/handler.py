@@ -9,6 +9,7 @@ import uuid
 import webrtcvad
 
 from shared.clock import now_ms_float
+from shared.logging import log_content
 from shared.messages import (
     AudioCommit,
     AudioIn,
@@ -215,4 +216,6 @@ class VadSttWorker(Worker):
             await self.bus.publish_many([(self.names.inbox("llm", conv.route.llm), final), to_gateway])
         else:
             await self.bus.publish(*to_gateway)
-        log.info("transcribed in %.0f ms (%.0f ms after end of speech): %r", stt_ms, wait_ms, text)
+        log_content(
+            log, self.settings.log_content, "transcribed in %.0f ms (%.0f ms after end of speech)", stt_ms, wait_ms, content=text
+        )
