@@ -58,6 +58,7 @@ async def stats(request: Request) -> dict:
             "worker_conversations_cleaned": sum(int(w.stats.get("stale_cleaned", 0)) for w in workers),
         },
         "last_shutdown_cleanup": s.last_shutdown_cleanup,
+        "bus": {**gateway.bus_stats.summary(), "loop_restarts": dict(gateway.loop_restarts)},
         "uptime_s": round(time.monotonic() - gateway.started, 1),
     }
 

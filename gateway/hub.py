@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.directory import WorkerDirectory
-from shared.bus import Bus, run_subscriber
+from shared.bus import Bus, SubscriberStats, run_subscriber
 from shared.channels import STAGES, Names
 from shared.clock import now_ms
 from shared.config import Settings
@@ -34,7 +34,7 @@ from shared.messages import (
     IntrospectRequest,
     SessionTakeover,
 )
-from shared.tasks import TaskSet
+from shared.tasks import TaskSet, keep_running
 
 if TYPE_CHECKING:
     from gateway.session import ClientSession
@@ -81,18 +81,18 @@ class Gateway:
         self.stats = Stats()
         self.started = time.monotonic()
         self._tasks = TaskSet("gateway")
+        self.bus_stats = SubscriberStats()  # inbox messages dropped at the bus boundary
+        self.loop_restarts: dict[str, int] = {}  # long-lived loops that ended and were started again
         self._subscribed = asyncio.Event()
         self._introspections: dict[str, list[IntrospectReply]] = {}
         self._lease_s = max(1, int(settings.stale_timeout_s))
 
     async def start(self) -> None:
         log.info("gateway %s on %s", self.gateway_id, redact_url(self.settings.redis_url_or_default))
-        self._tasks.spawn(
-            run_subscriber(self.redis, [self.inbox], self._deliver, on_subscribed=self._on_subscribed, name="gateway"),
-            name="inbox",
-        )
-        self._tasks.spawn(self._refresh_directory(), name="directory")
-        self._tasks.spawn(self._stale_sweep_loop(), name="stale-sweep")
+        # restarted if they ever end (logged as errors): a gateway whose inbox reader died would
+        # still answer /readyz 200 while no reply reaches any client
+        for name, loop in (("inbox", self._read_inbox), ("directory", self._refresh_directory), ("stale-sweep", self._stale_sweep_loop)):
+            self._tasks.spawn(keep_running(name, loop, self.loop_restarts), name=name)
         trim = trim_loop(self.settings.memory_trim_interval_s, lambda: self.stats.published, lambda: not self.sessions)
         self._tasks.spawn(trim, name="memory-trim")
         try:
@@ -100,6 +100,11 @@ class Gateway:
                 await self._subscribed.wait()
         except TimeoutError:
             log.warning("gateway inbox not subscribed yet; Redis may be unreachable")
+
+    async def _read_inbox(self) -> None:
+        await run_subscriber(
+            self.redis, [self.inbox], self._deliver, on_subscribed=self._on_subscribed, name="gateway", stats=self.bus_stats
+        )
 
     async def _on_subscribed(self) -> None:
         self._subscribed.set()
@@ -293,10 +298,10 @@ class Gateway:
         )
         cleaned = 0
         for raw in expired:
-            cid = raw.decode()
+            cid = raw.decode(errors="replace")  # ZREM below uses the member as stored
             if cid in self.sessions or await self.redis.exists(self.names.conversation(cid)):
                 continue  # alive: its lease refresh is merely late
-            if await self.redis.zrem(self.names.live, cid):
+            if await self.redis.zrem(self.names.live, raw):
                 with log_context(cid):
                     log.warning("stale conversation: its gateway stopped refreshing the lease")
                     await self.publish_disconnect(

@@ -51,7 +51,7 @@ def parse(raw: bytes | str | None) -> list[Message]:
         return []
     try:
         items = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply for the json module
         return []
     if not isinstance(items, list):
         return []

@@ -202,7 +202,7 @@ class TtsWorker(Worker):
     ) -> None:
         """The piece's audio in chunks of `TTS_CHUNK_MS`: the first at once (behind `audio.started`
         on a reply's first piece), then the rest together; one round trip each."""
-        step = self.voice.sample_rate * 2 * self.settings.tts_chunk_ms // 1000
+        step = self.voice.sample_rate * self.settings.tts_chunk_ms // 1000 * 2  # whole samples: the bus refuses half ones
         head: list[BusMessage] = []
         if not turn.started:
             turn.started = True
