@@ -12,6 +12,7 @@ import time
 
 from bench.stack import percentile
 from shared.bus import Bus, create_redis, run_subscriber
+from shared.logging import redact_url
 from shared.messages import AudioIn, TtsSpeak
 from tests.support.redis_server import TestRedis
 
@@ -44,7 +45,7 @@ async def run(url: str, n: int) -> None:
             await got.wait()
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
-    print(f"bus hop over {url}, {n} messages each (ms): publish -> decoded in the subscriber's handler")
+    print(f"bus hop over {redact_url(url)}, {n} messages each (ms): publish -> decoded in the subscriber's handler")
     for kind, values in latencies.items():
         print(f"  {kind:10} p50 {percentile(values, 50):.3f}   p99 {percentile(values, 99):.3f}")
     await publisher.aclose()

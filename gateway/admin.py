@@ -5,13 +5,13 @@ heartbeat) that does not answer within `INTROSPECT_TIMEOUT_S` is listed with `re
 from __future__ import annotations
 
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from gateway.auth import api_key_valid
 from gateway.hub import Gateway
 from shared.bus import pool_stats
+from shared.logging import redact_url
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -27,13 +27,6 @@ def require_api_key(request: Request) -> None:
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_api_key)])
 
 
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname}:{parts.port}")
-    return urlunsplit(parts)
-
-
 def _stage_of(gateway: Gateway, worker_id: str) -> str | None:
     return next((w.stage for found in gateway.directory.workers.values() for w in found if w.worker_id == worker_id), None)
 
@@ -43,7 +36,7 @@ async def pools(request: Request) -> dict:
     gateway = gateway_of(request)
     replies, silent = await gateway.introspect()
     return {
-        "redis": {**pool_stats(gateway.redis), "url": _redacted(gateway.settings.redis_url_or_default)},
+        "redis": {**pool_stats(gateway.redis), "url": redact_url(gateway.settings.redis_url_or_default)},
         "workers": [{"worker_id": r.worker_id, "stage": r.stage, **r.pools} for r in replies]
         + [{"worker_id": wid, "stage": _stage_of(gateway, wid), "responding": False} for wid in silent],
     }
@@ -80,6 +73,7 @@ async def stats(request: Request) -> dict:
         },
         "last_shutdown_cleanup": s.last_shutdown_cleanup,
         "latency": gateway.latency.summary(),
+        "bus": {**gateway.bus_stats.summary(), "loop_restarts": dict(gateway.loop_restarts)},
         "uptime_s": round(time.monotonic() - gateway.started, 1),
     }
 

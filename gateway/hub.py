@@ -35,11 +35,11 @@ from gateway.latency import GatewayLatency
 from gateway.limits import ConnectionLimits
 from gateway.metrics import GatewayMetrics
 from gateway.uplink import Uplink
-from shared.bus import Bus, run_subscriber
+from shared.bus import Bus, SubscriberStats, run_subscriber
 from shared.channels import STAGES, Names
 from shared.clock import now_ms
 from shared.config import Settings
-from shared.logging import log_context
+from shared.logging import log_context, redact_url
 from shared.memory import trim_loop
 from shared.messages import (
     BusMessage,
@@ -49,7 +49,7 @@ from shared.messages import (
     IntrospectRequest,
     SessionTakeover,
 )
-from shared.tasks import TaskSet
+from shared.tasks import TaskSet, keep_running
 
 if TYPE_CHECKING:
     from gateway.session import ClientSession
@@ -132,6 +132,8 @@ class Gateway:
         self.stats = Stats()
         self.started = time.monotonic()
         self._tasks = TaskSet("gateway")
+        self.bus_stats = SubscriberStats()  # inbox messages dropped at the bus boundary
+        self.loop_restarts: dict[str, int] = {}  # long-lived loops that ended and were started again
         self._subscribed = asyncio.Event()
         self._introspections: dict[str, list[IntrospectReply]] = {}
         self._lease_s = max(1, int(settings.stale_timeout_s))
@@ -150,13 +152,17 @@ class Gateway:
         self.stats.rejected_by[why] = self.stats.rejected_by.get(why, 0) + 1
 
     async def start(self) -> None:
-        self._tasks.spawn(
-            run_subscriber(self.redis, [self.inbox], self._deliver, on_subscribed=self._on_subscribed, name="gateway"),
-            name="inbox",
+        log.info("gateway %s on %s", self.gateway_id, redact_url(self.settings.redis_url_or_default))
+        # restarted if they ever end (logged as errors): a gateway whose inbox reader died would
+        # still answer /readyz 200 while no reply reaches any client
+        loops = (
+            ("inbox", self._read_inbox),
+            ("directory", self._refresh_directory),
+            ("stale-sweep", self._stale_sweep_loop),
+            ("uplink", self.uplink.run),
         )
-        self._tasks.spawn(self.uplink.run(), name="uplink")
-        self._tasks.spawn(self._refresh_directory(), name="directory")
-        self._tasks.spawn(self._stale_sweep_loop(), name="stale-sweep")
+        for name, loop in loops:
+            self._tasks.spawn(keep_running(name, loop, self.loop_restarts), name=name)
         trim = trim_loop(self.settings.memory_trim_interval_s, lambda: self.stats.published, lambda: not self.sessions)
         self._tasks.spawn(trim, name="memory-trim")
         if self.limits.enabled:
@@ -170,6 +176,11 @@ class Gateway:
                 await self._subscribed.wait()
         except TimeoutError:
             log.warning("gateway inbox not subscribed yet; Redis may be unreachable")
+
+    async def _read_inbox(self) -> None:
+        await run_subscriber(
+            self.redis, [self.inbox], self._deliver, on_subscribed=self._on_subscribed, name="gateway", stats=self.bus_stats
+        )
 
     async def _on_subscribed(self) -> None:
         self._subscribed.set()
@@ -431,10 +442,10 @@ class Gateway:
         )
         cleaned = 0
         for raw in expired:
-            cid = raw.decode()
+            cid = raw.decode(errors="replace")  # ZREM below uses the member as stored
             if cid in self.sessions or await self.redis.exists(self.names.conversation(cid)):
                 continue  # alive: its lease refresh is merely late
-            if await self.redis.zrem(self.names.live, cid):
+            if await self.redis.zrem(self.names.live, raw):
                 with log_context(cid):
                     log.warning("stale conversation: its gateway stopped refreshing the lease")
                     await self.publish_disconnect(

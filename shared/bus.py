@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from shared.messages import BusMessage
 from shared.messages.codec import DecodeError, decode, encode
@@ -18,6 +19,8 @@ from shared.messages.codec import DecodeError, decode, encode
 log = logging.getLogger("voicepipe.bus")
 
 Handler = Callable[[str, BusMessage], Awaitable[None]]
+
+DROP_WARN_INTERVAL_S = 10.0  # a subscriber warns about dropped messages at most this often, per kind
 
 
 def create_redis(url: str, max_connections: int = 64, name: str | None = None) -> aioredis.Redis:
@@ -73,6 +76,32 @@ class Bus:
             return await pipe.execute()
 
 
+@dataclass
+class SubscriberStats:
+    """What one subscriber dropped: messages it could not decode, and messages its handler failed on."""
+
+    received: int = 0
+    undecodable: int = 0
+    handler_failures: int = 0
+    _last_warned: dict[str, float] = field(default_factory=dict, repr=False)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "bus_messages_received": self.received,
+            "bus_messages_undecodable": self.undecodable,
+            "bus_handler_failures": self.handler_failures,
+        }
+
+    def should_warn(self, kind: str) -> bool:
+        """At most one warning per kind every `DROP_WARN_INTERVAL_S`: a flood of garbage must not
+        become a flood of log lines (the counters keep the exact figures)."""
+        now = time.monotonic()
+        if now - self._last_warned.get(kind, -DROP_WARN_INTERVAL_S) < DROP_WARN_INTERVAL_S:
+            return False
+        self._last_warned[kind] = now
+        return True
+
+
 async def run_subscriber(
     client: aioredis.Redis,
     channels: Sequence[str],
@@ -80,12 +109,16 @@ async def run_subscriber(
     *,
     on_subscribed: Callable[[], Awaitable[None]] | None = None,
     name: str = "subscriber",
+    stats: SubscriberStats | None = None,
 ) -> None:
     """Deliver every message on `channels` to `handle`, in order, until cancelled.
 
-    A dropped connection is retried with backoff (0.05 s doubling to 2 s) and logged; a bad message
-    or a failing handler is logged and skipped. `on_subscribed` runs after every (re)subscribe, so
-    the owner can catch up on what it may have missed."""
+    A dropped connection is retried with backoff (0.05 s doubling to 2 s) and logged. Each message
+    is its own failure domain: one that does not decode, or whose handler raises, is counted in
+    `stats`, logged briefly (never its payload) and skipped; only cancellation ends the loop.
+    `on_subscribed` runs after every (re)subscribe, so the owner can catch up on what it may have
+    missed."""
+    stats = stats if stats is not None else SubscriberStats()
     backoff = 0.05
     while True:
         pubsub = client.pubsub(ignore_subscribe_messages=True)
@@ -98,22 +131,31 @@ async def run_subscriber(
                 raw = await pubsub.get_message(timeout=None)
                 if raw is None:
                     continue
-                channel = raw["channel"].decode() if isinstance(raw["channel"], bytes) else raw["channel"]
+                stats.received += 1
+                channel = raw["channel"].decode(errors="replace") if isinstance(raw["channel"], bytes) else raw["channel"]
                 try:
                     message = decode(raw["data"])
                 except DecodeError as exc:
-                    log.warning("%s: dropped a message on %s: %s", name, channel, exc)
+                    stats.undecodable += 1
+                    if stats.should_warn("undecodable"):
+                        log.warning("%s: dropped an undecodable message on %s (%d so far): %s", name, channel, stats.undecodable, exc)
+                    else:
+                        log.debug("%s: dropped an undecodable message on %s: %s", name, channel, exc)
                     continue
                 try:
                     await handle(channel, message)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    log.exception("%s: handler failed for %s on %s", name, message.type, channel)
+                    stats.handler_failures += 1
+                    if stats.should_warn("handler"):
+                        log.exception("%s: handler failed for %s on %s (%d so far)", name, message.type, channel, stats.handler_failures)
+                    else:
+                        log.debug("%s: handler failed for %s on %s", name, message.type, channel, exc_info=True)
                 # A burst of messages already buffered would otherwise be handled in one loop
                 # iteration, holding back every other task (socket closes, cleanup) until it ends.
                 await asyncio.sleep(0)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisError, OSError) as exc:  # lost connection, refused AUTH, a Redis-side error
             log.warning("%s: Redis subscription lost (%s); resubscribing in %.2f s", name, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)

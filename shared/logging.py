@@ -1,4 +1,4 @@
-"""One logging setup for every process.
+"""One logging setup for every process, and what must never reach a log line.
 
 A correlation id and conversation id live in context variables; a filter copies them into every
 record, so `grep <id>` over all processes' logs shows a conversation's whole life.
@@ -8,7 +8,12 @@ including third-party ones (uvicorn logs each WebSocket handshake with its full 
 `/v1/ws?token=…&resume_token=…` would otherwise be written out, and websockets logs every request
 header at DEBUG). It blanks the values of secret-bearing query parameters, bearer credentials,
 `token.<T>` subprotocols, URL passwords, and every configured secret wherever it appears (also
-percent-encoded), in the message and in tracebacks."""
+percent-encoded), in the message and in tracebacks. A URL that is printed on purpose goes through
+`redact_url` (passwords in the userinfo and in `password`/`token` query parameters).
+
+What users say and hear (transcripts, typed text, replies) is personal data: `log_content` writes
+it at INFO only when `LOG_CONTENT` is true, and otherwise at DEBUG only, with an INFO line that says
+how long it was."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +24,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
 
 correlation_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="-")
 conversation_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("conversation_id", default="-")
@@ -134,3 +139,50 @@ def log_context(conversation_id: str | None = None, correlation_id: str | None =
     finally:
         for var, token in reversed(tokens):
             var.reset(token)
+
+
+MASK = "***"
+SECRET_QUERY_KEYS = frozenset({"password", "token", "api_key", "access_token"})
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password masked, in the userinfo (`redis://:pw@`, `redis://user:pw@`,
+    `rediss://…`) and in secret query parameters (`?password=`); the rest is kept for operators.
+
+    Never raises: a URL too broken to parse is shown as its scheme only."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user, has_password, _ = userinfo.partition(":")
+            netloc = f"{user}:{MASK}@{hostport}" if has_password else netloc
+        query = parts.query
+        if query:
+            pairs = [pair.partition("=") for pair in query.split("&")]  # raw, so the rest is shown as given
+            query = "&".join(
+                f"{k}={MASK}" if unquote_plus(k).lower() in SECRET_QUERY_KEYS else f"{k}{eq}{v}" for k, eq, v in pairs
+            )
+        if "//" not in url:
+            return urlunsplit(parts._replace(netloc=netloc, query=query))
+        # urlunsplit drops an empty authority (unix:///path -> unix:/path); keep the URL's own shape
+        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "") + (
+            f"#{parts.fragment}" if parts.fragment else ""
+        )
+    except ValueError:
+        return f"{url.partition(':')[0]}://{MASK}"
+
+
+def log_content(
+    logger: logging.Logger, enabled: bool, msg: str, *args: object, content: str, level: int = logging.INFO
+) -> None:
+    """Log `msg % args` followed by the user's or the assistant's words `content`.
+
+    Content logging on (`LOG_CONTENT`): one line at `level`, ending in the quoted content. Off: the
+    same line at DEBUG when DEBUG is enabled; otherwise a line at `level` with the content's length only."""
+    if enabled:
+        logger.log(level, f"{msg}: %r", *args, content)
+    elif logger.isEnabledFor(logging.DEBUG):
+        logger.debug(f"{msg}: %r", *args, content)
+    else:
+        logger.log(level, f"{msg} ({len(content)} characters)", *args)

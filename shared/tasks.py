@@ -2,13 +2,19 @@
 
 `stop_tasks` cancels and waits, and cancels again while a task is still running: a library may
 swallow one cancellation that lands inside it (redis-py's asyncio client can, see
-redis/redis-py#2028), so a single `cancel()` is not a guarantee that the task ends."""
+redis/redis-py#2028), so a single `cancel()` is not a guarantee that the task ends.
+
+`keep_running` is for a process's long-lived loops (bus reader, heartbeat, sweeps, directory):
+they catch what they expect per iteration, and anything else that ends one is a bug that must not
+silently take a duty away from a process that still reports itself healthy. So the loop is logged
+loudly (ERROR with the traceback) and started again after a short backoff, for as long as the
+process lives; only cancellation stops it."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 log = logging.getLogger("voicepipe.tasks")
@@ -26,6 +32,33 @@ async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], timeout: float = 5.0) -
             for task in pending:
                 log.warning("task %s did not stop within %.1f s", task.get_name(), timeout)
             return
+
+
+RESTART_BACKOFF_S = (0.1, 5.0)  # first and longest wait before a loop that ended is started again
+
+
+async def keep_running(name: str, loop: Callable[[], Coroutine[Any, Any, Any]], restarts: dict[str, int] | None = None) -> None:
+    """Run `loop()` for ever: when it returns or raises (anything but cancellation), log it as an
+    error and start it again after a backoff (doubling up to 5 s; back to the start once a run has
+    lasted a minute). `restarts`, if given, counts the restarts by `name`."""
+    backoff = RESTART_BACKOFF_S[0]
+    while True:
+        started = time.monotonic()
+        failure: BaseException | None = None
+        try:
+            await loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failure = exc
+        if time.monotonic() - started > 60:
+            backoff = RESTART_BACKOFF_S[0]
+        how = "failed" if failure is not None else "ended unexpectedly"
+        log.error("loop %s %s; restarting it in %.1f s", name, how, backoff, exc_info=failure)
+        if restarts is not None:
+            restarts[name] = restarts.get(name, 0) + 1
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
 
 
 class TaskSet:

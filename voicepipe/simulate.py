@@ -25,6 +25,7 @@ import websockets
 
 from shared.channels import Names
 from shared.config import Settings
+from shared.logging import MASK
 from shared.messages.codec import DecodeError, decode
 from voicepipe.wavio import read_wav_16k_mono
 
@@ -290,6 +291,9 @@ async def simulate(args: argparse.Namespace, settings: Settings) -> int:
     sim = Simulation(base_url, api_key, settings, pcm, args.cleanup_timeout, token)
     try:
         redis_url = args.redis_url or settings.redis_url or (await sim.admin.get("/admin/resources/pools"))["redis"]["url"]
+        if MASK in redis_url:  # the gateway never tells its Redis password
+            print("error: the gateway's Redis needs a password: pass --redis-url or set VOICEPIPE_REDIS_URL", file=sys.stderr)
+            return 2
         client = aioredis.Redis.from_url(redis_url)
         async with BusWatcher(client, sim.names) as watcher:
             if args.churn:

@@ -22,6 +22,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from shared.config import Settings
+from shared.logging import redact_url
 from shared.priority import deprioritize
 from voicepipe import embedded
 
@@ -102,6 +103,7 @@ class Supervisor:
                 await self._start(Child("redis", embedded.redis_argv(port), self._env()))
                 env_extra["VOICEPIPE_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
                 await _wait_for(lambda: _redis_ok(env_extra["VOICEPIPE_REDIS_URL"]), "redis", 20)
+            log.info("bus: %s", redact_url(env_extra.get("VOICEPIPE_REDIS_URL") or self.settings.redis_url_or_default))
             if not self.settings.llm_base_url and not self.settings.null_mode:  # null mode needs no model
                 port = embedded.free_port()
                 llm_server = embedded.llm_argv(port, self.settings.llm_model)

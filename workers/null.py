@@ -12,8 +12,8 @@ NULL_REPLY = "It is time for a test. This reply costs nothing to make."
 
 
 class NullTranscriber:
-    async def atranscribe(self, audio: bytes) -> tuple[str, float]:
-        return NULL_TRANSCRIPT, 0.0
+    def transcribe(self, pcm: bytes) -> str:
+        return NULL_TRANSCRIPT
 
     def warm_up(self) -> None:
         pass
@@ -24,8 +24,8 @@ class NullVoice:
 
     sample_rate = 22050
 
-    async def asynthesize(self, text: str) -> tuple[bytes, float]:
-        return bytes(self.sample_rate * 2 * 60 * len(text) // 1000), 0.0
+    def synthesize(self, text: str) -> bytes:
+        return bytes(self.sample_rate * 2 * 60 * len(text) // 1000)
 
     def warm_up(self) -> None:
         pass

@@ -12,6 +12,10 @@ through `admit`, which requires the gateway's live routing for it.
 Fencing: once a conversation ends, messages for that socket (`connection_id`) are dropped, so late
 input can never revive it (a resume opens a new socket, which is admitted again).
 
+The bus is a boundary: a message that does not decode, or whose handling raises, is counted and
+dropped by the subscriber (shared/bus.py), and the subscriber, heartbeat and sweep loops are
+restarted if they ever end (shared/tasks.py `keep_running`), loudly logged.
+
 Safety net: pub/sub is at-most-once, so every `sweep_interval` (and right after every re-subscribe)
 the worker checks the routing lease of everything it holds; a conversation whose lease is gone or
 belongs to another socket is cleaned as stale. The gateway deletes the lease before it publishes
@@ -35,13 +39,14 @@ from typing import ClassVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared.bus import Bus, pool_stats, run_subscriber
+from shared.bus import Bus, SubscriberStats, pool_stats, run_subscriber
 from shared.channels import Names
 from shared.clock import now_ms, now_ms_float
 from shared.config import Settings
-from shared.logging import log_context
+from shared.logging import log_context, redact_url
 from shared.memory import trim_loop
 from shared.messages import BusMessage, ConnectionDisconnected, ConversationOpened, IntrospectReply, IntrospectRequest
+from shared.tasks import keep_running
 from workers.metrics import WorkerMetrics
 from workers.stats import WorkerStats
 
@@ -79,6 +84,8 @@ class Worker(abc.ABC):
         self.bus = Bus(client, self.worker_id)
         self.inbox = self.names.inbox(self.stage, self.worker_id)
         self.stats = WorkerStats()
+        self.bus_stats = SubscriberStats()  # messages dropped at the bus boundary
+        self.loop_restarts: dict[str, int] = {}  # long-lived loops that ended and were started again
         self.sweep_interval_s = max(0.2, min(5.0, settings.stale_timeout_s / 3))
         self._connections: dict[str, str] = {}  # conversation id -> connection id of the state held
         self._ended: OrderedDict[str, tuple[str | None, float]] = OrderedDict()  # id -> (socket, cleaned at ms)
@@ -128,8 +135,10 @@ class Worker(abc.ABC):
         await self.load()
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._heartbeat_loop(), name=f"{self.worker_id}:heartbeat")
-                group.create_task(self._sweep_loop(), name=f"{self.worker_id}:sweep")
+                # restarted if they ever end: a bug or one bad input must never leave a worker
+                # that still heartbeats but no longer reads its inbox (or the reverse)
+                for name, loop in (("heartbeat", self._heartbeat_loop), ("sweep", self._sweep_loop), ("subscriber", self._subscribe)):
+                    group.create_task(keep_running(name, loop, self.loop_restarts), name=f"{self.worker_id}:{name}")
                 group.create_task(self._health_loop(), name=f"{self.worker_id}:health")
                 group.create_task(self.metrics.serve(), name=f"{self.worker_id}:metrics")
                 group.create_task(
@@ -140,18 +149,18 @@ class Worker(abc.ABC):
                     ),
                     name=f"{self.worker_id}:memory-trim",
                 )
-                group.create_task(
-                    run_subscriber(
-                        self.redis,
-                        [self.inbox, self.names.connection_events, self.names.control, *self.extra_channels()],
-                        self._dispatch,
-                        on_subscribed=self._catch_up,
-                        name=self.worker_id,
-                    ),
-                    name=f"{self.worker_id}:subscriber",
-                )
         finally:
             await self.aclose()
+
+    async def _subscribe(self) -> None:
+        await run_subscriber(
+            self.redis,
+            [self.inbox, self.names.connection_events, self.names.control, *self.extra_channels()],
+            self._dispatch,
+            on_subscribed=self._catch_up,
+            name=self.worker_id,
+            stats=self.bus_stats,
+        )
 
     async def aclose(self) -> None:
         """Shutdown: withdraw the heartbeat (no gateway routes a new conversation here), refuse new
@@ -256,11 +265,10 @@ class Worker(abc.ABC):
         fields = await self.redis.hgetall(self.names.conversation(conversation_id))
         if not fields:
             return None
-        decoded = {k.decode(): v.decode() for k, v in fields.items()}
         try:
-            return Route.of(decoded)
-        except KeyError:
-            log.warning("conversation routing is incomplete: %s", decoded)
+            return Route.of({k.decode(): v.decode() for k, v in fields.items()})
+        except (KeyError, UnicodeDecodeError) as exc:
+            log.warning("conversation routing is incomplete or not UTF-8 (%s): treated as not connected", type(exc).__name__)
             return None
 
     # ---- safety net
@@ -295,7 +303,7 @@ class Worker(abc.ABC):
                 owners = await pipe.execute()
             for cid, owner in zip(ids, owners):
                 mine = self._connections.get(cid)
-                if owner is None or (mine is not None and owner.decode() != mine):
+                if owner is None or (mine is not None and owner.decode(errors="replace") != mine):
                     stale.append(cid)
         suspects, self._suspects = self._suspects, set()
         if not immediate:
@@ -324,7 +332,7 @@ class Worker(abc.ABC):
             resources=self.resources(),
             holds=self.holds(cid) if cid else None,
             cleaned_ms=self._ended[cid][1] if cid in self._ended else None,
-            stats=self.stats.summary(),
+            stats={**self.stats.summary(), **self.bus_stats.summary(), "loop_restarts": sum(self.loop_restarts.values())},
             pools=self.pools(),
             still_held=sorted(set(request.held_of) & set(self.conversation_ids())),
         )
@@ -376,7 +384,7 @@ async def serve(worker_cls: type[Worker], settings: Settings) -> None:
     client = create_redis(settings.redis_url_or_default, settings.redis_max_connections, name=worker_cls.stage)
     try:
         worker = worker_cls(settings, client)
-        log.info("starting %s", worker.worker_id)
+        log.info("starting %s on %s", worker.worker_id, redact_url(settings.redis_url_or_default))
         await worker.run()
     finally:
         await client.aclose()

@@ -1,4 +1,7 @@
-"""The envelope every bus message carries."""
+"""The envelope every bus message carries.
+
+No bus message has a use for NaN or infinity, and either would poison the timings computed from
+it, so they are refused at decoding like any other malformed field."""
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -7,7 +10,7 @@ from shared.clock import now_ms
 
 
 class Envelope(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     conversation_id: str
     turn_id: str | None = None

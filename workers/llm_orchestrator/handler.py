@@ -118,6 +118,7 @@ class LlmWorker(Worker):
                 retry_backoff_s=s.llm_retry_backoff_s,
                 max_tokens=s.llm_max_tokens,
                 temperature=s.llm_temperature,
+                log_content=s.log_content,
             )
 
     async def aclose(self) -> None:

@@ -1,8 +1,13 @@
 """Conversation history in Redis, kept for the resume window.
 
 The conversation's preserved record is one hash, `{ns}:conv:{cid}:history`: field `messages` holds
-the chat messages as a JSON list (trimmed to a budget), field `resume_token` the gateway's token.
-One orchestrator owns a conversation at a time, so read-modify-write of `messages` is safe.
+the chat messages as a JSON list, field `resume_token` the gateway's token. One orchestrator owns
+a conversation at a time, so read-modify-write of `messages` is safe.
+
+The stored copy is held to the same budget as what the LLM sees (`HISTORY_MAX_MESSAGES` and
+`HISTORY_MAX_CHARS`): a conversation of 10,000 turns, or of a few enormous ones, stores as much as
+one within the budget. A message longer than half the character budget is cut to that half, so the
+newest turn (a question and its reply) always fits and is never lost to one long message.
 
 A reply that did not reach the user whole carries a `note`: "interrupted" (barge-in or cancel; its
 content is only what the client was sent audio of) or "blocked" (the output guard stopped it). The
@@ -34,9 +39,18 @@ def for_llm(messages: list[Message]) -> list[dict[str, str]]:
     return out
 
 
+def _capped(message: Message, limit: int) -> Message:
+    content = message.get("content", "")
+    if len(content) <= limit:
+        return message
+    return {**message, "content": content[: max(0, limit - 1)] + "…"}
+
+
 def trim(messages: list[Message], max_messages: int, max_chars: int) -> list[Message]:
-    """Keep the newest messages within both budgets; the kept history never starts with a reply."""
-    kept = messages[-max_messages:] if max_messages > 0 else []
+    """Keep the newest messages within both budgets (a message longer than half of `max_chars` is
+    cut to that half); the kept history never starts with a reply."""
+    limit = max(1, max_chars // 2)
+    kept = [_capped(m, limit) for m in messages[-max_messages:]] if max_messages > 0 and max_chars > 0 else []
     total = sum(len(m.get("content", "")) for m in kept)
     while kept and total > max_chars:
         total -= len(kept.pop(0).get("content", ""))
@@ -51,7 +65,7 @@ def parse(raw: bytes | str | None) -> list[Message]:
         return []
     try:
         items = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply for the json module
         return []
     if not isinstance(items, list):
         return []
@@ -79,8 +93,7 @@ class HistoryStore:
         written whole that turned out to be interrupted is rewritten this way)."""
         key = self._names.history(conversation_id)
         stored = parse(await self._redis.hget(key, MESSAGES_FIELD))
-        stored = stored[: len(stored) - replace_last] + list(messages)
-        stored = stored[-self._max_messages :] if self._max_messages > 0 else []
+        stored = trim(stored[: len(stored) - replace_last] + list(messages), self._max_messages, self._max_chars)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, MESSAGES_FIELD, json.dumps(stored))
             pipe.expire(key, self._ttl_s)

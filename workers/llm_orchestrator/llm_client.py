@@ -11,7 +11,8 @@ Covers llama.cpp server, Ollama, vLLM and OpenAI. Why it is more than `httpx.str
   are retried with jittered backoff, but only before the first token, since nothing the caller
   has already spoken can be taken back.
 - Errors become three exceptions whose message is safe to show a client: the server's error body
-  can carry prompts, paths or keys, so it is only logged (shortened)."""
+  can carry prompts, paths or keys, so it is only logged (shortened). A malformed stream chunk is
+  reply text: it is logged only with content logging on (`log_content`), else at DEBUG."""
 from __future__ import annotations
 
 import asyncio
@@ -23,6 +24,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+
+from shared.logging import log_content
 
 log = logging.getLogger("voicepipe.llm")
 
@@ -112,6 +115,7 @@ class ChatClient:
         retry_backoff_s: float = 0.2,
         max_tokens: int = 160,
         temperature: float = 0.6,
+        log_content: bool = False,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.max_connections = pool_size
@@ -130,6 +134,7 @@ class ChatClient:
             limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=min(20, pool_size)),
         )
         self._model = model
+        self._log_content = log_content
         self._max_tokens = max_tokens
         self._temperature = temperature
         self._upstreams: set[_Upstream] = set()
@@ -233,10 +238,10 @@ class ChatClient:
         try:
             chunk = json.loads(data)
         except ValueError as exc:
-            log.warning("LLM sent a malformed chunk: %.200s", data)
+            log_content(log, self._log_content, "LLM sent a malformed chunk", content=data[:DETAIL_CHARS], level=logging.WARNING)
             raise LlmError("LLM server sent a malformed stream") from exc
         if not isinstance(chunk, dict):
-            log.warning("LLM sent a chunk that is not an object: %.200s", data)
+            log_content(log, self._log_content, "LLM sent a chunk that is not an object", content=data[:DETAIL_CHARS], level=logging.WARNING)
             raise LlmError("LLM server sent a malformed stream")
         if "error" in chunk:
             log.warning("LLM sent an error in the stream: %.200s", json.dumps(chunk["error"]))

@@ -1,15 +1,21 @@
 """TTS worker: one ordered speech queue per conversation; audio goes back in small chunks.
 
+The voice is shared between conversations through a fair scheduler (shared/fair.py): each
+conversation's speaker hands it one piece at a time, and the conversations are served round-robin,
+so a long reply (or many) of one conversation never makes another's first piece wait behind it.
+
 While it speaks for a conversation the key `tts_active` exists (absent means false). A stop names
 its turn: the turn's queued pieces are dropped and its synthesis under way is abandoned; the stopped
 turn is remembered (a few of the latest only) so a piece of it that was still in flight is dropped too."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from shared.fair import FairScheduler
 from shared.messages import BusMessage, TtsAudio, TtsAudioDone, TtsAudioStarted, TtsEnd, TtsSpeak, TtsStop
 from shared.tasks import Fence, TaskSet, stop_tasks
 from workers.runtime import Route, Worker
@@ -70,6 +76,7 @@ class TtsWorker(Worker):
         super().__init__(settings, client)
         self.voice = voice
         self.conversations: dict[str, SpeechConversation] = {}
+        self.scheduler = FairScheduler("piper")  # the voice shared round-robin between conversations
 
     async def load(self) -> None:
         if self.voice is None and self.settings.null_mode:
@@ -82,6 +89,10 @@ class TtsWorker(Worker):
                 Voice, s.tts_model_path, s.tts_config_path, s.inference_nice, s.inference_idle
             )
             await asyncio.to_thread(self.voice.warm_up)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        self.scheduler.close()
 
     def extra_channels(self) -> list[str]:
         return [self.names.tts_control]
@@ -118,6 +129,7 @@ class TtsWorker(Worker):
             await conv.stop_speaker()
             conv.queue.clear()
             await conv.tasks.aclose()
+            self.scheduler.drop(conversation_id)
         finally:
             await self.redis.delete(self.names.tts_active(conversation_id))  # "tts active" is false
 
@@ -185,8 +197,11 @@ class TtsWorker(Worker):
             turn = conv.turns.setdefault(item.turn_id, TurnAudio())
             conv.guard(item.turn_id)
             if isinstance(item, TtsSpeak):
-                pcm, ms = await self.voice.asynthesize(item.text)
+                speak = functools.partial(self.voice.synthesize, item.text)
+                synthesis = self.scheduler.submit(conv.conversation_id, speak, f"speak:{item.turn_id}")
+                pcm = await synthesis
                 conv.guard(item.turn_id)
+                ms = synthesis.run_ms or 0.0
                 turn.tts_ms += ms
                 if turn.first_chunk_ms is None:
                     turn.first_chunk_ms = round(ms, 1)
@@ -206,7 +221,7 @@ class TtsWorker(Worker):
     ) -> None:
         """The piece's audio in chunks of `TTS_CHUNK_MS`: the first at once (behind `audio.started`
         on a reply's first piece), then the rest together; one round trip each."""
-        step = self.voice.sample_rate * 2 * self.settings.tts_chunk_ms // 1000
+        step = self.voice.sample_rate * self.settings.tts_chunk_ms // 1000 * 2  # whole samples: the bus refuses half ones
         head: list[BusMessage] = []
         if not turn.started:
             turn.started = True

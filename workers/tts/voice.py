@@ -1,7 +1,10 @@
-"""The piper voice, loaded once per process; synthesis runs in a thread, one at a time per voice."""
+"""The piper voice, loaded once per process; `synthesize` blocks, one call at a time per voice.
+
+The worker calls it through its fair scheduler (shared/fair.py), on the scheduler's thread and
+round-robin between conversations; the voice's own lock only guards other callers (warm-up, or
+tests that share one voice between several workers)."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import threading
@@ -39,18 +42,13 @@ class Voice:
         log.info("piper voice %s loaded in %.0f ms", model_path, (time.perf_counter() - started) * 1000)
 
     def synthesize(self, text: str) -> bytes:
-        """Text -> PCM s16le mono at `sample_rate`. Blocking; use `asynthesize` from async code."""
+        """Text -> PCM s16le mono at `sample_rate`. Blocking: never call it on the event loop."""
         text = speakable(text)
         if not text:
             return b""
         deprioritize_current_thread(*self._priority)
         with self._lock:
             return b"".join(chunk.audio_int16_bytes for chunk in self._voice.synthesize(text))
-
-    async def asynthesize(self, text: str) -> tuple[bytes, float]:
-        started = time.perf_counter()
-        pcm = await asyncio.to_thread(self.synthesize, text)
-        return pcm, (time.perf_counter() - started) * 1000
 
     def warm_up(self) -> None:
         self.synthesize("Hello.")

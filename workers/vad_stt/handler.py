@@ -1,14 +1,31 @@
-"""VAD/STT worker: one audio processor per conversation; utterances go to whisper, text goes on."""
+"""VAD/STT worker: one audio processor per conversation; utterances go to whisper, text goes on.
+
+Whisper is shared between conversations through a fair scheduler (shared/fair.py): round-robin
+between conversations, so one that commits in a loop cannot make another wait behind all of it.
+What one conversation may queue is bounded too:
+- transcriptions: when an utterance ends while the conversation's previous utterance is still
+  waiting for the model (not started), the two are merged into that one waiting job (a short
+  silence between them, the newest 30 s kept) and answered as the newer turn; the older turn gets
+  an empty final transcript at once, so nothing waits for it. The user's words are not lost, and
+  at most one final transcription per conversation ever waits;
+- an early transcript of a pause (speculation) is one job, withdrawn if speech resumes;
+- an interim transcript starts only when none is under way, and one that has not started yet is
+  withdrawn when the utterance ends (it could only delay the final one).
+Final transcripts leave in utterance order (`AudioConversation.order`)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 import webrtcvad
 
 from shared.clock import now_ms_float
+from shared.fair import FairScheduler, Job
+from shared.logging import log_content
 from shared.messages import (
     AudioCommit,
     AudioIn,
@@ -22,10 +39,35 @@ from shared.messages import (
 from shared.tasks import Fence, TaskSet
 from workers.runtime import Route, Worker
 from workers.vad_stt import segmenter as seg
-from workers.vad_stt.segmenter import SAMPLE_RATE, Event, Segmenter
-from workers.vad_stt.stt import Transcriber
+from workers.vad_stt.segmenter import BYTES_PER_MS, SAMPLE_RATE, Event, Segmenter
+from workers.vad_stt.stt import MAX_WINDOW_S, Transcriber
 
 log = logging.getLogger("voicepipe.vad_stt")
+
+MERGE_GAP = bytes(300 * BYTES_PER_MS)  # silence between two merged utterances, so words do not run together
+MERGED_MAX_BYTES = MAX_WINDOW_S * 1000 * BYTES_PER_MS  # a merged transcription keeps its newest 30 s
+
+
+@dataclass(eq=False)
+class Utterance:
+    """One utterance on its way through whisper. Until its job starts, a newer utterance of the same
+    conversation can be merged into it; `turn_id` is then the newer turn's."""
+
+    turn_id: str | None
+    audio: bytearray
+    job: Job[str] | None = None
+    decided: float = 0.0  # perf_counter() at the end-of-speech decision of `turn_id`
+
+    @property
+    def mergeable(self) -> bool:
+        return self.job is not None and not self.job.started and not self.job.future.done()
+
+    def merge(self, audio: bytes, turn_id: str | None, decided: float) -> str | None:
+        """Append a newer utterance; returns the turn this one answered until now."""
+        self.audio += MERGE_GAP + audio
+        del self.audio[: max(0, len(self.audio) - MERGED_MAX_BYTES)]
+        superseded, self.turn_id, self.decided = self.turn_id, turn_id, decided
+        return superseded
 
 
 class AudioConversation:
@@ -38,15 +80,19 @@ class AudioConversation:
         self.turn_id: str | None = None
         self.tasks = TaskSet(f"vad_stt:{conversation_id}")
         self.fence = Fence()
-        self.transcribe_lock = asyncio.Lock()  # transcripts leave in utterance order
-        self.speculation: asyncio.Task[tuple[str, float]] | None = None  # early transcript of a pause
-        self.partial: asyncio.Task[None] | None = None  # interim transcript under way
+        self.order = asyncio.Lock()  # final transcripts leave in utterance order (asyncio.Lock is FIFO)
+        self.speculation: Utterance | None = None  # early transcript of a pause
+        self.pending: Utterance | None = None  # the latest final transcription (mergeable until it starts)
+        self.partial: Job[str] | None = None  # interim transcript queued or under way
         self.partial_at_bytes = 0  # utterance length at the last interim transcript
         self.last_activity_ms = now_ms_float()
 
     async def aclose(self) -> None:
         self.fence.close()
         await self.tasks.aclose()
+        for utterance in (self.speculation, self.pending):  # a speculation has no task of its own
+            if utterance is not None and utterance.job is not None:
+                utterance.job.future.cancel()
 
 
 class VadSttWorker(Worker):
@@ -56,6 +102,7 @@ class VadSttWorker(Worker):
         super().__init__(settings, client)
         self.transcriber = transcriber
         self.conversations: dict[str, AudioConversation] = {}
+        self.scheduler = FairScheduler("whisper")  # whisper shared round-robin between conversations
 
     async def load(self) -> None:
         if self.transcriber is None and self.settings.null_mode:
@@ -75,6 +122,10 @@ class VadSttWorker(Worker):
             )
             await asyncio.to_thread(self.transcriber.warm_up)
 
+    async def aclose(self) -> None:
+        await super().aclose()
+        self.scheduler.close()
+
     def conversation_ids(self) -> list[str]:
         return list(self.conversations)
 
@@ -84,6 +135,7 @@ class VadSttWorker(Worker):
             "audio_processor": int(conv is not None),
             "tasks": len(conv.tasks) if conv else 0,
             "buffered_audio_bytes": conv.segmenter.buffered_bytes if conv else 0,
+            "queued_transcriptions": self.scheduler.waiting(conversation_id),
         }
 
     def resources(self) -> dict[str, int]:
@@ -91,12 +143,14 @@ class VadSttWorker(Worker):
             "conversations": len(self.conversations),
             "audio_processors": len(self.conversations),
             "tasks": sum(len(c.tasks) for c in self.conversations.values()),
+            "queued_transcriptions": self.scheduler.waiting(),
         }
 
     async def close_conversation(self, conversation_id: str) -> None:
         conv = self.conversations.pop(conversation_id, None)
         if conv is not None:
             await conv.aclose()
+        self.scheduler.drop(conversation_id)
 
     def _new_segmenter(self) -> Segmenter:
         s = self.settings
@@ -155,12 +209,12 @@ class VadSttWorker(Worker):
                 await self.bus.publish(gateway_inbox, sustained)
                 continue
             if isinstance(event, seg.SpeechPaused):
-                conv.speculation = conv.tasks.spawn(self._whisper(conv, event.audio), name="speculate")
+                conv.speculation = self._transcribe(conv, Utterance(conv.turn_id, bytearray(event.audio)), "speculate")
                 continue
             speculation, conv.speculation = conv.speculation, None
             if isinstance(event, seg.SpeechResumed):
                 if speculation is not None:
-                    speculation.cancel()  # the user went on speaking: that early transcript is stale
+                    speculation.job.future.cancel()  # the user went on speaking: that early transcript is stale
                 continue
             decided = time.perf_counter()
             turn_id = conv.turn_id
@@ -170,26 +224,39 @@ class VadSttWorker(Worker):
                     turn_id=turn_id, speech_end_ms=event.speech_end_ms, decided_ms=event.decided_ms, **envelope
                 ),
             )
-            if event.audio:
-                if speculation is None:
-                    speculation = conv.tasks.spawn(self._whisper(conv, event.audio), name="transcribe")
-                conv.tasks.spawn(self._finish(conv, turn_id, speculation, decided), name=f"transcript:{turn_id}")
-            else:
+            if conv.partial is not None and not conv.partial.started:
+                conv.partial.future.cancel()  # an interim transcript that has not started would only delay the final
+            if not event.audio:
                 if speculation is not None:
-                    speculation.cancel()
+                    speculation.job.future.cancel()
                 await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=turn_id, text="", stt_ms=0, **envelope))
+                continue
+            waiting = conv.pending
+            if waiting is not None and waiting.mergeable:  # the model is busy: one job for both utterances
+                if speculation is not None:
+                    speculation.job.future.cancel()
+                superseded = waiting.merge(event.audio, turn_id, decided)
+                log.info("utterance merged into the previous one's transcription, which had not started yet")
+                await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=superseded, text="", stt_ms=0, **envelope))
+                continue
+            utterance = speculation or self._transcribe(conv, Utterance(turn_id, bytearray(event.audio)), "transcribe")
+            utterance.turn_id, utterance.decided = turn_id, decided
+            conv.pending = utterance
+            conv.tasks.spawn(self._finish(conv, utterance), name=f"transcript:{turn_id}")
 
     def _maybe_partial(self, conv: AudioConversation) -> None:
-        """Start an interim transcript when enough new speech arrived and none is running."""
+        """Start an interim transcript when enough new speech arrived and none is queued or running."""
         audio = conv.segmenter.utterance
         step = self.settings.stt_partial_interval_ms * 32  # bytes of 16 kHz PCM16
-        if not audio or len(audio) - conv.partial_at_bytes < step or (conv.partial and not conv.partial.done()):
+        if not audio or len(audio) - conv.partial_at_bytes < step or (conv.partial and not conv.partial.future.done()):
             return
         conv.partial_at_bytes = len(audio)
-        conv.partial = conv.tasks.spawn(self._send_partial(conv, conv.turn_id, audio), name="partial")
+        transcribe = functools.partial(self.transcriber.transcribe, audio)
+        conv.partial = self.scheduler.submit(conv.conversation_id, transcribe, "partial")
+        conv.tasks.spawn(self._send_partial(conv, conv.turn_id, conv.partial), name="partial")
 
-    async def _send_partial(self, conv: AudioConversation, turn_id: str | None, audio: bytes) -> None:
-        text, _ms = await self._whisper(conv, audio)
+    async def _send_partial(self, conv: AudioConversation, turn_id: str | None, job: Job[str]) -> None:
+        text = await job
         conv.fence.guard()
         if text and conv.turn_id == turn_id and conv.segmenter.speaking:  # the turn is still being spoken
             partial = TranscriptPartial(
@@ -197,27 +264,34 @@ class VadSttWorker(Worker):
             )
             await self.bus.publish(self.names.inbox("gateway", conv.route.gateway), partial)
 
-    async def _whisper(self, conv: AudioConversation, audio: bytes) -> tuple[str, float]:
-        async with conv.transcribe_lock:
-            return await self.transcriber.atranscribe(audio)
-
-    async def _finish(
-        self, conv: AudioConversation, turn_id: str | None, transcription: asyncio.Task[tuple[str, float]], decided: float
-    ) -> None:
-        text, stt_ms = await transcription
-        conv.fence.guard()  # the conversation ended while whisper ran: publish nothing for it
-        wait_ms = (time.perf_counter() - decided) * 1000
-        final = TranscriptFinal(
-            conversation_id=conv.conversation_id,
-            correlation_id=conv.route.correlation_id,
-            turn_id=turn_id,
-            text=text,
-            stt_ms=round(stt_ms, 1),
-            stt_wait_ms=round(wait_ms, 1),
+    def _transcribe(self, conv: AudioConversation, utterance: Utterance, label: str) -> Utterance:
+        """Queue the utterance for whisper; the audio is read when the job starts, so merges count."""
+        utterance.job = self.scheduler.submit(
+            conv.conversation_id, lambda: self.transcriber.transcribe(bytes(utterance.audio)), label
         )
-        to_gateway = (self.names.inbox("gateway", conv.route.gateway), final)
-        if text:  # one round trip, the orchestrator first: the reply is the critical path
-            await self.bus.publish_many([(self.names.inbox("llm", conv.route.llm), final), to_gateway])
-        else:
-            await self.bus.publish(*to_gateway)
-        log.info("transcribed in %.0f ms (%.0f ms after end of speech): %r", stt_ms, wait_ms, text)
+        return utterance
+
+    async def _finish(self, conv: AudioConversation, utterance: Utterance) -> None:
+        async with conv.order:
+            text = await utterance.job
+            if conv.pending is utterance:
+                conv.pending = None
+            conv.fence.guard()  # the conversation ended while whisper ran: publish nothing for it
+            turn_id, stt_ms = utterance.turn_id, utterance.job.run_ms or 0.0
+            wait_ms = (time.perf_counter() - utterance.decided) * 1000
+            final = TranscriptFinal(
+                conversation_id=conv.conversation_id,
+                correlation_id=conv.route.correlation_id,
+                turn_id=turn_id,
+                text=text,
+                stt_ms=round(stt_ms, 1),
+                stt_wait_ms=round(wait_ms, 1),
+            )
+            to_gateway = (self.names.inbox("gateway", conv.route.gateway), final)
+            if text:  # one round trip, the orchestrator first: the reply is the critical path
+                await self.bus.publish_many([(self.names.inbox("llm", conv.route.llm), final), to_gateway])
+            else:
+                await self.bus.publish(*to_gateway)
+        log_content(
+            log, self.settings.log_content, "transcribed in %.0f ms (%.0f ms after end of speech)", stt_ms, wait_ms, content=text
+        )

@@ -1,4 +1,8 @@
-"""faster-whisper, loaded once per process; transcription runs in a thread, one at a time per model.
+"""faster-whisper, loaded once per process; `transcribe` blocks, one call at a time per model.
+
+The worker calls it through its fair scheduler (shared/fair.py), on the scheduler's thread and
+round-robin between conversations; the model's own lock only guards other callers (warm-up, or
+tests that share one model between several workers).
 
 Whisper is trained on 30 s windows and faster-whisper pads every utterance to one. A spoken turn is
 a few seconds, so utterances up to 30 s are decoded in a window of `window_s` (10 s by default, or
@@ -7,7 +11,6 @@ and no loss of accuracy on our questions (docs/PERFORMANCE.md). No-repeat n-gram
 keep greedy decoding from looping. Longer audio takes faster-whisper's own path."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import threading
@@ -63,7 +66,7 @@ class Transcriber:
         log.info("whisper model loaded from %s in %.0f ms", path, (time.perf_counter() - started) * 1000)
 
     def transcribe(self, pcm: bytes) -> str:
-        """PCM s16le mono 16 kHz -> text. Blocking; call through `atranscribe` from async code."""
+        """PCM s16le mono 16 kHz -> text. Blocking: never call it on the event loop."""
         deprioritize_current_thread(*self._priority)
         audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
         with self._lock:
@@ -98,11 +101,6 @@ class Transcriber:
         )
         tokens = [t for t in result[0].sequences_ids[0] if t < self._tokenizer.eot]
         return self._tokenizer.decode(tokens).strip()
-
-    async def atranscribe(self, pcm: bytes) -> tuple[str, float]:
-        started = time.perf_counter()
-        text = await asyncio.to_thread(self.transcribe, pcm)
-        return text, (time.perf_counter() - started) * 1000
 
     def warm_up(self) -> None:
         self.transcribe(bytes(SAMPLE_RATE * 2))
