@@ -48,6 +48,7 @@ def build_server(settings: Settings, host: str | None = None, port: int | None =
         port=port if port is not None else settings.port,
         ws=KeepaliveAwareProtocol,
         ws_max_size=settings.max_audio_frame_bytes,
+        ws_per_message_deflate=False,  # PCM does not compress: deflate only burns CPU on both ends of every frame
         ws_ping_interval=settings.ping_interval_s,
         ws_ping_timeout=settings.ping_timeout_s,
         log_config=None,
