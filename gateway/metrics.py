@@ -47,6 +47,7 @@ TURN_STAGES = (
 TURN_STAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 DISCONNECT_REASONS = ("client_disconnect", "server_error", "timeout")  # §2: always exported, 0 or not
 INTERRUPT_REASONS = ("barge_in", "cancelled")
+REJECT_REASONS = ("token", "origin", "limit", "bus_unavailable")
 
 
 def error_stage(code: str, source: str | None = None) -> str:
@@ -110,7 +111,30 @@ class _GatewayCollector(Collector):
         yield InfoMetricFamily("voicepipe_gateway", "This gateway's id, as its log lines and bus messages name it.", value={"gateway_id": g.gateway_id})
         yield GaugeMetricFamily("voicepipe_connections", "Client WebSocket connections open now.", value=s.current)
         yield CounterMetricFamily("voicepipe_connections_accepted", "Client connections accepted (a conversation opened).", value=s.total)
-        yield CounterMetricFamily("voicepipe_connections_rejected", "Client connections refused before a conversation opened.", value=s.rejected)
+        yield _by_reason(
+            "voicepipe_connections_rejected", "Client connections refused before the upgrade, by cause.",
+            s.rejected_by, REJECT_REASONS,
+        )
+        closed = CounterMetricFamily("voicepipe_connections_closed_abusive", "Clients closed by the gateway for their behaviour, by cause.", labels=["reason"])
+        closed.add_metric(["slow_reader"], s.closed_slow)
+        closed.add_metric(["rate_limited"], s.closed_rate_limited)
+        yield closed
+        frames = CounterMetricFamily("voicepipe_client_frames_rate_limited", "Client frames dropped over the rate limits, by kind.", labels=["kind"])
+        for kind in sorted({"text", "audio", *s.rate_limited_frames}):
+            frames.add_metric([kind], s.rate_limited_frames.get(kind, 0))
+        yield frames
+        yield CounterMetricFamily(
+            "voicepipe_connection_slots_repaired",
+            "Per-client connection slots of dead gateways that this gateway deleted.",
+            value=g.limits.repaired,
+        )
+        bus = g.bus_stats.summary()
+        yield CounterMetricFamily("voicepipe_bus_messages_undecodable", "Messages on this gateway's inbox dropped as undecodable.", value=bus["bus_messages_undecodable"])
+        yield CounterMetricFamily("voicepipe_bus_handler_failures", "Inbox messages whose handling failed (logged and skipped).", value=bus["bus_handler_failures"])
+        restarts = CounterMetricFamily("voicepipe_loop_restarts", "Long-lived loops of this gateway that ended and were started again.", labels=["loop"])
+        for loop, count in sorted(g.loop_restarts.items()):
+            restarts.add_metric([loop], count)
+        yield restarts
         yield _by_reason(
             "voicepipe_disconnect_events_published", "connection_disconnected events published, by reason.",
             s.published_by_reason, DISCONNECT_REASONS,

@@ -86,7 +86,9 @@ async def test_gateway_page_has_turn_latencies_and_errors(stack, fake_llm):
     assert value(families, "voicepipe_turn_stage_seconds_count", stage="tts") == 1
     assert value(families, "voicepipe_connections") == 1
     assert value(families, "voicepipe_connections_accepted_total") == 1
-    assert value(families, "voicepipe_connections_rejected_total") == 0
+    assert value(families, "voicepipe_connections_rejected_total", reason="token") == 0
+    assert value(families, "voicepipe_connections_closed_abusive_total", reason="slow_reader") == 0
+    assert value(families, "voicepipe_client_frames_rate_limited_total", kind="text") == 0
     assert value(families, "voicepipe_pool_connections_max", pool="redis") == stack.settings.redis_max_connections
     assert value(families, "voicepipe_uptime_seconds") > 0
     assert value(families, "voicepipe_gateway_info", gateway_id=stack.gateway.gateway_id) == 1
