@@ -106,3 +106,13 @@ def test_last_lines_of_a_piped_child_are_bounded(n):
     child = Child("x", [], env={})
     child.tail.extend(str(i) for i in range(100))
     assert child.last_lines(n) == [str(i) for i in range(100 - n, 100)]
+
+
+def test_an_invalid_setting_is_reported_without_a_traceback(monkeypatch, capsys):
+    from voicepipe.cli import main
+
+    monkeypatch.setenv("VOICEPIPE_VAD_AGGRESSIVENESS", "9")
+    with pytest.raises(SystemExit) as exited:
+        main(["up"])
+    message = str(exited.value.code)
+    assert message.startswith("voicepipe: invalid settings") and "vad_aggressiveness" in message
