@@ -64,8 +64,9 @@ def test_child_reprints_every_line_keeps_the_last_ones_and_reports_them(monkeypa
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setattr(sys, "stderr", err)
     script = (
-        "import sys\n"
-        "for i in range(500): print(f'out {i}', flush=(i % 7 == 0))\n"
+        "import sys, time\n"
+        "for i in range(500): print(f'out {i}', flush=(i % 7 == 0 or i == 499))\n"
+        "time.sleep(0.2)\n"  # the two pipes are read by two tasks: order between them is by arrival
         "sys.stderr.write('boom\\nlast without newline')\n"
         "sys.exit(3)\n"
     )
