@@ -287,7 +287,7 @@ class Supervisor:
             return 0
         except ChildDied as died:
             await died.child.drain(timeout=2.0)  # its last lines, up to its end
-            log.error("%s; stopping the stack", died.child.failure_report("during startup"))
+            log.error("stopping the stack: %s", died.child.failure_report("during startup"))
             return 1
         except (RuntimeError, TimeoutError) as exc:
             log.error("%s", exc)
@@ -306,7 +306,8 @@ class Supervisor:
         return None
 
     async def _wait_for(self, check, what: str, timeout: float, poll_s: float = 0.2) -> None:
-        """Waits for `check` to pass, but gives up at once if any child has exited meanwhile."""
+        """Waits for `check` to pass, but gives up the moment any child exits (even in the middle of
+        a check that is waiting for its own timeout)."""
         waits = {asyncio.ensure_future(c.process.wait()): c for c in self.children if c.process is not None}
         try:
             deadline = time.monotonic() + timeout
@@ -314,7 +315,13 @@ class Supervisor:
                 dead = self._dead_child()
                 if dead is not None:
                     raise ChildDied(dead)
-                if await check():
+                checking = asyncio.ensure_future(check())
+                done, _ = await asyncio.wait({checking, *waits}, return_when=asyncio.FIRST_COMPLETED)
+                if checking not in done:
+                    checking.cancel()
+                    await asyncio.gather(checking, return_exceptions=True)
+                    raise ChildDied(waits[next(iter(done))])
+                if checking.result():
                     return
                 if time.monotonic() >= deadline:
                     raise TimeoutError(f"{what} did not become ready within {timeout:.0f} s")
@@ -340,7 +347,7 @@ class Supervisor:
                 await child.drain(timeout=2.0)
                 if len(child.restarts) >= 3 or child.name in ("redis",):
                     why = "and cannot be restarted" if child.name == "redis" else "for the 4th time in a minute"
-                    log.error("%s; stopping the stack", child.failure_report(why))
+                    log.error("stopping the stack: %s", child.failure_report(why))
                     return 1
                 log.warning("%s exited with %s; restarting it", child.name, child.process.returncode)
                 child.restarts.append(now)

@@ -117,3 +117,30 @@ def test_an_invalid_setting_is_reported_without_a_traceback(monkeypatch, capsys)
         main(["up"])
     message = str(exited.value.code)
     assert message.startswith("voicepipe: invalid settings") and "vad_aggressiveness" in message
+
+
+def test_a_readiness_wait_ends_the_moment_a_child_exits_even_mid_check():
+    from shared.config import Settings
+    from voicepipe.supervisor import ChildDied, Supervisor
+
+    async def run() -> tuple[float, ChildDied]:
+        sup = Supervisor(Settings(), "127.0.0.1", 0)
+        await sup._start(Child("quitter", [sys.executable, "-c", "import time; time.sleep(0.3); print('bye')"], env={}))
+
+        async def slow_check() -> bool:
+            await asyncio.sleep(30)  # a check stuck on its own timeout
+            return True
+
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            with pytest.raises(ChildDied) as died:
+                await sup._wait_for(slow_check, "something", 60)
+            return loop.time() - started, died.value
+        finally:
+            await sup.stop()
+
+    elapsed, died = asyncio.run(run())
+    assert died.child.name == "quitter"
+    assert elapsed < 10
+    assert died.child.last_lines() == ["bye"]
