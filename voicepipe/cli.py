@@ -36,7 +36,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    settings = Settings()
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # a bad VOICEPIPE_ value: say which, without a traceback
+        sys.exit(f"voicepipe: invalid settings (environment variables VOICEPIPE_<NAME> or .env): {exc}")
     if args.command == "up":
         from shared.logging import setup_logging
         from voicepipe.supervisor import up

@@ -53,4 +53,16 @@ def llm_argv(port: int, model_alias: str = "smollm2", threads: int | None = None
         sys.executable, "-m", "llama_cpp.server", "--model", smollm2_path(), "--model_alias", model_alias,
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
         "--n_threads", str(threads or min(4, os.cpu_count() or 2)),
+        # its default (true) cuts a streaming reply whenever another request arrives, so one user's
+        # question would end another's answer; false queues concurrent requests instead
+        "--interrupt_requests", "false",
     ]
+
+
+def run_dir() -> Path:
+    """A new directory for the embedded services' log files (and Redis's working directory):
+    under $XDG_RUNTIME_DIR when it is a writable directory, else under the system temp dir."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if not (base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK)):
+        base = None
+    return Path(tempfile.mkdtemp(prefix="voicepipe-run-", dir=base))

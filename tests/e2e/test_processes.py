@@ -146,6 +146,16 @@ def test_up_fully_embedded_answers_a_spoken_question(tmp_path):
         code = up.stop(signal.SIGTERM)
     assert code == 0
     _assert_all_gone(children)
+    # a quiet console: voicepipe's own lines up to the ready banner, the embedded services in files
+    console = up.log_path.read_text()
+    before, banner, after = console.partition("voicepipe is ready")
+    assert banner, console[-3000:]
+    assert len(before.splitlines()) <= 60, before
+    assert "llama_model_loader" not in console and "llm_load" not in console and "load_tensors" not in console
+    run_dir = Path(re.search(r"the embedded services to (\S+)", after).group(1))
+    assert (run_dir / "redis.log").exists()
+    llm_log = (run_dir / "llm-server.log").read_text()
+    assert "llama_model_loader" in llm_log or "load_tensors" in llm_log  # llama.cpp's loading output went here
 
 
 def test_sigterm_with_50_open_sockets_cleans_everything_and_says_so(redis_url, tmp_path):
