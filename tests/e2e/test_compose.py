@@ -437,7 +437,7 @@ def test_compose_services_as_processes_answer_a_typed_turn(compose_redis, tmp_pa
             codes = stack.stop()
         # graceful exits only (None: killed after stop_grace_period). uvicorn re-raises the signal
         # it caught once its shutdown is done, so the gateway ends by SIGTERM, after its cleanup
-        assert all(code == 0 for key, code in codes.items() if not key.startswith("gateway:")), codes
+        assert all(code == 0 for key, code in codes.items() if not key.startswith("gateway:")), f"{codes}\n{stack.log_tail()}"
         assert {code for key, code in codes.items() if key.startswith("gateway:")} <= {0, -signal.SIGTERM}, codes
         # a stopped worker withdraws its heartbeat at once: the healthchecks fail again
         assert {stack.healthcheck(name) for name in WORKERS} == {1}
