@@ -51,6 +51,9 @@ async def keep_running(name: str, loop: Callable[[], Coroutine[Any, Any, Any]], 
             raise
         except Exception as exc:
             failure = exc
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # a library swallowed our cancellation: still stop
+            raise asyncio.CancelledError(f"{name} cancelled")
         if time.monotonic() - started > 60:
             backoff = RESTART_BACKOFF_S[0]
         how = "failed" if failure is not None else "ended unexpectedly"

@@ -49,3 +49,25 @@ async def test_cancellation_is_never_swallowed():
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_a_loop_that_swallows_its_cancellation_still_stops():
+    """redis-py can swallow a cancellation (redis/redis-py#2028): the loop then returns normally,
+    and restarting it would keep a TaskGroup's shutdown waiting for ever."""
+    started = asyncio.Event()
+    runs = 0
+
+    async def swallowing() -> None:
+        nonlocal runs
+        runs += 1
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            return  # what a library that swallows the cancellation looks like from outside
+
+    task = asyncio.create_task(keep_running("reader", swallowing, {}))
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    await asyncio.wait([task], timeout=5)
+    assert task.done() and task.cancelled() and runs == 1
