@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from voicepipe import simulate
+from shared.percentiles import percentile as shared_percentile
 from voicepipe.embedded import free_port
 
 
@@ -50,5 +50,5 @@ def running_stack(url: str | None, env: dict[str, str] | None = None, with_pid: 
 
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile for printing; NaN when there are no values."""
-    value = simulate.percentile(values, q)
+    value = shared_percentile(values, q)
     return float("nan") if value is None else value

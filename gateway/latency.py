@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from shared.percentiles import percentile
+
 SAMPLE = 50_000  # the latest observations kept per path
 
 
@@ -23,14 +25,10 @@ class LatencySample:
         self._ms.clear()
 
     def summary(self) -> dict[str, float | int | None]:
-        values = sorted(self._ms)
-        if not values:
+        if not self._ms:
             return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
-
-        def rank(q: float) -> float:
-            return round(values[min(len(values) - 1, int(q * len(values)))], 3)
-
-        return {"n": len(values), "p50_ms": rank(0.50), "p99_ms": rank(0.99), "max_ms": round(values[-1], 3)}
+        p50, p99 = percentile(self._ms, 50), percentile(self._ms, 99)
+        return {"n": len(self._ms), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "max_ms": round(max(self._ms), 3)}
 
 
 class GatewayLatency:

@@ -27,6 +27,7 @@ from shared.channels import Names
 from shared.config import Settings
 from shared.logging import MASK
 from shared.messages.codec import DecodeError, decode
+from shared.percentiles import percentile
 from voicepipe.wavio import read_wav_16k_mono
 
 PHASES = ("listening", "transcribing", "generating", "speaking")
@@ -247,13 +248,6 @@ class Simulation:
             busy = [f"{w['worker_id']}: {w['resources']}" for w in workers if w["conversations"] or not w["responding"]]
             if not busy or time.monotonic() > deadline:
                 return busy
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def report(outcomes: list[Outcome]) -> str:
