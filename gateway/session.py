@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import re
+import time
 import uuid
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from shared.recent import RecentIds
+
 LIVE_TURNS = 8  # turns kept per conversation (the newest)
 FENCED_TURNS = 32  # interrupted turns remembered per conversation, to drop their late output
 PLAYBACK_MARGIN_MS = 300.0  # the client's own buffering on top of the audio's duration
@@ -105,7 +107,7 @@ class TurnTable:
 
     def __init__(self) -> None:
         self._live: OrderedDict[str, Turn] = OrderedDict()
-        self._fenced: OrderedDict[str, None] = OrderedDict()
+        self._fenced = RecentIds(FENCED_TURNS)
 
     def __len__(self) -> int:
         return len(self._live)
@@ -131,9 +133,7 @@ class TurnTable:
     def fence(self, turn_id: str) -> None:
         """The turn was interrupted: forget it, and drop whatever still arrives for it."""
         self._live.pop(turn_id, None)
-        self._fenced[turn_id] = None
-        while len(self._fenced) > FENCED_TURNS:
-            self._fenced.popitem(last=False)
+        self._fenced.add(turn_id)
 
     def current_reply(self, now_ms: float, besides: str | None = None, asked_by_ms: float | None = None) -> Turn | None:
         """The oldest turn whose reply is generating or playing (the one the user hears); with

@@ -21,7 +21,7 @@ import pytest
 import websockets
 
 from tests.support.standins import standin_workers
-from tests.support.ws import connect, next_event, refused_status, wait_closed
+from tests.support.ws import next_event, refused_status, wait_closed
 from voicepipe.client import VoiceClient
 from voicepipe.embedded import free_port
 

@@ -3,7 +3,6 @@ barge-in while a reply generates or plays, a noise burst that must not interrupt
 and how the history records a reply the user did not hear to the end."""
 from __future__ import annotations
 
-import asyncio
 import json
 from array import array
 from pathlib import Path

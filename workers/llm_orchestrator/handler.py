@@ -197,10 +197,7 @@ class LlmWorker(Worker):
         """Reply now, or after the reply under way (which only a cancel or a barge-in stops)."""
         if len(conv.pending) >= self.settings.max_pending_turns:
             log.warning("turn %s refused: %d turns already wait for the reply under way", turn.turn_id, len(conv.pending))
-            envelope = self._envelope(conv, turn)
-            gateway = self.names.inbox("gateway", conv.route.gateway)
-            refusal = StageError(code="rate_limited", message="too many turns are waiting for the reply under way", **envelope)
-            await self.bus.publish_many([(gateway, refusal), (gateway, ResponseTextDone(text="", sentences=0, **envelope))])
+            await self._fail_turn(conv, turn, "rate_limited", "too many turns are waiting for the reply under way")
             return
         conv.pending.append(turn)
         self._start_next(conv)
@@ -246,6 +243,14 @@ class LlmWorker(Worker):
         conv.history = trim(kept + messages, s.history_max_messages, s.history_max_chars)
         await self.history.append(conv.conversation_id, *messages, replace_last=replace_last)
 
+    async def _fail_turn(self, conv: ChatConversation, turn: ReplyTurn, code: str, message: str) -> None:
+        """End a turn that gets no reply: `error` then an empty `ResponseTextDone`, so the client's
+        turn ends with `response.done` instead of waiting."""
+        envelope = self._envelope(conv, turn)
+        gateway = self.names.inbox("gateway", conv.route.gateway)
+        error = StageError(code=code, message=message, **envelope)
+        await self.bus.publish_many([(gateway, error), (gateway, ResponseTextDone(text="", sentences=0, **envelope))])
+
     @staticmethod
     def _envelope(conv: ChatConversation, turn: ReplyTurn) -> dict[str, str | None]:
         return {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": turn.turn_id}
@@ -257,10 +262,7 @@ class LlmWorker(Worker):
             log.exception("reply for turn %s failed", turn.turn_id)
             if not turn.answered and not turn.fence.closed and not conv.fence.closed:
                 with contextlib.suppress(Exception):  # best effort: the client must not wait forever
-                    envelope = self._envelope(conv, turn)
-                    gateway = self.names.inbox("gateway", conv.route.gateway)
-                    error = StageError(code="llm_error", message="the reply failed", **envelope)
-                    await self.bus.publish_many([(gateway, error), (gateway, ResponseTextDone(text="", sentences=0, **envelope))])
+                    await self._fail_turn(conv, turn, "llm_error", "the reply failed")
         finally:
             turn.generating = False
             if not turn.cancelled:

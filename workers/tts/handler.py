@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 from shared.fair import FairScheduler
 from shared.messages import BusMessage, TtsAudio, TtsAudioDone, TtsAudioStarted, TtsEnd, TtsSpeak, TtsStop
+from shared.recent import RecentIds
 from shared.tasks import Fence, TaskSet, stop_tasks
 from workers.runtime import Route, Worker
 from workers.tts.voice import Voice
@@ -44,7 +45,7 @@ class SpeechConversation:
     marked: asyncio.Event = field(default_factory=asyncio.Event)  # the speaking mark is written
     turns: dict[str | None, TurnAudio] = field(default_factory=dict)
     speaker: asyncio.Task[None] | None = None
-    stopped_turns: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    stopped_turns: RecentIds = field(default_factory=lambda: RecentIds(STOPPED_TURNS_KEPT))
     fence: Fence = field(default_factory=Fence)
     tasks: TaskSet = field(init=False)
 
@@ -56,12 +57,6 @@ class SpeechConversation:
         self.fence.guard()
         if turn_id in self.stopped_turns:
             raise asyncio.CancelledError("turn stopped")
-
-    def remember_stopped(self, turn_id: str) -> None:
-        self.stopped_turns[turn_id] = None
-        self.stopped_turns.move_to_end(turn_id)
-        while len(self.stopped_turns) > STOPPED_TURNS_KEPT:
-            self.stopped_turns.popitem(last=False)
 
     async def stop_speaker(self) -> None:
         task, self.speaker = self.speaker, None
@@ -162,7 +157,7 @@ class TtsWorker(Worker):
             if message.connection_id in (None, conv.route.connection_id):
                 await self.end_conversation(message.conversation_id, "stopped by the orchestrator")
             return
-        conv.remember_stopped(message.turn_id)
+        conv.stopped_turns.add(message.turn_id)
         if conv.queue and conv.queue[0].turn_id == message.turn_id:
             await conv.stop_speaker()  # it is speaking the stopped turn right now
         conv.queue = deque(item for item in conv.queue if item.turn_id != message.turn_id)
