@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import admin, metrics
+from gateway import admin, audio_api, metrics
 from gateway.correlation import correlation_id as correlation_id_of
 from gateway.hub import Gateway
 from gateway.session import serve_client
@@ -92,6 +92,7 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> Fast
         return Response(app.state.gateway.metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
     app.include_router(admin.router)
+    app.include_router(audio_api.router)
 
     @app.websocket("/v1/ws")
     async def client_socket(websocket: WebSocket) -> None:

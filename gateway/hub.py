@@ -34,6 +34,7 @@ from gateway.directory import WorkerDirectory
 from gateway.latency import GatewayLatency
 from gateway.limits import ConnectionLimits
 from gateway.metrics import GatewayMetrics
+from gateway.requests import PendingRequests
 from gateway.uplink import Uplink
 from shared.bus import Bus, SubscriberStats, run_subscriber
 from shared.channels import STAGES, Names
@@ -48,6 +49,9 @@ from shared.messages import (
     IntrospectReply,
     IntrospectRequest,
     SessionTakeover,
+    SpeechAudio,
+    SpeechDone,
+    TranscriptionResult,
 )
 from shared.tasks import TaskSet, keep_running
 
@@ -128,6 +132,7 @@ class Gateway:
         self.bus = Bus(client, self.gateway_id)
         self.inbox = self.names.inbox("gateway", self.gateway_id)
         self.directory = WorkerDirectory(client, self.names, settings.worker_ttl_s)
+        self.requests = PendingRequests(self.bus, self.names, self.directory, self.gateway_id)  # OpenAI audio API
         self.sessions: dict[str, ClientSession] = {}
         self.stats = Stats()
         self.started = time.monotonic()
@@ -267,6 +272,9 @@ class Gateway:
             replies = self._introspections.get(message.request_id)
             if replies is not None:
                 replies.append(message)
+            return
+        if isinstance(message, (TranscriptionResult, SpeechAudio, SpeechDone)):
+            self.requests.deliver(message)
             return
         session = self.sessions.get(message.conversation_id)
         if session is None:

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
 
     # Benchmarks only: workers consume input and answer at once without models (never the default)
     null_mode: bool = False
+    # One-shot requests of the OpenAI audio API (docs/protocol.md §6), per worker process at once;
+    # more are answered `rate_limited` at once
+    max_requests_per_worker: int = Field(default=8, ge=1)
+    transcription_max_s: float = Field(default=300.0, gt=0)  # longest upload transcribed
+    speech_max_chars: int = Field(default=4096, ge=1)  # longest text spoken (the OpenAI limit)
+    request_timeout_s: float = Field(default=120.0, gt=0)  # a request whose worker says nothing this long fails
 
     @field_validator("api_keys", "client_tokens", "allowed_origins", "guard_blocked_terms", "trusted_proxies", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""`voicepipe`: up | gateway | worker STAGE | talk FILE.wav (docs/protocol.md §4)."""
+"""`voicepipe`: up | gateway | worker STAGE | talk FILE (docs/protocol.md §4)."""
 from __future__ import annotations
 
 import argparse
@@ -22,8 +22,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
     worker = sub.add_parser("worker", help="one worker process")
     worker.add_argument("stage", choices=sorted(WORKERS))
-    talk = sub.add_parser("talk", help="speak a WAV file to a running stack")
-    talk.add_argument("file", help="a PCM WAV file (any rate or channel count; converted to 16 kHz mono)")
+    talk = sub.add_parser("talk", help="speak an audio file to a running stack")
+    talk.add_argument("file", help="an audio file: WAV, MP3, OGG, FLAC, M4A... (any rate or channel count; converted to 16 kHz mono)")
     talk.add_argument("--url", default=None, help="the gateway: ws://host:port/v1/ws or http://host:port (default ws://127.0.0.1:8000/v1/ws)")
     talk.add_argument("--out", default="reply.wav", help="where to save the reply audio")
     talk.add_argument("--timeout", type=float, default=60.0)

@@ -1,4 +1,4 @@
-"""`voicepipe talk FILE.wav`: speak a file to the assistant; print what it heard and said, save the reply."""
+"""`voicepipe talk FILE`: speak an audio file (any format PyAV reads) to the assistant; print what it heard and said, save the reply."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 import websockets
 
 from voicepipe.client import VoiceClient
-from voicepipe.wavio import WavError, read_wav_16k_mono, write_wav
+from voicepipe.wavio import WavError, read_audio_16k_mono, write_wav
 
 
 def websocket_url(url: str) -> str:
@@ -27,7 +27,7 @@ def websocket_url(url: str) -> str:
 
 async def _talk(path: str, url: str, out: str, timeout: float, token: str | None = None) -> int:
     try:
-        pcm = read_wav_16k_mono(path)
+        pcm = read_audio_16k_mono(path)
         url = websocket_url(url)
     except (WavError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,6 +16,14 @@ from shared.messages.control import (
 )
 from shared.messages.envelope import Envelope
 from shared.messages.llm import ResponseBlocked, ResponseCancel, ResponseTextDelta, ResponseTextDone
+from shared.messages.requests import (
+    RequestCancel,
+    SpeechAudio,
+    SpeechDone,
+    SpeechRequest,
+    TranscriptionRequest,
+    TranscriptionResult,
+)
 from shared.messages.transcript import (
     SpeechStarted,
     SpeechStopped,
@@ -33,13 +41,15 @@ BusMessage = Annotated[
         ResponseTextDelta, ResponseTextDone, ResponseCancel, ResponseBlocked,
         TtsSpeak, TtsEnd, TtsStop, TtsAudioStarted, TtsAudio, TtsAudioDone,
         ConversationOpened, ConnectionDisconnected, StageError, IntrospectRequest, IntrospectReply, SessionTakeover,
+        TranscriptionRequest, TranscriptionResult, SpeechRequest, SpeechAudio, SpeechDone, RequestCancel,
     ],
     Field(discriminator="type"),
 ]
 bus_message_adapter: TypeAdapter[BusMessage] = TypeAdapter(BusMessage)
 
 __all__ = [
-    "AudioCommit", "AudioIn", "BusMessage", "ConnectionDisconnected", "ConversationOpened", "Envelope", "IntrospectReply", "IntrospectRequest", "ResponseBlocked", "ResponseCancel", "SessionTakeover",
+    "AudioCommit", "AudioIn", "RequestCancel", "SpeechAudio", "SpeechDone", "SpeechRequest",
+    "TranscriptionRequest", "TranscriptionResult", "BusMessage", "ConnectionDisconnected", "ConversationOpened", "Envelope", "IntrospectReply", "IntrospectRequest", "ResponseBlocked", "ResponseCancel", "SessionTakeover",
     "ResponseTextDelta", "ResponseTextDone", "SpeechStarted", "SpeechStopped", "SpeechSustained", "StageError", "TextInput",
     "TranscriptFinal", "TranscriptPartial", "TtsAudio", "TtsAudioDone", "TtsAudioStarted", "TtsEnd",
     "TtsSpeak", "TtsStop", "bus_message_adapter",

@@ -1,5 +1,5 @@
 """SentenceSplitter: pieces for TTS as soon as each is complete."""
-from workers.llm_orchestrator.sentences import SentenceSplitter
+from shared.sentences import SentenceSplitter
 
 
 def stream(splitter: SentenceSplitter, text: str) -> list[str]:

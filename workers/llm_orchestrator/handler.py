@@ -32,7 +32,7 @@ from shared.tasks import Fence, TaskSet, stop_tasks
 from workers.llm_orchestrator.guard import Blocked, OutputGuard, term_check
 from workers.llm_orchestrator.history import HistoryStore, Message, for_llm, trim
 from workers.llm_orchestrator.llm_client import ChatClient, LlmFailure
-from workers.llm_orchestrator.sentences import SentenceSplitter
+from shared.sentences import SentenceSplitter
 from workers.runtime import Route, Worker
 
 log = logging.getLogger("voicepipe.llm")

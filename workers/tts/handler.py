@@ -15,10 +15,25 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+from shared.channels import GATEWAY
 from shared.fair import FairScheduler
-from shared.messages import BusMessage, TtsAudio, TtsAudioDone, TtsAudioStarted, TtsEnd, TtsSpeak, TtsStop
+from shared.messages import (
+    BusMessage,
+    RequestCancel,
+    SpeechAudio,
+    SpeechDone,
+    SpeechRequest,
+    TtsAudio,
+    TtsAudioDone,
+    TtsAudioStarted,
+    TtsEnd,
+    TtsSpeak,
+    TtsStop,
+)
 from shared.recent import RecentIds
+from shared.sentences import SentenceSplitter
 from shared.tasks import Fence, TaskSet, stop_tasks
+from workers.requests import OneShotRequests
 from workers.runtime import Route, Worker
 from workers.tts.voice import Voice
 
@@ -72,6 +87,7 @@ class TtsWorker(Worker):
         self.voice = voice
         self.conversations: dict[str, SpeechConversation] = {}
         self.scheduler = FairScheduler("piper")  # the voice shared round-robin between conversations
+        self.requests = OneShotRequests("speech", settings.max_requests_per_worker)
 
     async def load(self) -> None:
         if self.voice is None and self.settings.null_mode:
@@ -87,6 +103,7 @@ class TtsWorker(Worker):
 
     async def aclose(self) -> None:
         await super().aclose()
+        await self.requests.aclose()
         self.scheduler.close()
 
     def extra_channels(self) -> list[str]:
@@ -113,6 +130,7 @@ class TtsWorker(Worker):
             "conversations": len(self.conversations),
             "synthesis_tasks": sum(1 for c in convs if c.speaker is not None and not c.speaker.done()),
             "queued_requests": sum(len(c.queue) for c in convs),
+            "speech_requests": len(self.requests),
         }
 
     async def close_conversation(self, conversation_id: str) -> None:
@@ -146,8 +164,52 @@ class TtsWorker(Worker):
                 await self._start_speaker(conv)
         elif isinstance(message, TtsStop):
             await self._stop(message)
+        elif isinstance(message, SpeechRequest):
+            await self._speech(message)
+        elif isinstance(message, RequestCancel):
+            self.requests.cancel(message.conversation_id)
         else:
             log.warning("unexpected %s on %s", message.type, channel)
+
+    async def _speech(self, request: SpeechRequest) -> None:
+        """A one-shot speech request (POST /v1/audio/speech): spoken sentence by sentence through
+        the fair scheduler under the request's id, each sentence's audio sent as soon as it exists."""
+        reply_to = self.names.inbox(GATEWAY, request.gateway)
+        envelope = {"conversation_id": request.conversation_id, "correlation_id": request.correlation_id}
+        rate = self.voice.sample_rate
+
+        async def work() -> None:
+            splitter = SentenceSplitter(first_clause_min_words=4)
+            pieces = splitter.feed(request.text + " ")
+            if (rest := splitter.flush()) is not None:
+                pieces.append(rest)
+            sent, tts_ms = 0, 0.0
+            try:
+                for piece in pieces:
+                    job = self.scheduler.submit(request.conversation_id, functools.partial(self.voice.synthesize, piece), "request")
+                    pcm = await job
+                    tts_ms += job.run_ms or 0.0
+                    if pcm:
+                        await self.bus.publish(reply_to, SpeechAudio(seq=sent, sample_rate=rate, pcm=pcm, **envelope))
+                        sent += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("speech synthesis failed")
+                done = SpeechDone(chunks=sent, code="stage_failed", message="the speech synthesis failed", **envelope)
+            else:
+                done = SpeechDone(chunks=sent, tts_ms=tts_ms, **envelope)
+            finally:
+                self.scheduler.drop(request.conversation_id)
+            await self.bus.publish(reply_to, done)
+
+        if self.closing:
+            refusal = SpeechDone(code="stage_unavailable", message="the worker is shutting down", **envelope)
+        elif not self.requests.start(request.conversation_id, work):
+            refusal = SpeechDone(code="rate_limited", message="too many speech requests at once; retry shortly", **envelope)
+        else:
+            return
+        await self.bus.publish(reply_to, refusal)
 
     async def _stop(self, message: TtsStop) -> None:
         conv = self.conversations.get(message.conversation_id)

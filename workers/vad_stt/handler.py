@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import webrtcvad
 
+from shared.channels import GATEWAY
 from shared.clock import now_ms_float
 from shared.fair import FairScheduler, Job
 from shared.logging import log_content
@@ -30,13 +31,17 @@ from shared.messages import (
     AudioCommit,
     AudioIn,
     BusMessage,
+    RequestCancel,
     SpeechStarted,
     SpeechStopped,
     SpeechSustained,
     TranscriptFinal,
+    TranscriptionRequest,
+    TranscriptionResult,
     TranscriptPartial,
 )
 from shared.tasks import Fence, TaskSet
+from workers.requests import OneShotRequests
 from workers.runtime import Route, Worker
 from workers.vad_stt import segmenter as seg
 from workers.vad_stt.segmenter import BYTES_PER_MS, SAMPLE_RATE, Event, Segmenter
@@ -103,6 +108,7 @@ class VadSttWorker(Worker):
         self.transcriber = transcriber
         self.conversations: dict[str, AudioConversation] = {}
         self.scheduler = FairScheduler("whisper")  # whisper shared round-robin between conversations
+        self.requests = OneShotRequests("transcriptions", settings.max_requests_per_worker)
 
     async def load(self) -> None:
         if self.transcriber is None and self.settings.null_mode:
@@ -124,6 +130,7 @@ class VadSttWorker(Worker):
 
     async def aclose(self) -> None:
         await super().aclose()
+        await self.requests.aclose()
         self.scheduler.close()
 
     def conversation_ids(self) -> list[str]:
@@ -144,6 +151,7 @@ class VadSttWorker(Worker):
             "audio_processors": len(self.conversations),
             "tasks": sum(len(c.tasks) for c in self.conversations.values()),
             "queued_transcriptions": self.scheduler.waiting(),
+            "requests": len(self.requests),
         }
 
     async def close_conversation(self, conversation_id: str) -> None:
@@ -192,8 +200,43 @@ class VadSttWorker(Worker):
             conv = await self._conversation(message)
             if conv is not None:
                 await self._emit(conv, conv.segmenter.commit(message.received_ms))
+        elif isinstance(message, TranscriptionRequest):
+            await self._transcription(message)
+        elif isinstance(message, RequestCancel):
+            self.requests.cancel(message.conversation_id)
         else:
             log.warning("unexpected %s on %s", message.type, channel)
+
+    async def _transcription(self, request: TranscriptionRequest) -> None:
+        """A one-shot transcription (POST /v1/audio/transcriptions): the whole clip, through the fair
+        scheduler under the request's id, answered to the asking gateway."""
+        reply_to = self.names.inbox(GATEWAY, request.gateway)
+        envelope = {"conversation_id": request.conversation_id, "correlation_id": request.correlation_id}
+        duration_s = len(request.pcm) / 2 / SAMPLE_RATE
+
+        async def work() -> None:
+            job = self.scheduler.submit(
+                request.conversation_id, functools.partial(self.transcriber.transcribe, request.pcm), "request"
+            )
+            try:
+                text = await job
+            except Exception:
+                log.exception("transcription failed")
+                result = TranscriptionResult(code="stage_failed", message="the transcription failed", **envelope)
+            else:
+                log.info("transcribed %.1f s of audio in %.0f ms", duration_s, job.run_ms or 0)
+                result = TranscriptionResult(text=text, duration_s=duration_s, stt_ms=job.run_ms, **envelope)
+            finally:
+                self.scheduler.drop(request.conversation_id)
+            await self.bus.publish(reply_to, result)
+
+        if self.closing:
+            refusal = TranscriptionResult(code="stage_unavailable", message="the worker is shutting down", **envelope)
+        elif not self.requests.start(request.conversation_id, work):
+            refusal = TranscriptionResult(code="rate_limited", message="too many transcriptions at once; retry shortly", **envelope)
+        else:
+            return
+        await self.bus.publish(reply_to, refusal)
 
     async def _emit(self, conv: AudioConversation, events: list[Event]) -> None:
         gateway_inbox = self.names.inbox("gateway", conv.route.gateway)
