@@ -112,7 +112,9 @@ class SpeechEncoder:
         if format in _CONTAINERS:
             container_format, codec = _CONTAINERS[format]
             self._sink = _Sink()
-            self._container = av.open(self._sink, mode="w", format=container_format)
+            # every packet reaches the sink at once: else the muxer buffers ~32 KB, and ogg a second of pages
+            options = {"flush_packets": "1", "page_duration": "20000"} if container_format == "ogg" else {"flush_packets": "1"}
+            self._container = av.open(self._sink, mode="w", format=container_format, container_options=options)
             out_rate = 48000 if codec == "libopus" else rate
             self._stream = self._container.add_stream(codec, rate=out_rate, layout="mono")
             self._resampler = av.AudioResampler(format=self._stream.format.name, layout="mono", rate=out_rate)
