@@ -22,6 +22,7 @@ import websockets
 
 from bench.stack import percentile, running_stack
 from tests.support.fake_llm import FakeLlm, FakeLlmServer
+from voicepipe.client import VoiceClient
 from voicepipe.wavio import read_wav_16k_mono
 
 API_KEY = "bench-admin-key"
@@ -45,17 +46,13 @@ class Bench:
         await events.subscribe("connection_events")
         stamped: dict[str, float] = {}
         for _ in range(n):
-            ws = await websockets.connect(self.ws_url)
-            cid = json.loads(await ws.recv())["conversation_id"]
-            for offset in range(0, 6400, 640):
-                await ws.send(SPEECH[offset : offset + 640])
-            await ws.send(json.dumps({"type": "text.input", "text": "Hello there."}))
-            while True:
-                frame = await ws.recv()
-                if isinstance(frame, str) and json.loads(frame)["type"] == "response.audio.started":
-                    break
+            client = await VoiceClient(self.ws_url).open()
+            cid = client.conversation_id
+            await client.send_speech(SPEECH[:6400], realtime=False, trailing_silence_s=0)
+            await client.say("Hello there.")
+            await client.collect_until("response.audio.started")
             closed_ms = time.time_ns() / 1e6
-            await ws.close()
+            await client.ws.close()
             cleaned = await self._cleaned(cid)
             while cid not in stamped:
                 raw = await events.get_message(timeout=5)
@@ -83,16 +80,12 @@ class Bench:
         self.llm.token_delay_s = 0.05
         results = []
         for _ in range(n):
-            ws = await websockets.connect(self.ws_url)
-            await ws.recv()
-            await ws.send(json.dumps({"type": "text.input", "text": "Tell me a long story."}))
-            while True:
-                frame = await ws.recv()
-                if isinstance(frame, str) and json.loads(frame)["type"] == "response.text.delta":
-                    break
+            client = await VoiceClient(self.ws_url).open()
+            await client.say("Tell me a long story.")
+            await client.collect_until("response.text.delta")
             record = self.llm.streams[-1]
             closed = time.monotonic()
-            await ws.close()
+            await client.ws.close()
             ended = await record.wait_ended(timeout=5, poll_s=0.001)
             assert not record.completed
             results.append((ended - closed) * 1000)
@@ -106,17 +99,15 @@ class Bench:
         async def cycle(i: int) -> None:
             async with limit:
                 try:
-                    ws = await websockets.connect(self.ws_url)
-                    await ws.recv()
-                    for offset in range(0, random.randrange(640, 16000, 640), 640):
-                        await ws.send(SPEECH[offset : offset + 640])
+                    client = await VoiceClient(self.ws_url).open()
+                    await client.send_speech(SPEECH[: random.randrange(640, 16000, 640)], realtime=False, trailing_silence_s=0)
                     if i % 10 == 0:
-                        await ws.send(json.dumps({"type": "text.input", "text": "Hi."}))
+                        await client.say("Hi.")
                         await asyncio.sleep(random.random() * 0.2)
                     if i % 2:
-                        await ws.close()
+                        await client.ws.close()
                     else:
-                        ws.transport.abort()
+                        client.drop("drop")
                 except (OSError, websockets.WebSocketException):
                     pass
 

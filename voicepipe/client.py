@@ -1,4 +1,10 @@
-"""A small WebSocket client of the voicepipe protocol, used by `voicepipe talk`, tests and benchmarks."""
+"""The one client of the voicepipe protocol (`/v1/ws`, docs/protocol.md §1): `voicepipe talk`, the
+disconnect simulator, the benchmarks and the tests all speak it through this module.
+
+`VoiceClient` is the whole client (connect with a token in any of its three places, resume,
+stream speech at microphone pace, read a turn, end the socket in any of the ways a real client
+does). The reading helpers (`next_event`, `collect_until`, `wait_closed`) also work on a bare
+`websockets` connection, for tests that drive the socket frame by frame."""
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +20,41 @@ import websockets
 FRAME_BYTES = 640  # 20 ms at 16 kHz
 SUBPROTOCOL = "voicepipe.v1"
 TokenPlace = Literal["header", "subprotocol", "query"]
+DropWay = Literal["close", "drop", "silent"]
+
+
+async def next_event(ws, timeout: float = 10.0) -> dict[str, Any]:
+    """The next JSON event, skipping binary audio."""
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = await ws.recv()
+            if isinstance(frame, str):
+                return json.loads(frame)
+
+
+async def collect_until(ws, type_: str, timeout: float = 30.0) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Every event and audio frame up to and including the first event of `type_`."""
+    events: list[dict[str, Any]] = []
+    audio: list[bytes] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = await ws.recv()
+            if isinstance(frame, bytes):
+                audio.append(frame)
+                continue
+            events.append(json.loads(frame))
+            if events[-1]["type"] == type_:
+                return events, audio
+
+
+async def wait_closed(ws, timeout: float = 10.0) -> int:
+    """Drain until the server closes; returns the close code (1006: no close frame)."""
+    async with asyncio.timeout(timeout):
+        try:
+            while True:
+                await ws.recv()
+        except websockets.ConnectionClosed as closed:
+            return closed.rcvd.code if closed.rcvd else 1006
 
 
 @dataclass
@@ -53,37 +94,94 @@ class VoiceClient:
         headers: dict[str, str] | None = None,
         token: str | None = None,
         token_in: TokenPlace = "header",
+        *,
+        resume: tuple[str, str] | None = None,
+        subprotocols: list[str] | None = None,
+        **connect_options: Any,
     ) -> None:
-        self.url = url
+        """`resume`: (conversation_id, resume_token) of a conversation to take up again.
+        `connect_options` go to `websockets.connect` as they are (`origin`, `open_timeout`...)."""
+        self.url = url if resume is None else with_query(url, conversation_id=resume[0], resume_token=resume[1])
         self.headers = dict(headers or {})
-        self.subprotocols: list[str] | None = None
+        self.subprotocols: list[str] | None = subprotocols
+        self.connect_options = connect_options
         if token is not None:
             if token_in == "header":
                 self.headers["Authorization"] = f"Bearer {token}"
             elif token_in == "subprotocol":
                 self.subprotocols = [SUBPROTOCOL, f"token.{token}"]
             elif token_in == "query":
-                self.url = with_query(url, token=token)
+                self.url = with_query(self.url, token=token)
             else:
                 raise ValueError(f"token_in must be header, subprotocol or query, not {token_in!r}")
         self.ws: websockets.ClientConnection | None = None
         self.session: dict[str, Any] = {}
 
     async def __aenter__(self) -> "VoiceClient":
-        self.ws = await websockets.connect(
-            self.url, additional_headers=self.headers, subprotocols=self.subprotocols, max_size=None
-        )
-        self.session = json.loads(await self.ws.recv())
-        if self.session.get("type") != "session.started":
-            raise RuntimeError(f"expected session.started, got {self.session}")
-        return self
+        return await self.open()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.ws.close()
 
+    async def open(self, timeout: float = 10.0) -> "VoiceClient":
+        """Connect and read `session.started` (RuntimeError if the server says anything else first)."""
+        self.ws = await websockets.connect(
+            self.url, additional_headers=self.headers, subprotocols=self.subprotocols, max_size=None,
+            **self.connect_options,
+        )
+        try:
+            self.session = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        except BaseException:
+            self.ws.transport.abort()
+            raise
+        if self.session.get("type") != "session.started":
+            self.ws.transport.abort()
+            raise RuntimeError(f"expected session.started, got {self.session}")
+        return self
+
     @property
     def output_rate(self) -> int:
         return self.session["output_audio"]["sample_rate"]
+
+    @property
+    def conversation_id(self) -> str:
+        return self.session["conversation_id"]
+
+    @property
+    def resume_token(self) -> str:
+        return self.session["resume_token"]
+
+    async def say(self, text: str) -> None:
+        """A typed turn (`text.input`)."""
+        await self.send_json({"type": "text.input", "text": text})
+
+    async def next_event(self, timeout: float = 10.0) -> dict[str, Any]:
+        return await next_event(self.ws, timeout)
+
+    async def collect_until(self, type_: str, timeout: float = 30.0) -> tuple[list[dict[str, Any]], list[bytes]]:
+        return await collect_until(self.ws, type_, timeout)
+
+    async def wait_closed(self, timeout: float = 10.0) -> int:
+        return await wait_closed(self.ws, timeout)
+
+    def drop(self, way: DropWay) -> asyncio.Future[None] | None:
+        """End this side of the socket the way a real client may: `close` (a close handshake, under
+        way in the returned future), `drop` (the TCP connection vanishes, no close frame), `silent`
+        (never reads again, so never answers a ping)."""
+        if way == "close":
+            return asyncio.ensure_future(self.ws.close())
+        if way == "drop":
+            self.ws.transport.abort()
+            return None
+        if way == "silent":
+            self.ws.transport.pause_reading()
+            return None
+        raise ValueError(f"unknown way to end a socket: {way!r}")
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once (no close frame); safe at any time."""
+        if self.ws is not None:
+            self.ws.transport.abort()
 
     async def send_speech(self, pcm: bytes, *, realtime: bool = True, trailing_silence_s: float = 1.0) -> float:
         """Stream speech in 20 ms frames (at real-time pace unless told otherwise), then silence.

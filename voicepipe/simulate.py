@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import time
@@ -28,6 +27,7 @@ from shared.config import Settings
 from shared.logging import MASK
 from shared.messages.codec import DecodeError, decode
 from shared.percentiles import percentile
+from voicepipe.client import VoiceClient
 from voicepipe.wavio import read_wav_16k_mono
 
 PHASES = ("listening", "transcribing", "generating", "speaking")
@@ -39,7 +39,6 @@ PHASE_TRIGGERS = {
     "speaking": "response.audio.started",
 }
 SPEECH = Path(__file__).parent / "data" / "question.wav"
-FRAME = 640
 ORPHAN_GRACE_S = 0.05  # a message already in flight when cleanup completed is not an orphan
 
 
@@ -55,29 +54,14 @@ class Outcome:
     orphans: list[str] = field(default_factory=list)
 
 
-async def stream_speech(ws, pcm: bytes, realtime: bool) -> None:
-    """The question, then silence, in 20 ms frames, until cancelled."""
-    start = time.monotonic()
-    frames = [pcm[i : i + FRAME].ljust(FRAME, b"\0") for i in range(0, len(pcm), FRAME)]
-    sent = 0
-    for frame in frames + [bytes(FRAME)] * 1500:
-        await ws.send(frame)
-        sent += 1
-        if realtime and (ahead := start + sent * 0.02 - time.monotonic()) > 0:
-            await asyncio.sleep(ahead)
-
-
-async def run_until(ws, pcm: bytes, trigger: str, timeout: float = 60.0, realtime: bool = True) -> bool:
-    """Speak (at real-time pace, as a microphone does) until the server sends `trigger`; returns
-    False if the turn ended, or the server closed the socket, without it."""
-    sender = asyncio.create_task(stream_speech(ws, pcm, realtime), name="simulate:speech")
+async def run_until(client: VoiceClient, pcm: bytes, trigger: str, timeout: float = 60.0, realtime: bool = True) -> bool:
+    """Speak (at real-time pace, as a microphone does, then silence) until the server sends
+    `trigger`; returns False if the turn ended, or the server closed the socket, without it."""
+    sender = asyncio.create_task(client.send_speech(pcm, realtime=realtime, trailing_silence_s=30), name="simulate:speech")
     try:
         async with asyncio.timeout(timeout):
             while True:
-                frame = await ws.recv()
-                if isinstance(frame, bytes):
-                    continue
-                event = json.loads(frame)
+                event = await client.next_event(timeout)
                 if event["type"] == trigger:
                     return True
                 if event["type"] == "response.done":
@@ -87,19 +71,6 @@ async def run_until(ws, pcm: bytes, trigger: str, timeout: float = 60.0, realtim
     finally:
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
-
-
-def drop(ws, way: str) -> asyncio.Future | None:
-    """End the client's side of the socket in one of the WAYS."""
-    if way == "close":
-        return asyncio.ensure_future(ws.close())
-    if way == "drop":
-        ws.transport.abort()  # no close frame: the TCP connection just vanishes
-        return None
-    if way == "silent":
-        ws.transport.pause_reading()  # never read again, so never answer a ping
-        return None
-    raise ValueError(way)
 
 
 class Admin:
@@ -187,7 +158,7 @@ class Simulation:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.ws_url = self.base_url.replace("http", "ws", 1) + "/v1/ws"
-        self.auth = {"Authorization": f"Bearer {token}"} if token else {}  # docs/protocol.md §1: off the URL
+        self.token = token or None  # sent as Authorization: Bearer (docs/protocol.md §1: off the URL)
         self.admin = Admin(self.base_url, api_key)
         self.names = Names.from_settings(settings)
         self.pcm = pcm
@@ -195,14 +166,13 @@ class Simulation:
 
     async def one(self, phase: str, way: str) -> Outcome:
         outcome = Outcome(phase, way)
-        headers = {"X-Correlation-ID": f"sim-{uuid.uuid4()}", **self.auth}
-        ws = await websockets.connect(self.ws_url, additional_headers=headers)
+        client = VoiceClient(self.ws_url, headers={"X-Correlation-ID": f"sim-{uuid.uuid4()}"}, token=self.token)
+        await client.open()
         try:
-            started = json.loads(await asyncio.wait_for(ws.recv(), 10))
-            outcome.conversation_id = started["conversation_id"]
-            outcome.reached_phase = await run_until(ws, self.pcm, PHASE_TRIGGERS[phase])
+            outcome.conversation_id = client.conversation_id
+            outcome.reached_phase = await run_until(client, self.pcm, PHASE_TRIGGERS[phase])
             dropped_at = time.monotonic()
-            closing = drop(ws, way)
+            closing = client.drop(way)
             outcome.leak = await self._wait_clean(outcome.conversation_id)
             if outcome.leak is None:
                 outcome.clean_at = time.monotonic()
@@ -210,7 +180,7 @@ class Simulation:
             if closing is not None:
                 closing.cancel()  # the server has cleaned up; the client's own close handshake does not matter
         finally:
-            ws.transport.abort()
+            client.abort()
         return outcome
 
     async def _wait_clean(self, conversation_id: str) -> str | None:
@@ -226,19 +196,17 @@ class Simulation:
 
     async def churn_cycle(self) -> None:
         """Connect, speak (or type) a little, vanish at a random moment."""
-        ws = await websockets.connect(self.ws_url, additional_headers=self.auth)
+        client = await VoiceClient(self.ws_url, token=self.token).open()
         try:
-            await asyncio.wait_for(ws.recv(), 10)
             if random.random() < 0.5:
-                await ws.send(json.dumps({"type": "text.input", "text": "Say something short."}))
-            for offset in range(0, random.randrange(0, len(self.pcm), FRAME), FRAME):
-                await ws.send(self.pcm[offset : offset + FRAME].ljust(FRAME, b"\0"))
+                await client.say("Say something short.")
+            await client.send_speech(self.pcm[: random.randrange(0, len(self.pcm))], realtime=False, trailing_silence_s=0)
             await asyncio.sleep(random.random() * 0.3)
         finally:
             if random.random() < 0.5:
-                await ws.close()
+                await client.ws.close()
             else:
-                ws.transport.abort()
+                client.abort()
 
     async def workers_empty(self, timeout: float) -> list[str]:
         """Wait until no worker holds a conversation; returns what is still held at the deadline."""

@@ -1,54 +1,23 @@
-"""Small helpers to read a voicepipe WebSocket in tests; every wait is bounded."""
+"""Tests' view of the client socket: the protocol client's reading helpers (voicepipe/client.py),
+and handshakes written by hand for what a well-behaved client would never send. Every wait is bounded."""
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 from typing import Any
 
 import websockets
 
+from voicepipe.client import VoiceClient, collect_until, next_event, wait_closed
 
-async def connect(url: str, **kwargs: Any):
-    ws = await websockets.connect(url, max_size=None, **kwargs)
-    started = json.loads(await asyncio.wait_for(ws.recv(), 10))
-    assert started["type"] == "session.started", started
-    return ws, started
+__all__ = ["collect_until", "connect", "next_event", "raw_handshake", "refused_status", "wait_closed"]
 
 
-async def next_event(ws, timeout: float = 10.0) -> dict[str, Any]:
-    """The next JSON event, skipping binary audio."""
-    async with asyncio.timeout(timeout):
-        while True:
-            frame = await ws.recv()
-            if isinstance(frame, str):
-                return json.loads(frame)
-
-
-async def collect_until(ws, type_: str, timeout: float = 30.0) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """Every event and audio frame up to and including the first event of `type_`."""
-    events: list[dict[str, Any]] = []
-    audio: list[bytes] = []
-    async with asyncio.timeout(timeout):
-        while True:
-            frame = await ws.recv()
-            if isinstance(frame, bytes):
-                audio.append(frame)
-                continue
-            events.append(json.loads(frame))
-            if events[-1]["type"] == type_:
-                return events, audio
-
-
-async def wait_closed(ws, timeout: float = 10.0) -> int:
-    """Drain until the server closes; returns the close code."""
-    async with asyncio.timeout(timeout):
-        try:
-            while True:
-                await ws.recv()
-        except websockets.ConnectionClosed as closed:
-            return closed.rcvd.code if closed.rcvd else 1006
+async def connect(url: str, *, additional_headers: dict[str, str] | None = None, **options: Any):
+    """A connected socket of the one protocol client (voicepipe/client.py) and its `session.started`."""
+    client = await VoiceClient(url, headers=additional_headers, **options).open()
+    return client.ws, client.session
 
 
 async def raw_handshake(port: int, target: bytes, headers: list[tuple[bytes, bytes]] = ()) -> tuple[int, dict[str, str]]:
