@@ -26,7 +26,12 @@ fixes of uvicorn's websockets-sansio implementation (uvicorn 0.54) at the edge.
    more than PONG_BACKLOG_BYTES of our writes unread and still pings is dropped.
 6. A text frame that is not UTF-8 closes the socket with 1007 (RFC 6455), as uvicorn does, but
    with one INFO line instead of uvicorn's ERROR and traceback: any client could otherwise fill
-   the logs with tracebacks and trip every ERROR alert at will."""
+   the logs with tracebacks and trip every ERROR alert at will.
+7. The app picks the subprotocol: websockets parses `Sec-WebSocket-Protocol` itself and answers
+   400 when an entry is not an HTTP token (a non-ASCII `token.<T>`), before the app can say 403
+   like for any wrong token. That parsing only validates (the protocol object is given no
+   subprotocols to choose from), and uvicorn hands the app the offered entries from the raw
+   header anyway, so it is skipped: the gateway's handshake judges every entry (gateway/auth.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -38,9 +43,17 @@ PONG_BACKLOG_BYTES = 1024 * 1024  # unread bytes we hold for a peer before its p
 ABORT_AFTER_EXTENSION = "voicepipe.abort_after"  # scope["extensions"][...](seconds)
 
 
+def _no_subprotocol(headers: object) -> None:
+    return None
+
+
 class KeepaliveAwareProtocol(WebSocketsSansIOProtocol):
     _keepalive_expired = False
     _abort_timer: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn.process_subprotocol = _no_subprotocol  # 7: the app decides, from scope["subprotocols"]
 
     def handle_connect(self, event) -> None:
         super().handle_connect(event)

@@ -6,7 +6,8 @@ each worker N times. Heartbeats still carry the same figures for `/admin/workers
 
 Every series has the labels `worker_id` and `stage`. Figures the worker keeps anyway
 (`WorkerStats`, its pools, `ChatClient.stats`) are read at scrape time by a collector, so the page,
-the health line and the admin API never disagree; the cleanup duration is a real Histogram,
+the health line and the admin API never disagree (the bus subscriber's drops and the restarts of
+the long-lived loops are the same counters `/admin/workers` shows); the cleanup duration is a real Histogram,
 observed by `Worker.end_conversation`.
 
 The page is served by a small asyncio server inside the worker's own event loop rather than by
@@ -39,6 +40,7 @@ log = logging.getLogger("voicepipe.worker.metrics")
 CLEANUP_BUCKETS_S = tuple(ms / 1000 for ms in CLEANUP_BUCKETS_MS)  # the heartbeat histogram's bounds
 REQUEST_TIMEOUT_S = 5.0  # a scraper that has not sent its request by then is dropped
 MAX_HEADER_LINES = 100
+WORKER_LOOPS = ("heartbeat", "subscriber", "sweep")  # the worker's long-lived loops (workers/runtime.py), exported at 0 too
 # ChatClient.stats keys -> counter name (without _total) and help
 LLM_COUNTERS = {
     "requests": ("voicepipe_llm_requests", "Replies asked of the LLM server."),
@@ -165,6 +167,20 @@ class _WorkerCollector(Collector):
             s.stale_cleaned,
         )
         yield counter("voicepipe_worker_sweeps", "Runs of this worker's stale sweep.", s.sweeps)
+        bus = w.bus_stats
+        yield counter("voicepipe_bus_messages_received", "Messages this worker's bus subscriber read.", bus.received)
+        yield counter(
+            "voicepipe_bus_messages_undecodable", "Messages on this worker's channels dropped as undecodable.", bus.undecodable
+        )
+        yield counter(
+            "voicepipe_bus_handler_failures", "Messages this worker read whose handling failed (logged and skipped).", bus.handler_failures
+        )
+        restarts = CounterMetricFamily(
+            "voicepipe_loop_restarts", "Long-lived loops of this worker that ended and were started again.", labels=[*names, "loop"]
+        )
+        for loop in sorted({*WORKER_LOOPS, *w.loop_restarts}):
+            restarts.add_metric([*values, loop], w.loop_restarts.get(loop, 0))
+        yield restarts
         yield from pool_families(w.pools(), labels)
         chat = getattr(w, "chat", None)  # the orchestrator's LLM client (None before it loads)
         if isinstance(chat, ChatClient):

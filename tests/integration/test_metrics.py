@@ -13,9 +13,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import shared.bus
 from gateway.__main__ import build_server
 from gateway.metrics import TURN_STAGES, error_stage
-from tests.support.admin import wait_clean
+from tests.support.admin import admin_get, wait_clean
 from tests.support.stack import run_stack, wait_ready
 from tests.support.ws import collect_until, connect, next_event
 from voicepipe.embedded import free_port
@@ -174,3 +175,53 @@ async def test_two_gateways_add_up_and_workers_export_once(settings, redis_clien
         for port in ports.values():
             with pytest.raises(httpx.ConnectError):
                 await client.get(f"http://127.0.0.1:{port}/metrics")
+
+
+async def test_worker_page_counts_bus_drops_and_loop_restarts(settings, redis_client, transcriber, voice, fake_llm, monkeypatch):
+    """What the worker's subscriber dropped, and its reader dying and being started again, are on
+    the worker's own page with the figures /admin/workers reports."""
+    marker = b"this payload makes decode itself crash"
+    real_decode = shared.bus.decode
+
+    def buggy_decode(data):
+        if data == marker:
+            raise RuntimeError("a bug in the decoder")
+        return real_decode(data)
+
+    monkeypatch.setattr(shared.bus, "decode", buggy_decode)
+    port = free_port()
+    async with run_stack(
+        settings, transcriber=transcriber, voice=voice, llm_base_url=fake_llm.base_url, metrics_ports={"tts": port}
+    ) as stack:
+        tts = stack.workers["tts"]
+        me = {"worker_id": tts.worker_id, "stage": "tts"}
+        url = f"http://127.0.0.1:{port}/metrics"
+        families = await scrape(url)
+        assert value(families, "voicepipe_bus_messages_undecodable_total", **me) == 0
+        for loop in ("heartbeat", "subscriber", "sweep"):
+            assert value(families, "voicepipe_loop_restarts_total", **me, loop=loop) == 0
+
+        for data in (b"", b"[" * 100_000, b"\x00\x00"):
+            await redis_client.publish(tts.inbox, data)
+        async with asyncio.timeout(10):
+            while tts.bus_stats.undecodable < 3:
+                await asyncio.sleep(0.01)
+        await redis_client.publish(tts.inbox, marker)
+        async with asyncio.timeout(10):  # restarted, and reading its inbox again
+            while tts.loop_restarts.get("subscriber") != 1:
+                await asyncio.sleep(0.01)
+            while tts.bus_stats.undecodable == 3:
+                await redis_client.publish(tts.inbox, b"")
+                await asyncio.sleep(0.05)
+
+        families = await scrape(url)
+        undecodable = value(families, "voicepipe_bus_messages_undecodable_total", **me)
+        assert undecodable >= 4
+        assert value(families, "voicepipe_bus_messages_received_total", **me) >= undecodable + 1  # the marker too
+        assert value(families, "voicepipe_bus_handler_failures_total", **me) == 0
+        assert value(families, "voicepipe_loop_restarts_total", **me, loop="subscriber") == 1
+        assert value(families, "voicepipe_loop_restarts_total", **me, loop="heartbeat") == 0
+        workers = (await admin_get(stack, "/admin/workers"))["workers"]
+        stats = next(w["stats"] for w in workers if w["worker_id"] == tts.worker_id)
+        assert stats["loop_restarts"] == 1
+        assert stats["bus_messages_undecodable"] >= undecodable  # the admin read comes later
