@@ -83,8 +83,15 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> Fast
             log.warning("readiness: Redis does not answer: %s", type(exc).__name__)
             return JSONResponse({"status": "not_ready", "missing": ["redis"]}, status_code=503)
         workers = {stage: len(found) for stage, found in gateway.directory.workers.items()}
-        if missing := gateway.directory.missing():
-            return JSONResponse({"status": "not_ready", "missing": missing, "workers": workers}, status_code=503)
+        missing = gateway.directory.missing()
+        orchestrators = gateway.directory.workers["llm"]
+        if orchestrators and all(w.llm_ok is False for w in orchestrators):
+            missing.append("llm_server")  # no live orchestrator reaches its LLM server
+        if missing:
+            answer = {"status": "not_ready", "missing": missing, "workers": workers}
+            if "llm_server" in missing:
+                answer["detail"] = "llm unreachable"
+            return JSONResponse(answer, status_code=503)
         return JSONResponse({"status": "ready", "workers": workers})
 
     @app.get("/metrics")

@@ -31,6 +31,7 @@ class WorkerInfo:
     resources: dict[str, int] = field(default_factory=dict)
     stats: dict[str, object] = field(default_factory=dict)
     sample_rate: int | None = None
+    llm_ok: bool | None = None  # an orchestrator's LLM server answers (None: not reported)
 
 
 class _Heartbeat(BaseModel):
@@ -45,6 +46,7 @@ class _Heartbeat(BaseModel):
     resources: dict[str, int] = Field(default_factory=dict)
     stats: dict[str, Any] = Field(default_factory=dict)
     sample_rate: int | None = Field(default=None, gt=0)
+    llm_ok: bool | None = Field(default=None, strict=True)
 
     @field_validator("stats")
     @classmethod
@@ -109,6 +111,7 @@ class WorkerDirectory:
             resources=beat.resources,
             stats=beat.stats,
             sample_rate=beat.sample_rate,
+            llm_ok=beat.llm_ok,
         )
 
     def missing(self) -> list[str]:

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     llm_pool_size: int = 100  # concurrent HTTP connections to the LLM server per orchestrator process
     llm_retries: int = 2  # retries of a refused connect or HTTP 429/502/503 before the first token
     llm_retry_backoff_s: float = 0.2  # first retry delay (doubles, with jitter)
+    llm_check_interval_s: float = 5.0  # how often the orchestrator asks its LLM server GET /models (/readyz)
     system_prompt: str = (
         "You are a helpful voice assistant. Answer in one or two short spoken sentences, "
         "without lists or markdown."
@@ -120,6 +121,7 @@ class Settings(BaseSettings):
     transcription_max_s: float = Field(default=300.0, gt=0)  # longest upload transcribed
     speech_max_chars: int = Field(default=4096, ge=1)  # longest text spoken (the OpenAI limit)
     request_timeout_s: float = Field(default=120.0, gt=0)  # a request whose worker says nothing this long fails
+    null_compute_ms: float = Field(default=0.0, ge=0)  # ... each taking this long per request (bench/scaling.py)
 
     @field_validator("api_keys", "client_tokens", "allowed_origins", "guard_blocked_terms", "trusted_proxies", mode="before")
     @classmethod

@@ -87,9 +87,9 @@ async def test_health_and_readiness(stack):
         assert "/v1/ws" in page.text
 
 
-async def test_not_ready_without_workers(redis_url, redis_client):
+async def test_not_ready_without_workers(redis_url, redis_client, fake_llm):
     settings = make_settings(redis_url)
-    async with run_stack(settings, stages=("llm",)) as stack:
+    async with run_stack(settings, stages=("llm",), llm_base_url=fake_llm.base_url) as stack:
         async with httpx.AsyncClient(base_url=stack.http_url) as client:
             async with asyncio.timeout(10):
                 while (ready := await client.get("/readyz")).json().get("workers", {}).get("llm") != 1:

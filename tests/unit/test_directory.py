@@ -52,3 +52,15 @@ async def test_only_numbers_are_kept_of_the_free_form_stats():
     await directory.refresh()
     [worker] = directory.workers["tts"]
     assert worker.stats == {"stale_cleaned": 3, "cleanup_ms_sum": 1.5, "buckets": {"1": 2, "+Inf": 3}}
+
+
+async def test_an_orchestrators_llm_verdict_is_read_strictly():
+    client = fakeredis.aioredis.FakeRedis()
+    await beat(client, "llm", "llm-up", record("llm-up", "llm", llm_ok=True))
+    await beat(client, "llm", "llm-down", record("llm-down", "llm", llm_ok=False))
+    await beat(client, "llm", "llm-old", record("llm-old", "llm"))
+    await beat(client, "llm", "llm-text", record("llm-text", "llm", llm_ok="yes"))
+    directory = WorkerDirectory(client, NAMES, worker_ttl_s=5)
+    await directory.refresh()
+    verdicts = {w.worker_id: w.llm_ok for w in directory.workers["llm"]}
+    assert verdicts == {"llm-up": True, "llm-down": False, "llm-old": None}  # "yes" is no boolean: skipped

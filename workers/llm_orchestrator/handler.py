@@ -28,11 +28,12 @@ from shared.messages import (
     TtsSpeak,
     TtsStop,
 )
-from shared.tasks import Fence, TaskSet, stop_tasks
+from shared.sentences import SentenceSplitter
+from shared.tasks import Fence, TaskSet, keep_running, stop_tasks
 from workers.llm_orchestrator.guard import Blocked, OutputGuard, term_check
 from workers.llm_orchestrator.history import HistoryStore, Message, for_llm, trim
-from workers.llm_orchestrator.llm_client import ChatClient, LlmFailure
-from shared.sentences import SentenceSplitter
+from workers.llm_orchestrator.llm_client import ChatClient, LlmFailure, LlmTimeout, LlmUnavailable
+from workers.llm_orchestrator.readiness import LlmReadiness
 from workers.runtime import Route, Worker
 
 log = logging.getLogger("voicepipe.llm")
@@ -90,6 +91,8 @@ class LlmWorker(Worker):
         self.chat = chat
         self.guard_check = term_check(settings.guard_blocked_terms)
         self.conversations: dict[str, ChatConversation] = {}
+        self.llm_readiness: LlmReadiness | None = None  # set in load(), once the client exists
+        self._own = TaskSet("llm-orchestrator")
         self.history = HistoryStore(
             client,
             self.names,
@@ -102,7 +105,7 @@ class LlmWorker(Worker):
         if self.chat is None and self.settings.null_mode:
             from workers.null import NullChat
 
-            self.chat = NullChat()
+            self.chat = NullChat(self.settings.null_compute_ms / 1000)
         if self.chat is None:
             s = self.settings
             if not s.llm_base_url:
@@ -120,8 +123,15 @@ class LlmWorker(Worker):
                 temperature=s.llm_temperature,
                 log_content=s.log_content,
             )
+        self.llm_readiness = LlmReadiness(self.chat.check, self.settings.llm_check_interval_s)
+        await self.llm_readiness.check_now()  # the first heartbeat already says whether the LLM answers
+        self._own.spawn(keep_running("llm-check", self.llm_readiness.run, self.loop_restarts), name="llm-check")
+
+    def heartbeat_info(self) -> dict[str, object]:
+        return {"llm_ok": self.llm_readiness.ok} if self.llm_readiness is not None else {}
 
     async def aclose(self) -> None:
+        await self._own.aclose()
         await super().aclose()
         if self.chat is not None:
             await self.chat.aclose()
@@ -321,6 +331,11 @@ class LlmWorker(Worker):
                     blocked = exc
         except LlmFailure as exc:
             failure = exc
+            if isinstance(exc, (LlmUnavailable, LlmTimeout)) and self.llm_readiness is not None:
+                self.llm_readiness.failed()
+        else:
+            if blocked is None and self.llm_readiness is not None:
+                self.llm_readiness.answered()
         finally:
             conv.upstream_streams -= 1
             turn.generating = False

@@ -133,6 +133,11 @@ class ChatClient:
             ),
             limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=min(20, pool_size)),
         )
+        # its own single connection: a readiness check never takes one from the replies nor shows
+        # in their pool figures
+        self._probe_http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=headers, limits=httpx.Limits(max_connections=1)
+        )
         self._model = model
         self._log_content = log_content
         self._max_tokens = max_tokens
@@ -177,6 +182,11 @@ class ChatClient:
         except LlmFailure:
             self.stats["failures"] += 1
             raise
+
+    async def check(self, timeout_s: float) -> None:
+        """Raise unless the server answers `GET /models` with a 2xx within `timeout_s` (readiness)."""
+        response = await self._probe_http.get("/models", timeout=timeout_s)
+        response.raise_for_status()
 
     async def _open(self, body: dict[str, Any]) -> _Upstream:
         """Send the request until a 2xx answer, retrying what is worth it; nothing is yielded yet."""
@@ -317,3 +327,4 @@ class ChatClient:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         await self._http.aclose()
+        await self._probe_http.aclose()

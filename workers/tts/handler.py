@@ -93,7 +93,7 @@ class TtsWorker(Worker):
         if self.voice is None and self.settings.null_mode:
             from workers.null import NullVoice
 
-            self.voice = NullVoice()
+            self.voice = NullVoice(self.settings.null_compute_ms / 1000)
         if self.voice is None:
             s = self.settings
             self.voice = await asyncio.to_thread(

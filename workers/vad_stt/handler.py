@@ -114,7 +114,7 @@ class VadSttWorker(Worker):
         if self.transcriber is None and self.settings.null_mode:
             from workers.null import NullTranscriber
 
-            self.transcriber = NullTranscriber()
+            self.transcriber = NullTranscriber(self.settings.null_compute_ms / 1000)
         if self.transcriber is None:
             s = self.settings
             self.transcriber = await asyncio.to_thread(

@@ -1,0 +1,99 @@
+"""Concurrent spoken conversations on the embedded defaults: failed turns and voice-to-voice latency
+with 1, 2, 4 and 6 clients speaking at once.
+
+    python -m bench.concurrent_voice [--url http://127.0.0.1:8000] [--clients 1,2,4,6] [--turns 6]
+
+Starts `voicepipe up` with embedded Redis and the embedded SmolLM2 server (the real models, one
+process per stage) unless `--url` names a running stack. For each N, N clients each open one
+conversation and speak `--turns` recorded questions in it (bench/audio, each client starting at a
+different one), at real-time pace with 1.5 s of silence after each; a client speaks its next
+question when the reply to the last is done, and all N start together, so their questions and
+replies overlap all the time. A turn fails when it brings an `error`, no `response.done` within
+60 s, an empty reply or no reply audio. Latency is measured as in bench/voice_latency.py: first
+reply audio byte at the client minus the end of the speech sent (client), and the server's
+`speech_end_to_first_audio_ms`; p50 and p95 over the turns that did not fail."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+from bench.stack import percentile, running_stack
+from voicepipe.client import VoiceClient
+from voicepipe.wavio import read_wav_16k_mono
+
+AUDIO = Path(__file__).parent / "audio"
+QUESTIONS = [line.split("\t")[0] for line in (AUDIO / "questions.tsv").read_text().splitlines() if line]
+
+
+class Step:
+    def __init__(self) -> None:
+        self.client_ms: list[float] = []
+        self.server_ms: list[float] = []
+        self.failed: Counter[str] = Counter()
+        self.turns = 0
+
+
+async def conversation(ws_url: str, first: int, turns: int, step: Step) -> None:
+    async with VoiceClient(ws_url) as client:
+        for i in range(turns):
+            pcm = read_wav_16k_mono(AUDIO / QUESTIONS[(first + i) % len(QUESTIONS)])
+            step.turns += 1
+            sender = asyncio.create_task(client.send_speech(pcm, realtime=True, trailing_silence_s=1.5))
+            try:
+                turn = await client.receive_turn(timeout=60)
+            except TimeoutError:
+                step.failed["no response.done within 60 s"] += 1
+                sender.cancel()
+                return  # the socket may still carry the late reply: this conversation ends here
+            speech_end = await sender
+            if turn.errors:
+                step.failed.update(f"error {e.get('code')}" for e in turn.errors)
+            elif turn.done is None or not turn.done.get("text"):
+                step.failed["empty reply"] += 1
+            elif turn.first_audio_at is None:
+                step.failed["no reply audio"] += 1
+            else:
+                step.client_ms.append((turn.first_audio_at - speech_end) * 1000)
+                if "speech_end_to_first_audio_ms" in turn.done["metrics"]:
+                    step.server_ms.append(turn.done["metrics"]["speech_end_to_first_audio_ms"])
+
+
+async def run_step(ws_url: str, clients: int, turns: int) -> Step:
+    step = Step()
+    results = await asyncio.gather(
+        *(conversation(ws_url, i, turns, step) for i in range(clients)), return_exceptions=True
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            step.failed[f"client {type(result).__name__}"] += 1
+    return step
+
+
+async def run(http_url: str, counts: list[int], turns: int) -> None:
+    ws_url = http_url.replace("http", "ws", 1) + "/v1/ws"
+    await run_step(ws_url, 1, 1)  # warm every stage once
+    print(f"{'clients':>7} {'turns':>6} {'failed':>6} {'client p50':>11} {'p95':>6} {'server p50':>11} {'p95':>6}  failures")
+    for n in counts:
+        step = await run_step(ws_url, n, turns)
+        failed = sum(step.failed.values())
+        print(
+            f"{n:7} {step.turns:6} {failed:6} {percentile(step.client_ms, 50):11.0f} {percentile(step.client_ms, 95):6.0f}"
+            f" {percentile(step.server_ms, 50):11.0f} {percentile(step.server_ms, 95):6.0f}  {dict(step.failed) or '-'}",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running stack (default: start `voicepipe up` with embedded defaults)")
+    parser.add_argument("--clients", default="1,2,4,6")
+    parser.add_argument("--turns", type=int, default=6, help="spoken turns per client at each step")
+    args = parser.parse_args()
+    with running_stack(args.url) as http_url:
+        asyncio.run(run(http_url, [int(n) for n in args.clients.split(",")], args.turns))
+
+
+if __name__ == "__main__":
+    main()

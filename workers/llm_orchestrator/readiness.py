@@ -1,0 +1,72 @@
+"""Whether this orchestrator's LLM server answers, for the gateway's `/readyz`.
+
+The gateway never talks to the LLM server; the orchestrator does, so it is the one to say whether
+the server is there. It asks `GET {LLM_BASE_URL}/models` (every OpenAI-compatible server has it,
+and it costs no generation) with a short timeout: at start, every `LLM_CHECK_INTERVAL_S` while the
+answer is yes, every second while it is no, and at once after a reply failed as unreachable or
+timed out. A reply that streamed to its end is proof enough, and counts as a yes. The verdict
+travels in the worker's heartbeat as `llm_ok`; only a transition is logged, with the exception's
+type (the URL can carry credentials and stays out of the log line)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("voicepipe.llm")
+
+RETRY_S = 1.0  # between checks while the server does not answer
+CHECK_TIMEOUT_S = 2.0  # a server slower than this to list its models is not ready for a voice reply
+
+
+class LlmReadiness:
+    def __init__(
+        self, check: Callable[[float], Awaitable[None]], interval_s: float = 5.0, timeout_s: float = CHECK_TIMEOUT_S
+    ) -> None:
+        self._check = check  # raises when the server does not answer 2xx within its timeout
+        self.interval_s = max(0.1, interval_s)
+        self.timeout_s = timeout_s
+        self.ok: bool | None = None  # None: not asked yet
+        self.checks = 0
+        self._wake = asyncio.Event()
+
+    async def check_now(self) -> bool:
+        self.checks += 1
+        try:
+            async with asyncio.timeout(self.timeout_s + 0.5):  # the check's own timeout, bounded again
+                await self._check(self.timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._set(False, type(exc).__name__)
+        else:
+            self._set(True)
+        return bool(self.ok)
+
+    def answered(self) -> None:
+        """A reply streamed to its end: the server answers."""
+        self._set(True)
+
+    def failed(self) -> None:
+        """A reply could not reach the server (unreachable, timed out): check again now."""
+        self._wake.set()
+
+    def _set(self, ok: bool, why: str = "") -> None:
+        if ok != self.ok:
+            if ok:
+                log.info("LLM server answers")
+            else:
+                log.warning("LLM server does not answer (%s); /readyz says llm_server is missing", why)
+        self.ok = ok
+
+    async def run(self) -> None:
+        """Check for as long as the process lives (under `keep_running`)."""
+        while True:
+            wait = self.interval_s if self.ok else min(RETRY_S, self.interval_s)
+            try:
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.check_now()
