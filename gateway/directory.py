@@ -31,6 +31,7 @@ class WorkerInfo:
     resources: dict[str, int] = field(default_factory=dict)
     stats: dict[str, object] = field(default_factory=dict)
     sample_rate: int | None = None
+    subscribed_ms: int = 0  # when its bus subscription was last (re)made (gateway/recovery.py)
 
 
 class _Heartbeat(BaseModel):
@@ -45,6 +46,7 @@ class _Heartbeat(BaseModel):
     resources: dict[str, int] = Field(default_factory=dict)
     stats: dict[str, Any] = Field(default_factory=dict)
     sample_rate: int | None = Field(default=None, gt=0)
+    subscribed_ms: int = Field(default=0, ge=0)
 
     @field_validator("stats")
     @classmethod
@@ -109,6 +111,7 @@ class WorkerDirectory:
             resources=beat.resources,
             stats=beat.stats,
             sample_rate=beat.sample_rate,
+            subscribed_ms=beat.subscribed_ms,
         )
 
     def missing(self) -> list[str]:
