@@ -137,6 +137,7 @@ class Gateway:
         self.bus_stats = SubscriberStats()  # inbox messages dropped at the bus boundary
         self.loop_restarts: dict[str, int] = {}  # long-lived loops that ended and were started again
         self._subscribed = asyncio.Event()
+        self.inbox_live = False  # the inbox subscription is up (and caught up after an outage)
         self._introspections: dict[str, list[IntrospectReply]] = {}
         self._lease_s = max(1, int(settings.stale_timeout_s))
         self.closing = False  # shutting down: no new conversation is opened
@@ -197,8 +198,10 @@ class Gateway:
         if self._subscribed.is_set():  # subscribed again after losing Redis: routing may be gone with it
             await self.recovery.bus_back()
         self._subscribed.set()
+        self.inbox_live = True
 
     async def _on_bus_lost(self) -> None:
+        self.inbox_live = False
         self.recovery.bus_lost("the gateway's inbox subscription dropped")
 
     async def aclose(self) -> None:

@@ -12,6 +12,10 @@ gateway's subscription was down is lost. The gateway still has each socket and i
   the same. Its heartbeat says when it last subscribed (`subscribed_ms`); when that moves on
   (`worker_gaps`, after each directory refresh), the turns routed to it that began before then end
   the same way. Turns that began after it are left alone.
+- The first typed turn of a socket after an outage waits (up to `SETTLE_S`) for the gateway's
+  inbox to be subscribed again and the routing written (`settle`), and is re-sent while the
+  orchestrator it goes to is not subscribed yet (`publish_when_heard`: no receiver means nobody
+  got it, so sending again is safe), instead of being lost and ended with `bus_unavailable`.
 - When the subscription is back, and whenever a socket's lease refresh finds its lease gone
   (`reestablish`), each conversation's routing is written again as it was (same workers, same
   socket id), and, if it was really gone, announced again with `conversation.opened`, so the user
@@ -24,14 +28,18 @@ The rewrite is one Lua step that only writes when the lease is absent or still n
 so a conversation resumed on another socket meanwhile is never taken back."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
 from shared.channels import STAGES
 from shared.clock import now_ms
 from shared.logging import log_context
-from shared.messages import ConversationOpened
+from shared.messages import BusMessage, ConversationOpened
 
 if TYPE_CHECKING:
     from gateway.hub import Gateway
@@ -72,6 +80,7 @@ return 1
 """
 
 ROUTE_FIELDS = (*STAGES, "gateway", "correlation_id", "connection_id", "created_ms")
+SETTLE_S = 2.0  # how long the first turn after an outage waits for the bus to be whole again
 FORGET_WORKER_S = 600.0  # a worker's last subscription time is kept this long after its last heartbeat
 
 
@@ -124,6 +133,28 @@ class Recovery:
         for session in list(sessions):
             with log_context(session.conversation_id, session.correlation_id):
                 self.turns_failed += session.fail_turns_in_flight("bus_unavailable", BUS_LOST_MESSAGE, opened_before_ms)
+
+    async def settle(self, session: ClientSession) -> None:
+        """Wait (bounded) until the inbox is subscribed again, then write the socket's routing."""
+        gateway = self._gateway
+        try:
+            async with asyncio.timeout(SETTLE_S):
+                while not gateway.inbox_live:
+                    await asyncio.sleep(0.02)
+                await self.reestablish([session])
+        except (TimeoutError, RedisError, OSError) as exc:
+            log.warning("the bus has not settled yet (%s); the turn goes out anyway", type(exc).__name__)
+
+    async def publish_when_heard(self, channel: str, message: BusMessage) -> None:
+        """Publish until some subscriber receives it, for up to `SETTLE_S`; raises ConnectionError
+        if none did by then."""
+        deadline = time.monotonic() + SETTLE_S
+        delay = 0.02
+        while not await self._gateway.bus.publish(channel, message):
+            if time.monotonic() + delay > deadline:
+                raise RedisConnectionError("no worker listens on its inbox yet")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     async def reestablish(self, sessions: list[ClientSession]) -> int:
         """Write each conversation's routing again where it is gone; returns how many were."""

@@ -297,12 +297,15 @@ class ClientSession:
             commit = AudioCommit(received_ms=now_ms_float(), **self._envelope)
             self.gateway.uplink.send(names.inbox("vad_stt", self.route["vad_stt"]), bus.encode(commit))
         elif isinstance(request, TextInputRequest):
+            settling = self.routing_unsure
+            if settling:  # Redis was lost since the routing was written: let the bus settle first
+                await self.gateway.recovery.settle(self)
             turn_id = uuid.uuid4().hex[:16]
             now = now_ms_float()
             # a typed turn over a reply under way interrupts it, like speech (unless barge-in is off:
             # then it waits for that reply); the cancel reaches the orchestrator first
             reply = self.turns.current_reply(now) if self.barge_in else None
-            self.turns.open(turn_id, typed=True, transcript_ms=now, replying=True)
+            turn = self.turns.open(turn_id, typed=True, transcript_ms=now, replying=True)
             inbox = names.inbox("llm", self.route["llm"])
             text_input = TextInput(turn_id=turn_id, text=request.text, **self._envelope)
             try:
@@ -310,6 +313,9 @@ class ClientSession:
                     await self.gateway.recovery.reestablish([self])
                 if reply is not None:
                     await bus.publish_many([(inbox, self._interrupt(reply, "barge_in")), (inbox, text_input)])
+                elif settling:  # the orchestrator may still be subscribing again
+                    await self.gateway.recovery.publish_when_heard(inbox, text_input)
+                    turn.opened_ms = now_ms_float()  # it was heard from now on
                 else:
                     await bus.publish(inbox, text_input)
             except (RedisError, OSError) as exc:
