@@ -12,8 +12,8 @@ started again on the same port. Figures per round:
 - first answered turn (same socket): Redis accepting connections again -> `response.done` of the
   first typed turn answered without error on the conversation opened before the restart (a turn
   answered with `bus_unavailable` is asked again at once, as a client would; they are counted)
-- first answered turn (new socket): the same for a socket opened after the restart (a 503 or
-  `not_ready` is retried every 50 ms)
+- first answered turn (new socket): the same, at the same time, for a socket opened as soon as
+  Redis is back (a 503 or `not_ready` is retried every 50 ms)
 - process deaths, and hangs (a turn without `response.done` within 20 s)"""
 from __future__ import annotations
 
@@ -146,12 +146,18 @@ async def run(rounds: int, down_s: float) -> int:
                     await asyncio.sleep(max(0.0, down_s - (time.perf_counter() - killed)))
                     redis.start()
                     back = time.perf_counter()
-                    await first_answer(ws, counts)
-                    results["same_socket"].append((time.perf_counter() - back) * 1000)
-                    fresh = await open_socket(ws_url, counts)
-                    await first_answer(fresh, counts)
-                    results["new_socket"].append((time.perf_counter() - back) * 1000)
-                    await fresh.close()
+
+                    async def same_socket() -> None:
+                        await first_answer(ws, counts)
+                        results["same_socket"].append((time.perf_counter() - back) * 1000)
+
+                    async def new_socket() -> None:
+                        fresh = await open_socket(ws_url, counts)
+                        await first_answer(fresh, counts)
+                        results["new_socket"].append((time.perf_counter() - back) * 1000)
+                        await fresh.close()
+
+                    await asyncio.gather(same_socket(), new_socket())  # both at once, right after the restart
                 except (Hang, TimeoutError):
                     counts["hangs"] += 1
                     print(f"round {round_}: HANG", flush=True)

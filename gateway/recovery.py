@@ -11,9 +11,12 @@ gateway's subscription was down is lost. The gateway still has each socket and i
 - A worker that lost its own subscription may have missed a message of a turn in flight just
   the same. Its heartbeat says when it last subscribed (`subscribed_ms`); when that moves on
   (`worker_gaps`, after each directory refresh), the turns routed to it that began before then end
-  the same way. Turns that began after it are left alone.
-- The first typed turn of a socket after an outage waits (up to `SETTLE_S`) for the gateway's
-  inbox to be subscribed again and the routing written (`settle`), and is re-sent while the
+  the same way, if they still wait for that stage (`waits_on`: a typed turn never waits for
+  VAD/STT, a turn whose reply text is complete no longer waits for the orchestrator). Turns that
+  began after it are left alone.
+- A typed turn while the inbox is down or in the first `SETTLE_S` after it is back, and the first
+  of a socket after an outage, waits (up to `SETTLE_S`) for the gateway's inbox to be subscribed
+  again and the routing written (`settle`), and is re-sent while the
   orchestrator it goes to is not subscribed yet (`publish_when_heard`: no receiver means nobody
   got it, so sending again is safe), instead of being lost and ended with `bus_unavailable`.
 - When the subscription is back, and whenever a socket's lease refresh finds its lease gone
@@ -42,8 +45,11 @@ from shared.logging import log_context
 from shared.messages import BusMessage, ConversationOpened
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from gateway.hub import Gateway
     from gateway.session import ClientSession
+    from gateway.turns import Turn
 
 log = logging.getLogger("voicepipe.gateway.recovery")
 
@@ -79,6 +85,15 @@ end
 return 1
 """
 
+def waits_on(turn: Turn, stage: str) -> bool:
+    """Whether the turn still needs a message from a worker of `stage` (so lost one if it missed it)."""
+    if stage == "vad_stt":
+        return not turn.typed and turn.transcript_ms is None
+    if stage == "llm":
+        return turn.text is None
+    return not turn.audio_done
+
+
 ROUTE_FIELDS = (*STAGES, "gateway", "correlation_id", "connection_id", "created_ms")
 SETTLE_S = 2.0  # how long the first turn after an outage waits for the bus to be whole again
 FORGET_WORKER_S = 600.0  # a worker's last subscription time is kept this long after its last heartbeat
@@ -93,6 +108,11 @@ class Recovery:
         self.reestablished = 0  # conversations whose lost routing was written again
         self.turns_failed = 0  # turns in flight ended with bus_unavailable
         self._subscribed: dict[str, tuple[int, float]] = {}  # worker id -> (subscribed_ms, last seen)
+        self._back_at: float | None = None  # time.monotonic() when the inbox was last subscribed again
+
+    def settling(self) -> bool:
+        """The inbox was subscribed again within `SETTLE_S`: workers may still be subscribing."""
+        return self._back_at is not None and time.monotonic() - self._back_at < SETTLE_S
 
     def bus_lost(self, why: str) -> None:
         """The inbox subscription dropped: end every turn in flight, on every socket; until its
@@ -104,6 +124,7 @@ class Recovery:
 
     async def bus_back(self) -> None:
         """Subscribed again: end the turns begun while the inbox was deaf, write lost routing again."""
+        self._back_at = time.monotonic()
         self._fail(self._gateway.sessions.values())
         await self.reestablish_all()
 
@@ -125,14 +146,16 @@ class Recovery:
             del self._subscribed[worker_id]
         for worker_id, since_ms in moved.items():
             log.warning("worker %s subscribed again: its turns in flight may have lost messages", worker_id)
-            routed = [s for s in self._gateway.sessions.values() if worker_id in (s.route.get(stage) for stage in STAGES)]
-            self._fail(routed, opened_before_ms=since_ms)
+            for session in list(self._gateway.sessions.values()):
+                for stage in STAGES:
+                    if session.route.get(stage) == worker_id:
+                        self._fail([session], lambda turn, stage=stage, since=since_ms: turn.opened_ms < since and waits_on(turn, stage))
         return list(moved)
 
-    def _fail(self, sessions, opened_before_ms: float | None = None) -> None:
+    def _fail(self, sessions, which: Callable[[Turn], bool] | None = None) -> None:
         for session in list(sessions):
             with log_context(session.conversation_id, session.correlation_id):
-                self.turns_failed += session.fail_turns_in_flight("bus_unavailable", BUS_LOST_MESSAGE, opened_before_ms)
+                self.turns_failed += session.fail_turns_in_flight("bus_unavailable", BUS_LOST_MESSAGE, which)
 
     async def settle(self, session: ClientSession) -> None:
         """Wait (bounded) until the inbox is subscribed again, then write the socket's routing."""

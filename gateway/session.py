@@ -18,6 +18,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from redis.exceptions import RedisError
@@ -149,11 +150,11 @@ class ClientSession:
     def ended(self) -> bool:
         return self._ended.is_set()
 
-    def fail_turns_in_flight(self, code: str, message: str, opened_before_ms: float | None = None) -> int:
-        """End every turn not done yet (opened before `opened_before_ms`, if given) with `error` and
-        `response.done`, and fence it (its late output is dropped): its messages may have been lost.
-        Returns how many were ended."""
-        failed = self.turns.unfinished(opened_before_ms)
+    def fail_turns_in_flight(self, code: str, message: str, which: Callable[[Turn], bool] | None = None) -> int:
+        """End every turn not done yet (those `which` picks, if given) with `error` and
+        `response.done`, and fence it (its late output is dropped): its messages may have been
+        lost. Returns how many were ended."""
+        failed = [turn for turn in self.turns.unfinished() if which is None or which(turn)]
         for turn in failed:
             self._fail_turn(turn.turn_id, code, message)
         return len(failed)
@@ -297,8 +298,9 @@ class ClientSession:
             commit = AudioCommit(received_ms=now_ms_float(), **self._envelope)
             self.gateway.uplink.send(names.inbox("vad_stt", self.route["vad_stt"]), bus.encode(commit))
         elif isinstance(request, TextInputRequest):
-            settling = self.routing_unsure
-            if settling:  # Redis was lost since the routing was written: let the bus settle first
+            # Redis was lost since the routing was written, or is just back: let the bus settle first
+            settling = self.routing_unsure or not self.gateway.inbox_live or self.gateway.recovery.settling()
+            if settling:
                 await self.gateway.recovery.settle(self)
             turn_id = uuid.uuid4().hex[:16]
             now = now_ms_float()

@@ -129,9 +129,9 @@ class TurnTable:
                 self._live.popitem(last=False)
         return turn
 
-    def unfinished(self, opened_before_ms: float | None = None) -> list[Turn]:
-        """Turns whose `response.done` has not been sent (only those opened before a time, if given)."""
-        return [t for t in self._live.values() if not t.done and (opened_before_ms is None or t.opened_ms < opened_before_ms)]
+    def unfinished(self) -> list[Turn]:
+        """Turns whose `response.done` has not been sent."""
+        return [t for t in self._live.values() if not t.done]
 
     def drop(self, turn_id: str) -> None:
         self._live.pop(turn_id, None)
