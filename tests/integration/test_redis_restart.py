@@ -18,8 +18,10 @@ import httpx
 import pytest
 import websockets
 
-from shared.bus import create_redis
+from shared.bus import create_redis, run_subscriber
 from shared.channels import STAGES, Names
+from shared.messages import TextInput
+from shared.messages.codec import encode
 from tests.conftest import make_settings
 from tests.support.fake_llm import FakeLlm, FakeLlmServer
 from tests.support.redis_server import RedisProcess
@@ -100,6 +102,47 @@ async def test_commands_on_pooled_connections_survive_a_restart(own_redis):
         await client.aclose()
 
 
+@pytest.mark.parametrize("down_s", [0.0, 1.5])
+async def test_the_subscriber_reports_the_loss_and_catches_up(own_redis, down_s):
+    """Restarted at once, redis-py renews the subscription inside its retries (seen only as a new
+    subscribe confirmation); down for longer, the error reaches the loop. Either way the owner
+    hears `on_lost` then `on_subscribed`, and messages flow again."""
+    client = create_redis(own_redis.url)
+    calls: list[str] = []
+    texts: list[str] = []
+
+    async def handle(_channel, message):
+        texts.append(message.text)
+
+    async def on_subscribed():
+        calls.append("subscribed")
+
+    async def on_lost():
+        calls.append("lost")
+
+    reader = asyncio.create_task(
+        run_subscriber(client, ["restart-test"], handle, on_subscribed=on_subscribed, on_lost=on_lost)
+    )
+    try:
+        async with asyncio.timeout(10):
+            while calls != ["subscribed"]:
+                await asyncio.sleep(0.01)
+        own_redis.kill()
+        await asyncio.sleep(down_s)
+        own_redis.start()
+        async with asyncio.timeout(TURN_TIMEOUT_S):
+            while calls[-2:] != ["lost", "subscribed"]:
+                await asyncio.sleep(0.01)
+            while not texts:
+                await client.publish("restart-test", encode(TextInput(conversation_id="c", text="back")))
+                await asyncio.sleep(0.05)
+        assert calls == ["subscribed", "lost", "subscribed"] and texts[0] == "back"
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await client.aclose()
+
+
 async def test_a_restart_between_turns_keeps_the_conversation(own_redis, fake_llm):
     settings = settings_on(own_redis)
     async with run_stack(settings, llm_base_url=fake_llm.base_url) as stack:
@@ -119,10 +162,23 @@ async def test_a_restart_between_turns_keeps_the_conversation(own_redis, fake_ll
                 await probe.aclose()
             assert (await turn(ws))[-1]["text"]  # and again, with nothing to settle
         assert_all_running(stack)
-        # a new conversation after the restart works from the first turn
-        ws, _ = await connect(stack.ws_url)
-        async with ws:
-            await answered_turn(ws)
+        # between conversations: four opened at once after another restart are all answered
+        own_redis.kill()
+        own_redis.start()
+
+        async def conversation() -> None:
+            async with asyncio.timeout(TURN_TIMEOUT_S):
+                while True:
+                    try:
+                        ws, _ = await connect(stack.ws_url)
+                        break
+                    except (websockets.InvalidStatus, AssertionError):  # 503 or not_ready while it settles
+                        await asyncio.sleep(0.05)
+            async with ws:
+                await answered_turn(ws)
+
+        await asyncio.gather(*(conversation() for _ in range(4)))
+        assert_all_running(stack)
 
 
 async def test_a_turn_in_flight_ends_with_bus_unavailable_and_the_next_is_answered(own_redis, slow_llm):
