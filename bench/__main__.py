@@ -7,6 +7,7 @@ BENCHMARKS = [
     ("bus hop", ["bench.bus_hop"]),
     ("lifecycle", ["bench.lifecycle"]),
     ("turn-taking", ["bench.turn_taking"]),
+    ("redis restart", ["bench.redis_restart"]),
 ]
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> Fast
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         gateway: Gateway = app.state.gateway
+        if not gateway.bus_health.up:  # known at once: no need to wait for a PING to time out
+            return JSONResponse({"status": "not_ready", "missing": ["redis"]}, status_code=503)
         try:
             async with asyncio.timeout(1):
                 await gateway.redis.ping()

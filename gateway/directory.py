@@ -32,6 +32,7 @@ class WorkerInfo:
     stats: dict[str, object] = field(default_factory=dict)
     sample_rate: int | None = None
     llm_ok: bool | None = None  # an orchestrator's LLM server answers (None: not reported)
+    subscribed_ms: int = 0  # when its bus subscription was last (re)made (gateway/recovery.py)
 
 
 class _Heartbeat(BaseModel):
@@ -47,6 +48,7 @@ class _Heartbeat(BaseModel):
     stats: dict[str, Any] = Field(default_factory=dict)
     sample_rate: int | None = Field(default=None, gt=0)
     llm_ok: bool | None = Field(default=None, strict=True)
+    subscribed_ms: int = Field(default=0, ge=0)
 
     @field_validator("stats")
     @classmethod
@@ -112,6 +114,7 @@ class WorkerDirectory:
             stats=beat.stats,
             sample_rate=beat.sample_rate,
             llm_ok=beat.llm_ok,
+            subscribed_ms=beat.subscribed_ms,
         )
 
     def missing(self) -> list[str]:

@@ -3,7 +3,8 @@ before the upgrade.
 
 A refused client gets an HTTP answer instead of `101 Switching Protocols`: 403 for a missing or
 wrong token or an Origin not allowed, 429 with `Retry-After` over `MAX_CONNECTIONS_PER_CLIENT`,
-503 when Redis cannot count connections. That is the ASGI "websocket.http.response" extension
+503 while Redis is unreachable (shared/bus_health.py: known at once, no round trip) or cannot
+count connections. That is the ASGI "websocket.http.response" extension
 (uvicorn supports it); a refusal before the upgrade costs no WebSocket state, tells HTTP-aware
 clients and proxies exactly what happened, and browsers see a failed handshake rather than a socket
 that opens and dies. Only a server without the extension gets the fallback: accept, then close with
@@ -63,6 +64,12 @@ async def admit(gateway: Gateway, websocket: WebSocket, correlation_id: str) -> 
             return None
     if not auth.origin_allowed(auth.header_value(headers, b"origin"), settings.allowed_origins):
         await deny(gateway, websocket, correlation_id, 403, "forbidden", "origin not allowed", "origin")
+        return None
+    if not gateway.bus_health.up:
+        await deny(
+            gateway, websocket, correlation_id, 503, "bus_unavailable", "the server cannot take connections now",
+            "bus_unavailable", retry_after_s=1,
+        )
         return None
     client = scope.get("client")
     address = auth.client_address(

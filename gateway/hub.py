@@ -35,8 +35,10 @@ from gateway.latency import GatewayLatency
 from gateway.limits import ConnectionLimits
 from gateway.metrics import GatewayMetrics
 from gateway.requests import PendingRequests
+from gateway.recovery import Recovery
 from gateway.uplink import Uplink
 from shared.bus import Bus, SubscriberStats, run_subscriber
+from shared.bus_health import BusHealth
 from shared.channels import STAGES, Names
 from shared.clock import now_ms
 from shared.config import Settings
@@ -140,6 +142,7 @@ class Gateway:
         self.bus_stats = SubscriberStats()  # inbox messages dropped at the bus boundary
         self.loop_restarts: dict[str, int] = {}  # long-lived loops that ended and were started again
         self._subscribed = asyncio.Event()
+        self.inbox_live = False  # the inbox subscription is up (and caught up after an outage)
         self._introspections: dict[str, list[IntrospectReply]] = {}
         self._lease_s = max(1, int(settings.stale_timeout_s))
         self.closing = False  # shutting down: no new conversation is opened
@@ -151,6 +154,8 @@ class Gateway:
         self.client_tokens = [as_bytes(token) for token in settings.client_tokens]
         self._claim_resume = client.register_script(CLAIM_RESUME)
         self._end_conversation = client.register_script(END_CONVERSATION)
+        self.bus_health = BusHealth(settings.redis_url_or_default)  # refuses new sockets while Redis is down
+        self.recovery = Recovery(self)  # turns in flight and routing across a Redis outage
 
     def reject(self, why: str) -> None:
         self.stats.rejected += 1
@@ -165,6 +170,7 @@ class Gateway:
             ("directory", self._refresh_directory),
             ("stale-sweep", self._stale_sweep_loop),
             ("uplink", self.uplink.run),
+            ("bus-health", self.bus_health.run),
         )
         for name, loop in loops:
             self._tasks.spawn(keep_running(name, loop, self.loop_restarts), name=name)
@@ -184,11 +190,24 @@ class Gateway:
 
     async def _read_inbox(self) -> None:
         await run_subscriber(
-            self.redis, [self.inbox], self._deliver, on_subscribed=self._on_subscribed, name="gateway", stats=self.bus_stats
+            self.redis,
+            [self.inbox],
+            self._deliver,
+            on_subscribed=self._on_subscribed,
+            on_lost=self._on_bus_lost,
+            name="gateway",
+            stats=self.bus_stats,
         )
 
     async def _on_subscribed(self) -> None:
+        if self._subscribed.is_set():  # subscribed again after losing Redis: routing may be gone with it
+            await self.recovery.bus_back()
         self._subscribed.set()
+        self.inbox_live = True
+
+    async def _on_bus_lost(self) -> None:
+        self.inbox_live = False
+        self.recovery.bus_lost("the gateway's inbox subscription dropped")
 
     async def aclose(self) -> None:
         await self.close_sessions(1001, "server shutting down")
@@ -263,6 +282,7 @@ class Gateway:
         while True:
             try:
                 await self.directory.refresh()
+                self.recovery.worker_gaps()
             except (RedisError, OSError) as exc:
                 log.warning("worker directory refresh failed: %s", exc)
             await asyncio.sleep(0.5)
@@ -424,12 +444,14 @@ class Gateway:
             log.warning("connection_disconnected reached no subscriber; the workers' sweep will clean up")
         log.info("published connection_disconnected (%s) to %d subscribers", event.reason, receivers)
 
-    async def refresh_lease(self, conversation_id: str) -> None:
+    async def refresh_lease(self, conversation_id: str) -> bool:
+        """Extend the routing lease; False when it was gone (Redis lost it: see gateway/recovery.py)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.expire(self.names.conversation(conversation_id), self._lease_s)
             pipe.expire(self.names.history(conversation_id), self.settings.resume_window_s + self._lease_s)
             pipe.zadd(self.names.live, {conversation_id: now_ms() + self._lease_s * 1000})
-            await pipe.execute()
+            extended, *_ = await pipe.execute()
+        return bool(extended)
 
     # ---- stale sweep: conversations whose gateway died without publishing their event
     async def _stale_sweep_loop(self) -> None:

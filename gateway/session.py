@@ -18,6 +18,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from redis.exceptions import RedisError
@@ -97,6 +98,8 @@ class ClientSession:
         self._tasks = TaskSet(f"session:{conversation_id}")
         self._ended = asyncio.Event()
         self._envelope = {"conversation_id": conversation_id, "correlation_id": self.correlation_id}
+        self._told_bus_down = False  # the client was told its audio is dropped while Redis is down
+        self.routing_unsure = False  # Redis was lost since the routing was written (gateway/recovery.py)
 
     # ---- outbound
     def send_event(self, type_: str, turn_id: str | None = None, *, source: str | None = None, **fields: object) -> None:
@@ -143,6 +146,32 @@ class ClientSession:
             if self.websocket.application_state == WebSocketState.CONNECTED:
                 await self.websocket.close(code, handshake.close_reason(reason))
 
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
+
+    def fail_turns_in_flight(self, code: str, message: str, which: Callable[[Turn], bool] | None = None) -> int:
+        """End every turn not done yet (those `which` picks, if given) with `error` and
+        `response.done`, and fence it (its late output is dropped): its messages may have been
+        lost. Returns how many were ended."""
+        failed = [turn for turn in self.turns.unfinished() if which is None or which(turn)]
+        for turn in failed:
+            self._fail_turn(turn.turn_id, code, message)
+        return len(failed)
+
+    def _fail_turn(self, turn_id: str, code: str, message: str) -> None:
+        turn = self.turns.get(turn_id)
+        self.turns.fence(turn_id)
+        log.warning("turn %s ended without its reply: %s", turn_id, code)
+        self.send_event("error", turn_id, code=code, message=message)
+        self.send_event(
+            "response.done",
+            turn_id,
+            text=(turn.text if turn is not None else None) or "",
+            metrics=turn.metrics() if turn is not None else {},
+            diagnostics=turn.diagnostics() if turn is not None else {},
+        )
+
     # ---- the connection
     async def run(self) -> str:
         """Serve the client until the socket ends; returns the disconnect reason."""
@@ -182,7 +211,8 @@ class ClientSession:
             except TimeoutError:
                 pass
             try:
-                await self.gateway.refresh_lease(self.conversation_id)
+                if not await self.gateway.refresh_lease(self.conversation_id):
+                    await self.gateway.recovery.reestablish([self])  # Redis lost it (gateway/recovery.py)
             except (RedisError, OSError) as exc:
                 log.warning("could not refresh the routing lease: %s", exc)
 
@@ -239,6 +269,18 @@ class ClientSession:
         if len(pcm) % 2:
             self.send_event("error", code="bad_audio", message=f"audio frame of {len(pcm)} bytes is not whole 16-bit samples")
             return
+        if not self.gateway.bus_health.up:  # dropped, and the client told once per outage
+            if not self._told_bus_down:
+                self._told_bus_down = True
+                self.send_event("error", code="bus_unavailable", message="the message bus is down; audio is dropped until it is back")
+            return
+        self._told_bus_down = False
+        if self.routing_unsure:  # a worker drops input of a conversation it finds no routing for
+            try:
+                await self.gateway.recovery.reestablish([self])
+            except (RedisError, OSError) as exc:
+                log.warning("could not write the routing again; audio dropped: %s", exc)
+                return
         if pcm:
             inbox = self.gateway.names.inbox("vad_stt", self.route["vad_stt"])
             self.gateway.uplink.send(inbox, self.gateway.bus.encode(AudioIn(received_ms=now_ms_float(), pcm=pcm, **self._envelope)))
@@ -256,22 +298,35 @@ class ClientSession:
             commit = AudioCommit(received_ms=now_ms_float(), **self._envelope)
             self.gateway.uplink.send(names.inbox("vad_stt", self.route["vad_stt"]), bus.encode(commit))
         elif isinstance(request, TextInputRequest):
+            # Redis was lost since the routing was written, or is just back: let the bus settle first
+            settling = self.routing_unsure or not self.gateway.inbox_live or self.gateway.recovery.settling()
+            if settling:
+                await self.gateway.recovery.settle(self)
             turn_id = uuid.uuid4().hex[:16]
             now = now_ms_float()
             # a typed turn over a reply under way interrupts it, like speech (unless barge-in is off:
             # then it waits for that reply); the cancel reaches the orchestrator first
             reply = self.turns.current_reply(now) if self.barge_in else None
-            self.turns.open(turn_id, typed=True, transcript_ms=now, replying=True)
+            turn = self.turns.open(turn_id, typed=True, transcript_ms=now, replying=True)
             inbox = names.inbox("llm", self.route["llm"])
             text_input = TextInput(turn_id=turn_id, text=request.text, **self._envelope)
-            if reply is not None:
-                await bus.publish_many([(inbox, self._interrupt(reply, "barge_in")), (inbox, text_input)])
-            else:
-                await bus.publish(inbox, text_input)
+            try:
+                if self.routing_unsure:  # the orchestrator drops a turn of a conversation it finds no routing for
+                    await self.gateway.recovery.reestablish([self])
+                if reply is not None:
+                    await bus.publish_many([(inbox, self._interrupt(reply, "barge_in")), (inbox, text_input)])
+                elif settling:  # the orchestrator may still be subscribing again
+                    await self.gateway.recovery.publish_when_heard(inbox, text_input)
+                    turn.opened_ms = now_ms_float()  # it was heard from now on
+                else:
+                    await bus.publish(inbox, text_input)
+            except (RedisError, OSError) as exc:
+                log.warning("could not publish the typed turn: %s", exc)
+                self._fail_turn(turn_id, "bus_unavailable", "the message bus is down; try again in a moment")
         elif isinstance(request, ResponseCancelRequest):
             reply = self.turns.current_reply(now_ms_float())
             if reply is not None:
-                await bus.publish(names.inbox("llm", self.route["llm"]), self._interrupt(reply, "cancelled"))
+                await self._publish_to_llm(self._interrupt(reply, "cancelled"))
 
     def _interrupt(self, turn: Turn, reason: str) -> ResponseCancel:
         """Tell the client at once, fence the turn here (not one more audio frame of it is queued),
@@ -444,6 +499,13 @@ async def _serve_conversation(
             await websocket.close(*((1001, "server shutting down") if gateway.closing else (1011, "pipeline not ready")))
     except WebSocketDisconnect:
         reason = "client_disconnect"
+    except RedisError as exc:  # Redis went away while the conversation was opened
+        reason = "server_error"
+        log.warning("conversation failed: Redis is unreachable: %s", exc)
+        gateway.metrics.error_sent("bus_unavailable")
+        with contextlib.suppress(Exception):
+            await websocket.send_text(server_event("error", code="bus_unavailable", message="the message bus is down; try again in a moment"))
+            await websocket.close(1011, "bus unavailable")
     except asyncio.CancelledError:
         reason, detail = "server_error", "shutdown"
         raise

@@ -14,8 +14,9 @@ mix in."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from shared.clock import now_ms_float
 from shared.recent import RecentIds
 
 LIVE_TURNS = 8  # turns kept per conversation (the newest)
@@ -47,6 +48,7 @@ class Turn:
     sample_rate: int = 0
     heard: float = 0.0  # TTS pieces of the reply whose audio was sent (2.5: two and a half)
     playing_until_ms: float = 0.0  # when the client runs out of the reply's audio sent so far
+    opened_ms: float = field(default_factory=now_ms_float)  # when the gateway first heard of the turn
 
     @property
     def complete(self) -> bool:
@@ -126,6 +128,10 @@ class TurnTable:
             while len(self._live) > LIVE_TURNS:
                 self._live.popitem(last=False)
         return turn
+
+    def unfinished(self) -> list[Turn]:
+        """Turns whose `response.done` has not been sent."""
+        return [t for t in self._live.values() if not t.done]
 
     def drop(self, turn_id: str) -> None:
         self._live.pop(turn_id, None)

@@ -1,7 +1,30 @@
 """The Redis bus: a bounded connection pool, typed publish, and a subscriber that never dies silently.
 
 Pub/sub is at-most-once; what must not be lost on a missed message is covered by the lifecycle
-safety net (heartbeats, leases and sweeps), never by hoping the subscriber was connected."""
+safety net (heartbeats, leases and sweeps), never by hoping the subscriber was connected.
+
+Dropped and stale connections. When Redis restarts, every pooled connection is dead, and the
+first command on each one would fail with `Connection closed by server`. So every client made by
+`create_redis` retries a command that failed on a connection error or timeout (redis-py's `Retry`,
+`RETRY_ATTEMPTS` more times, exponential backoff with jitter from `RETRY_BACKOFF_S`): the stale
+connection is dropped, a new one is opened, the command is sent again. A restart is then invisible
+to callers; an outage longer than the retries (about `RETRY_BUDGET_S`) still raises
+`ConnectionError`, which every long-lived loop catches and goes on from.
+
+What is retried is everything on the connection, so this is safe only because of what the project
+sends: reads, writes of a whole value (SET, HSET, EXPIRE, ZADD, DEL), and Lua steps that are
+idempotent or whose loss is covered (a resume claim that ran but whose answer was lost refuses the
+client, who resumes again). A command is resent only when its answer never came; after a restart
+Redis kept nothing of it. PUBLISH may then in rare cases deliver twice; every handler tolerates a
+repeated message (the disconnect event, stops and cancels are idempotent; a repeated audio frame
+or piece of a reply is a glitch, never a fault), which is cheaper than losing the one message that
+ends a turn. Wrong credentials (`AuthenticationError`, a connection error) fail after the same
+retries, a second or two late.
+
+The subscriber (`run_subscriber`) sees both ways a subscription can drop: the error surfacing after
+the retries, and redis-py reconnecting and resubscribing silently inside the retries (seen as a new
+subscribe confirmation). Either way its owner is told (`on_lost`: messages may be lost) and then
+catches up (`on_subscribed`)."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +34,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.messages import BusMessage
 from shared.messages.codec import DecodeError, decode, encode
@@ -21,18 +48,36 @@ log = logging.getLogger("voicepipe.bus")
 Handler = Callable[[str, BusMessage], Awaitable[None]]
 
 DROP_WARN_INTERVAL_S = 10.0  # a subscriber warns about dropped messages at most this often, per kind
+RETRY_ATTEMPTS = 2  # a command failed on a connection error is sent again up to this many times
+RETRY_BACKOFF_S = (0.05, 0.5)  # base and cap of the wait before a retry (exponential, equal jitter)
+_WAITS_S = sum(min(RETRY_BACKOFF_S[1], RETRY_BACKOFF_S[0] * 2**k) for k in range(1, RETRY_ATTEMPTS + 1))
+# the longest a command keeps retrying while Redis is down (1.2 s): each of its tries retries the
+# connect too (redis-py applies the same policy there), so the waits add up once per try, plus its own
+RETRY_BUDGET_S = (RETRY_ATTEMPTS + 2) * _WAITS_S
+RESUBSCRIBE_BACKOFF_S = (0.05, 0.5)  # a lost subscription is tried again this soon, doubling to the cap
+
+
+def command_retry() -> Retry:
+    """The retry policy of every client: connection errors and timeouts, exponential backoff with jitter."""
+    base, cap = RETRY_BACKOFF_S
+    return Retry(EqualJitterBackoff(cap=cap, base=base), RETRY_ATTEMPTS, (RedisConnectionError, RedisTimeoutError))
 
 
 def create_redis(url: str, max_connections: int = 64, name: str | None = None) -> aioredis.Redis:
     """A client over a bounded pool: callers wait up to 5 s for a free connection instead of failing.
 
+    Commands that meet a dropped or stale connection are retried (`command_retry`, see above);
+    a connection idle for 10 s is checked with PING before use; TCP keepalive finds dead peers.
     `name` is set as CLIENT SETNAME on every connection, so operators can tell processes apart."""
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=5,
         socket_connect_timeout=5,
+        socket_keepalive=True,
         health_check_interval=10,
+        retry=command_retry(),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
         client_name=name,
     )
     return aioredis.Redis(connection_pool=pool)
@@ -83,6 +128,7 @@ class SubscriberStats:
     received: int = 0
     undecodable: int = 0
     handler_failures: int = 0
+    resubscribes: int = 0  # times the subscription dropped and was renewed
     _last_warned: dict[str, float] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict[str, int]:
@@ -108,28 +154,47 @@ async def run_subscriber(
     handle: Handler,
     *,
     on_subscribed: Callable[[], Awaitable[None]] | None = None,
+    on_lost: Callable[[], Awaitable[None]] | None = None,
     name: str = "subscriber",
     stats: SubscriberStats | None = None,
 ) -> None:
     """Deliver every message on `channels` to `handle`, in order, until cancelled.
 
-    A dropped connection is retried with backoff (0.05 s doubling to 2 s) and logged. Each message
+    A dropped connection is retried with backoff (`RESUBSCRIBE_BACKOFF_S`) and logged. Each message
     is its own failure domain: one that does not decode, or whose handler raises, is counted in
     `stats`, logged briefly (never its payload) and skipped; only cancellation ends the loop.
-    `on_subscribed` runs after every (re)subscribe, so the owner can catch up on what it may have
-    missed."""
+    `on_lost` runs once each time the subscription drops (whatever was published meanwhile is
+    lost to it), `on_subscribed` after every (re)subscribe, so the owner can catch up on what it
+    may have missed. A failing callback is logged and retried with the subscription."""
     stats = stats if stats is not None else SubscriberStats()
-    backoff = 0.05
+    backoff = RESUBSCRIBE_BACKOFF_S[0]
+    expected = len(set(channels))  # subscribe confirmations that one SUBSCRIBE of `channels` brings
+    subscribed = False  # the subscription is up (so losing it is news for `on_lost`)
     while True:
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub = client.pubsub()
         try:
             await pubsub.subscribe(*channels)
+            confirmations = expected  # the ones of this SUBSCRIBE, still to come
             if on_subscribed is not None:
                 await on_subscribed()
-            backoff = 0.05
+            subscribed = True
+            backoff = RESUBSCRIBE_BACKOFF_S[0]
             while True:
                 raw = await pubsub.get_message(timeout=None)
                 if raw is None:
+                    continue
+                if raw["type"] != "message":
+                    if raw["type"] == "subscribe":
+                        if confirmations > 0:
+                            confirmations -= 1
+                        else:  # redis-py reconnected inside its retries and subscribed again
+                            confirmations = expected - 1
+                            stats.resubscribes += 1
+                            log.warning("%s: Redis subscription was lost and renewed; catching up", name)
+                            if on_lost is not None:
+                                await on_lost()
+                            if on_subscribed is not None:
+                                await on_subscribed()
                     continue
                 stats.received += 1
                 channel = raw["channel"].decode(errors="replace") if isinstance(raw["channel"], bytes) else raw["channel"]
@@ -157,8 +222,18 @@ async def run_subscriber(
                 await asyncio.sleep(0)
         except (RedisError, OSError) as exc:  # lost connection, refused AUTH, a Redis-side error
             log.warning("%s: Redis subscription lost (%s); resubscribing in %.2f s", name, exc, backoff)
+            if subscribed:
+                subscribed = False
+                stats.resubscribes += 1
+                if on_lost is not None:
+                    try:
+                        await on_lost()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("%s: handling the lost subscription failed", name)
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            backoff = min(backoff * 2, RESUBSCRIBE_BACKOFF_S[1])
         finally:
             try:
                 await asyncio.shield(pubsub.aclose())

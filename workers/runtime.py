@@ -91,6 +91,8 @@ class Worker(abc.ABC):
         self._ended: OrderedDict[str, tuple[str | None, float]] = OrderedDict()  # id -> (socket, cleaned at ms)
         self._last_heartbeat_ms = 0
         self._suspects: set[str] = set()  # held conversations whose lease was missing at the last sweep
+        self._beat_now = asyncio.Event()  # set to heartbeat before the interval is up (after a resubscribe)
+        self._subscribed_ms = 0  # when the bus subscription was last (re)made; in the heartbeat
         self.closing = False  # shutting down: no new conversation is taken
         self.metrics = WorkerMetrics(self)  # its /metrics page, served on METRICS_PORT when set
 
@@ -236,9 +238,15 @@ class Worker(abc.ABC):
         self.stats.peak_conversations = max(self.stats.peak_conversations, len(self._connections))
         return True
 
-    async def end_conversation(self, conversation_id: str, reason: str, connection_id: str | None = None) -> bool:
-        """Fence and clean one conversation; returns whether anything was held for it."""
+    async def end_conversation(
+        self, conversation_id: str, reason: str, connection_id: str | None = None, *, fence: bool = True
+    ) -> bool:
+        """Fence and clean one conversation; returns whether anything was held for it. Unfenced
+        (`fence=False`, the sweep's way), the same socket is admitted again if its lease comes back:
+        only its gateway writes that lease, after Redis lost it (gateway/recovery.py)."""
         socket_id = self._connections.pop(conversation_id, None) or connection_id
+        if not fence:
+            socket_id = None
         known = conversation_id in self.conversation_ids()
         started = time.perf_counter()
         try:
@@ -273,7 +281,12 @@ class Worker(abc.ABC):
 
     # ---- safety net
     async def _catch_up(self) -> None:
-        """After every (re)subscribe: clean at once what ended while the subscription was down."""
+        """After every (re)subscribe: heartbeat at once (after a Redis restart, gateways see this
+        worker again without waiting for the interval) and clean at once what ended while the
+        subscription was down. The heartbeat carries when this subscription was made, so a gateway
+        sees that messages sent here before then may be lost (gateway/recovery.py)."""
+        self._subscribed_ms = now_ms()
+        self._beat_now.set()
         if self.conversation_ids():
             await self.sweep(immediate=True)
 
@@ -314,7 +327,7 @@ class Worker(abc.ABC):
                 continue  # its event arrived meanwhile
             with log_context(cid):
                 log.warning("stale conversation (its disconnect event was missed or its gateway died)")
-                if await self.end_conversation(cid, "stale"):
+                if await self.end_conversation(cid, "stale", fence=False):
                     self.stats.stale_cleaned += 1
         return len(stale)
 
@@ -356,6 +369,7 @@ class Worker(abc.ABC):
         index = self.names.workers(self.stage)
         ttl_ms = int(self.settings.worker_ttl_s * 1000)
         while True:
+            self._beat_now.clear()
             now = now_ms()
             payload = {
                 "worker_id": self.worker_id,
@@ -364,6 +378,7 @@ class Worker(abc.ABC):
                 "conversations": len(self.conversation_ids()),
                 "resources": self.resources(),
                 "stats": self.stats.heartbeat(),
+                "subscribed_ms": self._subscribed_ms,
                 **self.heartbeat_info(),
             }
             try:
@@ -375,7 +390,10 @@ class Worker(abc.ABC):
                 self._last_heartbeat_ms = now
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            try:
+                await asyncio.wait_for(self._beat_now.wait(), self.settings.heartbeat_interval_s)
+            except TimeoutError:
+                pass
 
 
 async def serve(worker_cls: type[Worker], settings: Settings) -> None:

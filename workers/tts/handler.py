@@ -15,6 +15,8 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+from redis.exceptions import RedisError
+
 from shared.channels import GATEWAY
 from shared.fair import FairScheduler
 from shared.messages import (
@@ -217,7 +219,9 @@ class TtsWorker(Worker):
             return
         if message.turn_id is None:
             if message.connection_id in (None, conv.route.connection_id):
-                await self.end_conversation(message.conversation_id, "stopped by the orchestrator")
+                # unfenced: the orchestrator may have let go only because it saw no lease (a Redis
+                # restart) and the gateway writes it again; a real end fences here by its own event
+                await self.end_conversation(message.conversation_id, "stopped by the orchestrator", fence=False)
             return
         conv.stopped_turns.add(message.turn_id)
         if conv.queue and conv.queue[0].turn_id == message.turn_id:
@@ -236,13 +240,31 @@ class TtsWorker(Worker):
         delete can never be overtaken by a mark still in flight from a cancelled task. The speaker
         synthesizes while the mark is written, and clears it only once it has been written."""
         conv.marked.clear()
-        conv.speaker = conv.tasks.spawn(self._speak(conv), name="speaker")
+        conv.speaker = conv.tasks.spawn(self._speak_through_outages(conv), name="speaker")
         try:
             await self.redis.set(
                 self.names.tts_active(conv.conversation_id), "1", ex=max(1, int(self.settings.stale_timeout_s))
             )
         finally:
             conv.marked.set()
+
+    async def _speak_through_outages(self, conv: SpeechConversation) -> None:
+        """`_speak`, but a turn whose audio cannot be sent (Redis unreachable past the command
+        retries) is dropped, so the turns after it are not stuck behind it; the gateway has already
+        ended that turn for its client (gateway/recovery.py)."""
+        while True:
+            try:
+                await self._speak(conv)
+                return
+            except (RedisError, OSError) as exc:
+                if not conv.queue:
+                    log.warning("could not clear the speaking mark: %s", exc)
+                    return
+                turn_id = conv.queue[0].turn_id
+                log.warning("speech of turn %s dropped: Redis is unreachable (%s)", turn_id, exc)
+                conv.stopped_turns.add(turn_id)
+                conv.turns.pop(turn_id, None)
+                conv.queue = deque(item for item in conv.queue if item.turn_id != turn_id)
 
     async def _speak(self, conv: SpeechConversation) -> None:
         """Speak queued pieces in order until the queue is empty, then clear the speaking mark."""
