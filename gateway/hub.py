@@ -34,6 +34,7 @@ from gateway.directory import WorkerDirectory
 from gateway.latency import GatewayLatency
 from gateway.limits import ConnectionLimits
 from gateway.metrics import GatewayMetrics
+from gateway.reroute import Rerouter
 from gateway.uplink import Uplink
 from shared.bus import Bus, SubscriberStats, run_subscriber
 from shared.channels import STAGES, Names
@@ -128,6 +129,7 @@ class Gateway:
         self.bus = Bus(client, self.gateway_id)
         self.inbox = self.names.inbox("gateway", self.gateway_id)
         self.directory = WorkerDirectory(client, self.names, settings.worker_ttl_s)
+        self.rerouter = Rerouter(self)  # moves this gateway's conversations off dead workers
         self.sessions: dict[str, ClientSession] = {}
         self.stats = Stats()
         self.started = time.monotonic()
@@ -258,6 +260,7 @@ class Gateway:
         while True:
             try:
                 await self.directory.refresh()
+                await self.rerouter.check()
             except (RedisError, OSError) as exc:
                 log.warning("worker directory refresh failed: %s", exc)
             await asyncio.sleep(0.5)

@@ -29,6 +29,7 @@ from gateway.hub import Gateway, NotReady, ResumeRefused
 from gateway.keepalive import ABORT_AFTER_EXTENSION, KEEPALIVE_TIMEOUT
 from gateway.outbound import Outbound
 from gateway.ratelimit import RateGuard, Verdict
+from gateway.reroute import TURN_ENDING_CODES
 from gateway.turns import Turn, TurnTable
 from shared.clock import now_ms_float
 from shared.logging import log_context
@@ -84,6 +85,8 @@ class ClientSession:
         self.turns = TurnTable()
         self.barge_in = gateway.settings.barge_in_min_speech_ms > 0
         self.shutting_down = False
+        self.unavailable: set[str] = set()  # stages with no live worker for this conversation (gateway/reroute.py)
+        self.unavailable_told = 0.0  # when the client was last told so about its audio (time.monotonic())
         settings = gateway.settings
         self._outbound = Outbound(settings.max_outbound_bytes)
         self.rate = RateGuard(
@@ -239,7 +242,9 @@ class ClientSession:
         if len(pcm) % 2:
             self.send_event("error", code="bad_audio", message=f"audio frame of {len(pcm)} bytes is not whole 16-bit samples")
             return
-        if pcm:
+        if self.unavailable:
+            self.gateway.rerouter.refuse_audio(self)
+        elif pcm:
             inbox = self.gateway.names.inbox("vad_stt", self.route["vad_stt"])
             self.gateway.uplink.send(inbox, self.gateway.bus.encode(AudioIn(received_ms=now_ms_float(), pcm=pcm, **self._envelope)))
 
@@ -252,6 +257,8 @@ class ClientSession:
         names, bus = self.gateway.names, self.gateway.bus
         if isinstance(request, Ping):
             self.send_event("pong")
+        elif isinstance(request, InputAudioCommit) and self.unavailable:
+            self.gateway.rerouter.refuse_audio(self)
         elif isinstance(request, InputAudioCommit):  # behind the socket's audio, on the same uplink
             commit = AudioCommit(received_ms=now_ms_float(), **self._envelope)
             self.gateway.uplink.send(names.inbox("vad_stt", self.route["vad_stt"]), bus.encode(commit))
@@ -261,13 +268,18 @@ class ClientSession:
             # a typed turn over a reply under way interrupts it, like speech (unless barge-in is off:
             # then it waits for that reply); the cancel reaches the orchestrator first
             reply = self.turns.current_reply(now) if self.barge_in else None
-            self.turns.open(turn_id, typed=True, transcript_ms=now, replying=True)
+            turn = self.turns.open(turn_id, typed=True, transcript_ms=now, replying=True)
+            if self.unavailable:
+                self.gateway.rerouter.refuse_turn(self, turn)
+                return
             inbox = names.inbox("llm", self.route["llm"])
             text_input = TextInput(turn_id=turn_id, text=request.text, **self._envelope)
             if reply is not None:
-                await bus.publish_many([(inbox, self._interrupt(reply, "barge_in")), (inbox, text_input)])
+                receivers = (await bus.publish_many([(inbox, self._interrupt(reply, "barge_in")), (inbox, text_input)]))[-1]
             else:
-                await bus.publish(inbox, text_input)
+                receivers = await bus.publish(inbox, text_input)
+            if not receivers:  # the orchestrator is gone: the turn ends now, not in silence
+                await self.gateway.rerouter.unreached(self, "llm", turn)
         elif isinstance(request, ResponseCancelRequest):
             reply = self.turns.current_reply(now_ms_float())
             if reply is not None:
@@ -346,6 +358,8 @@ class ClientSession:
                 turn.tts_ms, turn.tts_first_chunk_ms = message.tts_ms, message.first_chunk_ms
                 if not turn.blocked:
                     self.send_event("response.audio.done", turn_id)
+            case StageError() if turn is not None and message.code in TURN_ENDING_CODES:
+                self.gateway.rerouter.end_turn(self, turn, message.code, message.message, message.source)
             case StageError():
                 self.send_event("error", turn_id, code=message.code, message=message.message, source=message.source)
             case _:

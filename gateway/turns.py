@@ -127,6 +127,10 @@ class TurnTable:
                 self._live.popitem(last=False)
         return turn
 
+    def open_turns(self) -> list[Turn]:
+        """The turns that have not had their `response.done` yet."""
+        return [t for t in self._live.values() if not t.done]
+
     def drop(self, turn_id: str) -> None:
         self._live.pop(turn_id, None)
 

@@ -128,6 +128,11 @@ class TtsWorker(Worker):
         finally:
             await self.redis.delete(self.names.tts_active(conversation_id))  # "tts active" is false
 
+    def follow_route(self, conversation_id: str, route: Route) -> None:
+        conv = self.conversations.get(conversation_id)
+        if conv is not None:
+            conv.route = route
+
     async def prepare(self, conversation_id: str, route: Route) -> None:
         if conversation_id not in self.conversations:
             self.conversations[conversation_id] = SpeechConversation(conversation_id, route)

@@ -33,6 +33,7 @@ from shared.messages import (
     SpeechStarted,
     SpeechStopped,
     SpeechSustained,
+    StageError,
     TranscriptFinal,
     TranscriptPartial,
 )
@@ -167,6 +168,11 @@ class VadSttWorker(Worker):
             sustain_ms=s.barge_in_min_speech_ms,
         )
 
+    def follow_route(self, conversation_id: str, route: Route) -> None:
+        conv = self.conversations.get(conversation_id)
+        if conv is not None:
+            conv.route = route
+
     async def prepare(self, conversation_id: str, route: Route) -> None:
         if conversation_id not in self.conversations:
             self.conversations[conversation_id] = AudioConversation(conversation_id, route, self._new_segmenter())
@@ -289,7 +295,16 @@ class VadSttWorker(Worker):
             )
             to_gateway = (self.names.inbox("gateway", conv.route.gateway), final)
             if text:  # one round trip, the orchestrator first: the reply is the critical path
-                await self.bus.publish_many([(self.names.inbox("llm", conv.route.llm), final), to_gateway])
+                reached, _ = await self.bus.publish_many([(self.names.inbox("llm", conv.route.llm), final), to_gateway])
+                if not reached:  # the orchestrator is gone: the gateway ends the turn and re-routes
+                    lost = StageError(
+                        conversation_id=conv.conversation_id,
+                        correlation_id=conv.route.correlation_id,
+                        turn_id=turn_id,
+                        code="stage_failed",
+                        message="the llm worker serving this turn stopped",
+                    )
+                    await self.bus.publish(to_gateway[0], lost)
             else:
                 await self.bus.publish(*to_gateway)
         log_content(
