@@ -161,3 +161,11 @@ class Rerouter:
             self.end_turn(session, turn, STAGE_FAILED, f"the {stage} worker serving this turn stopped", worker_id)
         if not await self.gateway.directory.check_reachable(stage, worker_id):
             await self.check()
+
+    async def probe(self, session: ClientSession) -> None:
+        """A worker reported a message to the next stage lost: every worker of the conversation
+        whose inbox has no reader counts as dead now, and the conversation moves off it at once."""
+        directory = self.gateway.directory
+        lost = [stage for stage in STAGES if not await directory.check_reachable(stage, session.route[stage])]
+        if lost:
+            await self.check()
