@@ -7,6 +7,7 @@ BENCHMARKS = [
     ("bus hop", ["bench.bus_hop"]),
     ("lifecycle", ["bench.lifecycle"]),
     ("turn-taking", ["bench.turn_taking"]),
+    ("replica failure", ["bench.replica_failure"]),
 ]
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from redis.exceptions import RedisError
+
 from gateway.turns import Turn
 from shared.channels import STAGES
 from shared.logging import log_context
@@ -86,6 +88,8 @@ class Rerouter:
                     if session.route[stage] not in live[stage]:
                         with log_context(session.conversation_id, session.correlation_id):
                             await self._move(session, stage)
+                    elif stage in session.unavailable:  # its own worker is back (it re-subscribed)
+                        session.unavailable.discard(stage)
 
     async def _move(self, session: ClientSession, stage: str) -> None:
         dead = session.route[stage]
@@ -155,17 +159,18 @@ class Rerouter:
 
     async def unreached(self, session: ClientSession, stage: str, turn: Turn | None) -> None:
         """A message to the conversation's `stage` worker reached no subscriber: it is lost, so its
-        turn ends now; if that worker's inbox has no reader, the conversation moves at once."""
-        worker_id = session.route[stage]
+        turn ends now, and the conversation moves at once if that worker has no reader."""
         if turn is not None and not turn.done:
-            self.end_turn(session, turn, STAGE_FAILED, f"the {stage} worker serving this turn stopped", worker_id)
-        if not await self.gateway.directory.check_reachable(stage, worker_id):
-            await self.check()
+            self.end_turn(session, turn, STAGE_FAILED, f"the {stage} worker serving this turn stopped", session.route[stage])
+        await self.probe(session)
 
     async def probe(self, session: ClientSession) -> None:
-        """A worker reported a message to the next stage lost: every worker of the conversation
-        whose inbox has no reader counts as dead now, and the conversation moves off it at once."""
+        """A message of the conversation was lost: every worker of it whose inbox has no reader
+        counts as dead now, and the conversation moves off it at once."""
         directory = self.gateway.directory
-        lost = [stage for stage in STAGES if not await directory.check_reachable(stage, session.route[stage])]
-        if lost:
-            await self.check()
+        try:
+            lost = [stage for stage in STAGES if not await directory.check_reachable(stage, session.route[stage])]
+            if lost:
+                await self.check()
+        except (RedisError, OSError) as exc:  # the directory's next refresh tries again
+            log.warning("could not check the conversation's workers: %s", exc)

@@ -359,8 +359,9 @@ class ClientSession:
                 if not turn.blocked:
                     self.send_event("response.audio.done", turn_id)
             case StageError() if turn is not None and message.code in TURN_ENDING_CODES:
-                self.gateway.rerouter.end_turn(self, turn, message.code, message.message, message.source)
-                self._tasks.spawn(self.gateway.rerouter.probe(self), name="probe-route")
+                if not turn.done:  # a worker lost the turn's message to the next stage
+                    self.gateway.rerouter.end_turn(self, turn, message.code, message.message, message.source)
+                    self._tasks.spawn(self.gateway.rerouter.probe(self), name="probe-route")
             case StageError():
                 self.send_event("error", turn_id, code=message.code, message=message.message, source=message.source)
             case _:

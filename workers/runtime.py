@@ -233,6 +233,11 @@ class Worker(abc.ABC):
             return
         if getattr(route, self.stage) != self.worker_id:
             return
+        ended = self._ended.get(cid)
+        if ended is not None and ended[0] == route.connection_id:
+            # moved away from here earlier and now back: the gateway's re-route checked the lease
+            # in the same step, so this socket is live (its end always follows its announcements)
+            del self._ended[cid]
         if self._accept(cid, route):
             await self.prepare(cid, route)
 
@@ -390,7 +395,8 @@ class Worker(abc.ABC):
         while True:
             now = now_ms()
             cpu_now, wall_now = time.process_time(), time.monotonic()
-            cpu = (cpu_now - cpu_at) / max(wall_now - wall_at, 1e-3)  # cores busy since the last beat
+            elapsed = wall_now - wall_at
+            cpu = (cpu_now - cpu_at) / elapsed if elapsed >= 0.05 else 0.0  # cores busy since the last beat
             cpu_at, wall_at = cpu_now, wall_now
             payload = {
                 "worker_id": self.worker_id,
