@@ -99,7 +99,9 @@ async def test_sigkill_one_replica_of_each_stage_while_24_conversations_run_over
         routes = await wait_routes_live(cluster, ids)
         survivors = await cluster.live_worker_ids()
         assert all(route[stage] in survivors[stage] for route in routes.values() for stage in STAGES)
-        third = await asyncio.gather(*(c.turn("And of Spain?", TURN_TIMEOUT_S) for c in conversations))
+        third = await asyncio.gather(*(c.turn("And of Spain?", TURN_TIMEOUT_S) for c in conversations), return_exceptions=True)
+        hung = [c.id for c, r in zip(conversations, third) if isinstance(r, BaseException)]
+        assert not hung, (hung, routes)
         for r in third:
             assert not r.errors, r.errors
             assert "You said And of Spain?" in r.done["text"]

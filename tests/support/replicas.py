@@ -173,8 +173,13 @@ class TurnResult:
     errors: list[str] = field(default_factory=list)
     done: dict | None = None
     deltas: int = 0
+    events: list[str] = field(default_factory=list)  # every event's type, in order (binary frames: "audio")
     sent_at: float = 0.0
     ended_at: float = 0.0
+
+
+class Hung(AssertionError):
+    """A turn that did not end: the conversation, and the events that did arrive."""
 
 
 class Conversation:
@@ -200,9 +205,12 @@ class Conversation:
         while True:
             frame = await self.ws.recv()
             if isinstance(frame, bytes):
+                if result.events[-1:] != ["audio"]:
+                    result.events.append("audio")
                 continue
             event = json.loads(frame)
             kind = event["type"]
+            result.events.append(kind)
             if kind == "error":
                 result.errors.append(event["code"])
                 result.turn_id = result.turn_id or event.get("turn_id")
@@ -216,10 +224,14 @@ class Conversation:
                 return result
 
     async def turn(self, text: str, timeout: float, first_delta: asyncio.Event | None = None) -> TurnResult:
+        """One typed turn; a turn that does not end within `timeout` raises `Hung` with what arrived."""
         result = TurnResult()
         result.sent_at = await self.send_text(text)
-        async with asyncio.timeout(timeout):
-            return await self.receive_turn(result, first_delta)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.receive_turn(result, first_delta)
+        except TimeoutError:
+            raise Hung(self.id, result.events) from None
 
     async def close(self) -> None:
         await self.ws.close()
