@@ -8,6 +8,7 @@ BENCHMARKS = [
     ("lifecycle", ["bench.lifecycle"]),
     ("turn-taking", ["bench.turn_taking"]),
     ("redis restart", ["bench.redis_restart"]),
+    ("replica failure", ["bench.replica_failure"]),
 ]
 
 if __name__ == "__main__":

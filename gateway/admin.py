@@ -72,6 +72,7 @@ async def stats(request: Request) -> dict:
             "connection_slots_repaired": gateway.limits.repaired,
         },
         "last_shutdown_cleanup": s.last_shutdown_cleanup,
+        "rerouting": {"rerouted": 0, "turns_failed": 0, "turns_unavailable": 0, **gateway.rerouter.stats},
         "latency": gateway.latency.summary(),
         "bus": {**gateway.bus_stats.summary(), "loop_restarts": dict(gateway.loop_restarts)},
         "uptime_s": round(time.monotonic() - gateway.started, 1),

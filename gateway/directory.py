@@ -1,5 +1,13 @@
 """Which workers are alive, read from their heartbeats; picks the least-loaded one per stage.
 
+A worker is live while its heartbeat is younger than `WORKER_TTL_S`, unless it was found
+unreachable: a message published to its inbox reached no one and PUBSUB NUMSUB confirms the inbox
+has no reader (a process killed outright loses its Redis connections at once, long before its
+heartbeat runs out). Each refresh asks again for those, so a worker whose reader comes back (it
+re-subscribed after a Redis blip) is live again. `pick` chooses among live workers that are not draining (a draining worker finishes
+what it holds and takes nothing new), the one with the least load: conversations held (as its last
+heartbeat reported them, plus what this gateway gave it since that heartbeat) and recent CPU.
+
 Heartbeats are JSON that other processes wrote into Redis, so they are parsed like any input: a
 record that is not valid JSON, has a field of the wrong type, or names another worker or stage than
 its key is skipped (that worker counts as not live) and logged once, never fatal to a refresh.
@@ -9,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +41,13 @@ class WorkerInfo:
     sample_rate: int | None = None
     llm_ok: bool | None = None  # an orchestrator's LLM server answers (None: not reported)
     subscribed_ms: int = 0  # when its bus subscription was last (re)made (gateway/recovery.py)
+    cpu: float = 0.0  # CPU the process used since its previous heartbeat, in cores (1.0: one core busy)
+    draining: bool = False
+
+
+# one core busy counts as this many conversations held: conversations are the main measure, and CPU
+# tells apart replicas whose conversations cost differently (speech, long replies)
+CPU_WEIGHT = 4.0
 
 
 class _Heartbeat(BaseModel):
@@ -49,6 +64,8 @@ class _Heartbeat(BaseModel):
     sample_rate: int | None = Field(default=None, gt=0)
     llm_ok: bool | None = Field(default=None, strict=True)
     subscribed_ms: int = Field(default=0, ge=0)
+    cpu: float = Field(default=0.0, ge=0)
+    draining: bool = False
 
     @field_validator("stats")
     @classmethod
@@ -69,9 +86,10 @@ class WorkerDirectory:
         self._names = names
         self._ttl_ms = int(worker_ttl_s * 1000)
         self.workers: dict[str, list[WorkerInfo]] = {stage: [] for stage in STAGES}
-        self._picked: Counter[str] = Counter()  # assignments since the last refresh
+        self._picked: defaultdict[str, deque[int]] = defaultdict(deque)  # when this gateway assigned each worker
         self._broken: set[str] = set()  # heartbeat keys already reported as unreadable
         self.skipped = 0  # unreadable heartbeat records seen, in all
+        self.unreachable: set[str] = set()  # heartbeating workers whose inbox has no reader
 
     async def refresh(self) -> None:
         now = now_ms()
@@ -93,9 +111,14 @@ class WorkerDirectory:
                         continue
                     found.append(info)
             self.workers[stage] = found
+        beats = {w.worker_id: w.stage for found in self.workers.values() for w in found}
+        if self.unreachable:  # asked again: a worker that re-subscribed is live again
+            suspects = [(beats[wid], wid) for wid in self.unreachable if wid in beats]
+            self.unreachable = {wid for stage, wid in suspects if not await self._has_reader(stage, wid)}
         self.skipped += len(broken)
         self._broken = broken  # a key that heals and breaks again is reported again
-        self._picked.clear()
+        for wid in [wid for wid in self._picked if wid not in beats]:
+            del self._picked[wid]
 
     @staticmethod
     def _parse(stage: str, worker_id: str, raw: bytes) -> WorkerInfo | None:
@@ -115,17 +138,49 @@ class WorkerDirectory:
             sample_rate=beat.sample_rate,
             llm_ok=beat.llm_ok,
             subscribed_ms=beat.subscribed_ms,
+            cpu=beat.cpu,
+            draining=beat.draining,
         )
 
+    async def _has_reader(self, stage: str, worker_id: str) -> bool:
+        inbox = self._names.inbox(stage, worker_id)
+        [(_, readers)] = await self._redis.pubsub_numsub(inbox)
+        return readers > 0
+
+    async def check_reachable(self, stage: str, worker_id: str) -> bool:
+        """After a message to this worker reached no one: does its inbox have a reader? If not, it
+        counts as dead from now on (not picked, its conversations re-routed)."""
+        if await self._has_reader(stage, worker_id):
+            return True
+        if worker_id not in self.unreachable:
+            log.warning("worker %s has no inbox reader: treated as dead", worker_id)
+        self.unreachable.add(worker_id)
+        return False
+
+    def _routable(self, stage: str) -> list[WorkerInfo]:
+        return [w for w in self.workers[stage] if w.worker_id not in self.unreachable]
+
     def missing(self) -> list[str]:
-        return [stage for stage in STAGES if not self.workers[stage]]
+        """Stages with no live worker that takes new conversations."""
+        return [stage for stage in STAGES if not any(not w.draining for w in self._routable(stage))]
+
+    def live(self, stage: str) -> set[str]:
+        """Ids of the stage's live workers, draining ones included (they still serve what they hold)."""
+        return {w.worker_id for w in self._routable(stage)}
+
+    def load(self, worker: WorkerInfo) -> float:
+        """What `pick` compares: conversations held, those given since the heartbeat, and CPU."""
+        picks = self._picked.get(worker.worker_id)
+        while picks and picks[0] <= worker.last_heartbeat_ms:  # counted in the heartbeat already
+            picks.popleft()
+        return worker.conversations + (len(picks) if picks else 0) + CPU_WEIGHT * worker.cpu
 
     def pick(self, stage: str) -> WorkerInfo | None:
-        candidates = self.workers[stage]
+        candidates = [w for w in self._routable(stage) if not w.draining]
         if not candidates:
             return None
-        chosen = min(candidates, key=lambda w: (w.conversations + self._picked[w.worker_id], w.worker_id))
-        self._picked[chosen.worker_id] += 1
+        chosen = min(candidates, key=lambda w: (self.load(w), w.worker_id))
+        self._picked[chosen.worker_id].append(now_ms())
         return chosen
 
     def output_sample_rate(self) -> int | None:

@@ -36,6 +36,7 @@ from gateway.limits import ConnectionLimits
 from gateway.metrics import GatewayMetrics
 from gateway.requests import PendingRequests
 from gateway.recovery import Recovery
+from gateway.reroute import Rerouter
 from gateway.uplink import Uplink
 from shared.bus import Bus, SubscriberStats, run_subscriber
 from shared.bus_health import BusHealth
@@ -135,6 +136,7 @@ class Gateway:
         self.inbox = self.names.inbox("gateway", self.gateway_id)
         self.directory = WorkerDirectory(client, self.names, settings.worker_ttl_s)
         self.requests = PendingRequests(self.bus, self.names, self.directory, self.gateway_id)  # OpenAI audio API
+        self.rerouter = Rerouter(self)  # moves this gateway's conversations off dead workers
         self.sessions: dict[str, ClientSession] = {}
         self.stats = Stats()
         self.started = time.monotonic()
@@ -283,6 +285,7 @@ class Gateway:
             try:
                 await self.directory.refresh()
                 self.recovery.worker_gaps()
+                await self.rerouter.check()
             except (RedisError, OSError) as exc:
                 log.warning("worker directory refresh failed: %s", exc)
             await asyncio.sleep(0.5)

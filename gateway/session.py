@@ -30,6 +30,7 @@ from gateway.hub import Gateway, NotReady, ResumeRefused
 from gateway.keepalive import ABORT_AFTER_EXTENSION, KEEPALIVE_TIMEOUT
 from gateway.outbound import Outbound
 from gateway.ratelimit import RateGuard, Verdict
+from gateway.reroute import TURN_ENDING_CODES
 from gateway.turns import Turn, TurnTable
 from shared.clock import now_ms_float
 from shared.logging import log_context
@@ -85,6 +86,8 @@ class ClientSession:
         self.turns = TurnTable()
         self.barge_in = gateway.settings.barge_in_min_speech_ms > 0
         self.shutting_down = False
+        self.unavailable: set[str] = set()  # stages with no live worker for this conversation (gateway/reroute.py)
+        self.unavailable_told = 0.0  # when the client was last told so about its audio (time.monotonic())
         settings = gateway.settings
         self._outbound = Outbound(settings.max_outbound_bytes)
         self.rate = RateGuard(
@@ -281,7 +284,9 @@ class ClientSession:
             except (RedisError, OSError) as exc:
                 log.warning("could not write the routing again; audio dropped: %s", exc)
                 return
-        if pcm:
+        if self.unavailable:
+            self.gateway.rerouter.refuse_audio(self)
+        elif pcm:
             inbox = self.gateway.names.inbox("vad_stt", self.route["vad_stt"])
             self.gateway.uplink.send(inbox, self.gateway.bus.encode(AudioIn(received_ms=now_ms_float(), pcm=pcm, **self._envelope)))
 
@@ -294,6 +299,8 @@ class ClientSession:
         names, bus = self.gateway.names, self.gateway.bus
         if isinstance(request, Ping):
             self.send_event("pong")
+        elif isinstance(request, InputAudioCommit) and self.unavailable:
+            self.gateway.rerouter.refuse_audio(self)
         elif isinstance(request, InputAudioCommit):  # behind the socket's audio, on the same uplink
             commit = AudioCommit(received_ms=now_ms_float(), **self._envelope)
             self.gateway.uplink.send(names.inbox("vad_stt", self.route["vad_stt"]), bus.encode(commit))
@@ -308,21 +315,28 @@ class ClientSession:
             # then it waits for that reply); the cancel reaches the orchestrator first
             reply = self.turns.current_reply(now) if self.barge_in else None
             turn = self.turns.open(turn_id, typed=True, transcript_ms=now, replying=True)
+            if self.unavailable:
+                self.gateway.rerouter.refuse_turn(self, turn)
+                return
             inbox = names.inbox("llm", self.route["llm"])
             text_input = TextInput(turn_id=turn_id, text=request.text, **self._envelope)
             try:
                 if self.routing_unsure:  # the orchestrator drops a turn of a conversation it finds no routing for
                     await self.gateway.recovery.reestablish([self])
                 if reply is not None:
-                    await bus.publish_many([(inbox, self._interrupt(reply, "barge_in")), (inbox, text_input)])
+                    receivers = (await bus.publish_many([(inbox, self._interrupt(reply, "barge_in")), (inbox, text_input)]))[-1]
                 elif settling:  # the orchestrator may still be subscribing again
                     await self.gateway.recovery.publish_when_heard(inbox, text_input)
                     turn.opened_ms = now_ms_float()  # it was heard from now on
+                    receivers = 1
                 else:
-                    await bus.publish(inbox, text_input)
+                    receivers = await bus.publish(inbox, text_input)
             except (RedisError, OSError) as exc:
                 log.warning("could not publish the typed turn: %s", exc)
                 self._fail_turn(turn_id, "bus_unavailable", "the message bus is down; try again in a moment")
+                return
+            if not receivers:  # the orchestrator is gone: the turn ends now, not in silence
+                await self.gateway.rerouter.unreached(self, "llm", turn)
         elif isinstance(request, ResponseCancelRequest):
             reply = self.turns.current_reply(now_ms_float())
             if reply is not None:
@@ -401,6 +415,10 @@ class ClientSession:
                 turn.tts_ms, turn.tts_first_chunk_ms = message.tts_ms, message.first_chunk_ms
                 if not turn.blocked:
                     self.send_event("response.audio.done", turn_id)
+            case StageError() if turn is not None and message.code in TURN_ENDING_CODES:
+                if not turn.done:  # a worker lost the turn's message to the next stage
+                    self.gateway.rerouter.end_turn(self, turn, message.code, message.message, message.source)
+                    self._tasks.spawn(self.gateway.rerouter.probe(self), name="probe-route")
             case StageError():
                 self.send_event("error", turn_id, code=message.code, message=message.message, source=message.source)
             case _:

@@ -9,6 +9,14 @@ worker of each stage, which prepares its state then, so a first turn waits for n
 for a conversation the worker does not hold (it missed the announcement, or restarted) is admitted
 through `admit`, which requires the gateway's live routing for it.
 
+Re-routing (gateway/reroute.py): when a worker of some stage dies, the conversation's gateway
+moves it to a live replica and announces the new route with `conversation.opened` again. A worker
+that holds the conversation follows the new route (`follow_route`); the new owner prepares it like
+a resume. A worker only serves conversations whose lease names it for its stage: `admit` refuses
+the others, and the sweep drops one that was moved away (its old owner was only slow, not dead),
+so no message is served by two owners of a stage. A message to the next stage that reaches no
+subscriber is lost: the worker tells the gateway (`stage_failed`), which ends that turn.
+
 Fencing: once a conversation ends, messages for that socket (`connection_id`) are dropped, so late
 input can never revive it (a resume opens a new socket, which is admitted again).
 
@@ -94,6 +102,7 @@ class Worker(abc.ABC):
         self._beat_now = asyncio.Event()  # set to heartbeat before the interval is up (after a resubscribe)
         self._subscribed_ms = 0  # when the bus subscription was last (re)made; in the heartbeat
         self.closing = False  # shutting down: no new conversation is taken
+        self.draining = False  # finishing what it holds before shutdown: heartbeats say so, gateways route nothing new here
         self.metrics = WorkerMetrics(self)  # its /metrics page, served on METRICS_PORT when set
 
     # ---- what each stage provides
@@ -103,6 +112,11 @@ class Worker(abc.ABC):
     @abc.abstractmethod
     async def prepare(self, conversation_id: str, route: Route) -> None:
         """Create this stage's state for an admitted conversation, unless it is held already."""
+
+    @abc.abstractmethod
+    def follow_route(self, conversation_id: str, route: Route) -> None:
+        """A held conversation was re-routed (another worker of some stage now serves it):
+        address its next messages by `route`."""
 
     @abc.abstractmethod
     async def close_conversation(self, conversation_id: str) -> None:
@@ -212,6 +226,20 @@ class Worker(abc.ABC):
         held = self._connections.get(cid)
         if held is not None and held != route.connection_id:  # state of an earlier socket whose end was missed
             await self.end_conversation(cid, "superseded by a new connection")
+        elif held is not None and cid in self.conversation_ids():  # re-routed: another stage's worker changed
+            if getattr(route, self.stage) == self.worker_id:
+                self.follow_route(cid, route)
+                log.info("conversation re-routed: vad_stt=%s llm=%s tts=%s", route.vad_stt, route.llm, route.tts)
+            else:
+                await self.end_conversation(cid, "re-routed to another worker")
+            return
+        if getattr(route, self.stage) != self.worker_id:
+            return
+        ended = self._ended.get(cid)
+        if ended is not None and ended[0] == route.connection_id:
+            # moved away from here earlier and now back: the gateway's re-route checked the lease
+            # in the same step, so this socket is live (its end always follows its announcements)
+            del self._ended[cid]
         if self._accept(cid, route):
             await self.prepare(cid, route)
 
@@ -219,6 +247,9 @@ class Worker(abc.ABC):
         """Prepare state for a conversation this worker does not hold, from its live routing; False
         (the message is dropped) when the conversation is not, or no longer, connected."""
         route = await self.lookup_route(message.conversation_id)
+        if route is not None and getattr(route, self.stage) != self.worker_id:
+            log.debug("dropped %s: the conversation is routed to another %s worker", message.type, self.stage)
+            return False
         if route is None or not self._accept(message.conversation_id, route):
             log.debug("dropped %s: conversation is not connected", message.type)
             return False
@@ -299,7 +330,8 @@ class Worker(abc.ABC):
                 log.warning("stale sweep failed: %s", exc)
 
     async def sweep(self, immediate: bool = False) -> int:
-        """Clean every held conversation whose routing lease is gone or names another socket.
+        """Clean every held conversation whose routing lease is gone, names another socket, or
+        names another worker of this stage (it was re-routed away while this one was unreachable).
 
         The gateway deletes a lease just before it publishes the event, so a lease missing once may
         only mean the event is a millisecond away; it counts as stale when missing at two sweeps in
@@ -312,11 +344,15 @@ class Worker(abc.ABC):
             ids = held[start : start + batch]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for cid in ids:
-                    pipe.hget(self.names.conversation(cid), "connection_id")
+                    pipe.hmget(self.names.conversation(cid), "connection_id", self.stage)
                 owners = await pipe.execute()
-            for cid, owner in zip(ids, owners):
+            for cid, (owner, served_by) in zip(ids, owners):
                 mine = self._connections.get(cid)
-                if owner is None or (mine is not None and owner.decode(errors="replace") != mine):
+                if (
+                    owner is None
+                    or (mine is not None and owner.decode(errors="replace") != mine)
+                    or (served_by is not None and served_by.decode(errors="replace") != self.worker_id)
+                ):
                     stale.append(cid)
         suspects, self._suspects = self._suspects, set()
         if not immediate:
@@ -368,9 +404,14 @@ class Worker(abc.ABC):
         key = self.names.worker(self.stage, self.worker_id)
         index = self.names.workers(self.stage)
         ttl_ms = int(self.settings.worker_ttl_s * 1000)
+        cpu_at, wall_at = time.process_time(), time.monotonic()
         while True:
             self._beat_now.clear()
             now = now_ms()
+            cpu_now, wall_now = time.process_time(), time.monotonic()
+            elapsed = wall_now - wall_at
+            cpu = (cpu_now - cpu_at) / elapsed if elapsed >= 0.05 else 0.0  # cores busy since the last beat
+            cpu_at, wall_at = cpu_now, wall_now
             payload = {
                 "worker_id": self.worker_id,
                 "stage": self.stage,
@@ -379,6 +420,8 @@ class Worker(abc.ABC):
                 "resources": self.resources(),
                 "stats": self.stats.heartbeat(),
                 "subscribed_ms": self._subscribed_ms,
+                "cpu": round(cpu, 3),  # the gateway's pick weighs it (gateway/directory.py)
+                "draining": self.draining,  # a draining worker gets no new conversation
                 **self.heartbeat_info(),
             }
             try:

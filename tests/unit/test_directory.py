@@ -64,3 +64,49 @@ async def test_an_orchestrators_llm_verdict_is_read_strictly():
     await directory.refresh()
     verdicts = {w.worker_id: w.llm_ok for w in directory.workers["llm"]}
     assert verdicts == {"llm-up": True, "llm-down": False, "llm-old": None}  # "yes" is no boolean: skipped
+
+
+async def test_pick_skips_draining_workers_and_weighs_conversations_and_cpu():
+    client = fakeredis.aioredis.FakeRedis()
+    await beat(client, "llm", "llm-a", record("llm-a", "llm", conversations=3, cpu=0.0))
+    await beat(client, "llm", "llm-b", record("llm-b", "llm", conversations=1, cpu=1.0))  # fewer, but a core busy
+    await beat(client, "llm", "llm-drain", record("llm-drain", "llm", conversations=0, draining=True))
+    await beat(client, "tts", "tts-drain", record("tts-drain", "tts", draining=True))
+    directory = WorkerDirectory(client, NAMES, worker_ttl_s=5)
+    await directory.refresh()
+    assert directory.live("llm") == {"llm-a", "llm-b", "llm-drain"}  # draining still serves what it holds
+    assert directory.pick("tts") is None and "tts" in directory.missing()
+    picks = [directory.pick("llm").worker_id for _ in range(6)]
+    assert "llm-drain" not in picks
+    # llm-a: 3 held; llm-b: 1 held + 4 for its busy core; picks add up, ties go by id
+    assert picks == ["llm-a", "llm-a", "llm-a", "llm-b", "llm-a", "llm-b"]
+
+
+async def test_picks_since_a_heartbeat_count_until_the_next_one_reports_them():
+    client = fakeredis.aioredis.FakeRedis()
+    await beat(client, "llm", "llm-a", record("llm-a", "llm", conversations=0))
+    await beat(client, "llm", "llm-b", record("llm-b", "llm", conversations=0))
+    directory = WorkerDirectory(client, NAMES, worker_ttl_s=5)
+    await directory.refresh()
+    assert [directory.pick("llm").worker_id for _ in range(4)] == ["llm-a", "llm-b", "llm-a", "llm-b"]
+    await directory.refresh()  # heartbeats not renewed: the 2 + 2 picks still count
+    assert [directory.pick("llm").worker_id for _ in range(2)] == ["llm-a", "llm-b"]
+    await beat(client, "llm", "llm-a", record("llm-a", "llm", conversations=3, last_heartbeat_ms=now_ms() + 1))
+    await directory.refresh()  # llm-a reported its 3: llm-b (0 reported + 3 picked since) is as loaded
+    assert directory.load(directory.workers["llm"][0]) == 3
+
+
+async def test_a_worker_whose_inbox_has_no_reader_is_not_live_until_it_reads_again():
+    client = fakeredis.aioredis.FakeRedis()
+    await beat(client, "tts", "tts-a", record("tts-a", "tts"))
+    await beat(client, "tts", "tts-b", record("tts-b", "tts"))
+    directory = WorkerDirectory(client, NAMES, worker_ttl_s=5)
+    await directory.refresh()
+    reader = client.pubsub()
+    await reader.subscribe(NAMES.inbox("tts", "tts-b"))
+    assert not await directory.check_reachable("tts", "tts-a") and await directory.check_reachable("tts", "tts-b")
+    assert directory.live("tts") == {"tts-b"} and {directory.pick("tts").worker_id for _ in range(3)} == {"tts-b"}
+    await reader.subscribe(NAMES.inbox("tts", "tts-a"))  # back (it re-subscribed after a Redis blip)
+    await directory.refresh()
+    assert directory.live("tts") == {"tts-a", "tts-b"}
+    await reader.aclose()

@@ -183,6 +183,11 @@ class LlmWorker(Worker):
         finally:
             self.conversations.pop(conversation_id, None)
 
+    def follow_route(self, conversation_id: str, route: Route) -> None:
+        conv = self.conversations.get(conversation_id)
+        if conv is not None:
+            conv.route = route
+
     async def prepare(self, conversation_id: str, route: Route) -> None:
         if conversation_id not in self.conversations:  # the history is read now, not on the first turn
             history = await self.history.load(conversation_id)
@@ -298,13 +303,19 @@ class LlmWorker(Worker):
         failure: LlmFailure | None = None
         blocked: Blocked | None = None
         started = time.perf_counter()
+        tts_lost = False
 
         async def send(*items: tuple[str, BusMessage]) -> None:
             """Publish (several in one round trip) unless this turn or the conversation has ended;
             checked on both sides of the await."""
+            nonlocal tts_lost
             turn.fence.guard()
             conv.fence.guard()
-            await self.bus.publish_many(items)
+            reached = await self.bus.publish_many(items)
+            if not tts_lost and any(not n for (channel, _), n in zip(items, reached) if channel == tts):
+                tts_lost = True  # the TTS worker is gone: the gateway ends the turn and re-routes
+                lost = StageError(code="stage_failed", message="the tts worker serving this turn stopped", **envelope)
+                await self.bus.publish(gateway, lost)
             turn.fence.guard()
 
         def to_tts(pieces: list[str]) -> list[tuple[str, BusMessage]]:

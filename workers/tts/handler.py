@@ -148,6 +148,11 @@ class TtsWorker(Worker):
         finally:
             await self.redis.delete(self.names.tts_active(conversation_id))  # "tts active" is false
 
+    def follow_route(self, conversation_id: str, route: Route) -> None:
+        conv = self.conversations.get(conversation_id)
+        if conv is not None:
+            conv.route = route
+
     async def prepare(self, conversation_id: str, route: Route) -> None:
         if conversation_id not in self.conversations:
             self.conversations[conversation_id] = SpeechConversation(conversation_id, route)
@@ -267,9 +272,22 @@ class TtsWorker(Worker):
                 conv.queue = deque(item for item in conv.queue if item.turn_id != turn_id)
 
     async def _speak(self, conv: SpeechConversation) -> None:
-        """Speak queued pieces in order until the queue is empty, then clear the speaking mark."""
-        gateway = self.names.inbox("gateway", conv.route.gateway)
+        """Speak queued pieces in order until the queue is empty, then clear the speaking mark.
+
+        The reader starts no second speaker while this one runs, so pieces queued while it waits
+        for the mark or clears it are spoken here too (else they would wait forever)."""
         active_key = self.names.tts_active(conv.conversation_id)
+        while True:
+            await self._speak_queued(conv)
+            await conv.marked.wait()
+            if conv.queue:
+                continue
+            await self.redis.delete(active_key)
+            if not conv.queue:
+                return
+
+    async def _speak_queued(self, conv: SpeechConversation) -> None:
+        gateway = self.names.inbox("gateway", conv.route.gateway)
         while conv.queue:
             item = conv.queue[0]
             envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": item.turn_id}
@@ -292,8 +310,6 @@ class TtsWorker(Worker):
                 )
             if conv.queue and conv.queue[0] is item:
                 conv.queue.popleft()
-        await conv.marked.wait()
-        await self.redis.delete(active_key)
 
     async def _send_audio(
         self, conv: SpeechConversation, gateway: str, turn: TurnAudio, pcm: bytes, piece: int, envelope: dict

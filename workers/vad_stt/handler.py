@@ -35,6 +35,7 @@ from shared.messages import (
     SpeechStarted,
     SpeechStopped,
     SpeechSustained,
+    StageError,
     TranscriptFinal,
     TranscriptionRequest,
     TranscriptionResult,
@@ -174,6 +175,11 @@ class VadSttWorker(Worker):
             speculate_after_ms=s.stt_speculate_after_ms,
             sustain_ms=s.barge_in_min_speech_ms,
         )
+
+    def follow_route(self, conversation_id: str, route: Route) -> None:
+        conv = self.conversations.get(conversation_id)
+        if conv is not None:
+            conv.route = route
 
     async def prepare(self, conversation_id: str, route: Route) -> None:
         if conversation_id not in self.conversations:
@@ -332,7 +338,16 @@ class VadSttWorker(Worker):
             )
             to_gateway = (self.names.inbox("gateway", conv.route.gateway), final)
             if text:  # one round trip, the orchestrator first: the reply is the critical path
-                await self.bus.publish_many([(self.names.inbox("llm", conv.route.llm), final), to_gateway])
+                reached, _ = await self.bus.publish_many([(self.names.inbox("llm", conv.route.llm), final), to_gateway])
+                if not reached:  # the orchestrator is gone: the gateway ends the turn and re-routes
+                    lost = StageError(
+                        conversation_id=conv.conversation_id,
+                        correlation_id=conv.route.correlation_id,
+                        turn_id=turn_id,
+                        code="stage_failed",
+                        message="the llm worker serving this turn stopped",
+                    )
+                    await self.bus.publish(to_gateway[0], lost)
             else:
                 await self.bus.publish(*to_gateway)
         log_content(

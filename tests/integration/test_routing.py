@@ -1,0 +1,91 @@
+"""Routing of new conversations over replicas, on the real directory with real heartbeats: two
+gateways and two workers of each stage (null models) in this process, sharing a real Redis."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import uuid
+
+from gateway.hub import Gateway
+from shared.bus import create_redis
+from shared.channels import STAGES
+from workers.llm_orchestrator.handler import LlmWorker
+from workers.tts.handler import TtsWorker
+from workers.vad_stt.handler import VadSttWorker
+
+MAKERS = {"vad_stt": VadSttWorker, "llm": LlmWorker, "tts": TtsWorker}
+
+
+@contextlib.asynccontextmanager
+async def replicas(settings, per_stage: int = 2, gateways: int = 2):
+    settings = settings.model_copy(update={"null_mode": True, "heartbeat_interval_s": 0.1})
+    clients, tasks = [], []
+
+    def client():
+        clients.append(create_redis(settings.redis_url_or_default))
+        return clients[-1]
+
+    workers = {stage: [MAKERS[stage](settings, client()) for _ in range(per_stage)] for stage in STAGES}
+    hubs = [Gateway(settings, client()) for _ in range(gateways)]
+    try:
+        tasks = [asyncio.create_task(w.run()) for found in workers.values() for w in found]
+        for hub in hubs:
+            await hub.start()
+        async with asyncio.timeout(10):
+            for hub in hubs:
+                while any(len(hub.directory.live(stage)) < per_stage for stage in STAGES):
+                    await asyncio.sleep(0.02)
+        yield workers, hubs
+    finally:
+        for hub in hubs:
+            await hub.aclose()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in clients:
+            await c.aclose()
+
+
+async def open_many(hubs, n: int) -> list[dict[str, str]]:
+    """n conversations opened at once over the gateways, each after a random pause of up to 0.5 s
+    (several heartbeats), so the gateways see each other's assignments only through heartbeats."""
+
+    async def one(i: int) -> dict[str, str]:
+        await asyncio.sleep(random.uniform(0, 0.5))
+        return await hubs[i % len(hubs)].open_conversation(str(uuid.uuid4()), "corr-routing")
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def test_40_conversations_split_over_2_replicas_within_20_percent(settings, redis_client):
+    async with replicas(settings) as (workers, hubs):
+        routes = await open_many(hubs, 40)
+        async with asyncio.timeout(5):  # every announcement taken: each worker holds what it was given
+            while sum(len(w.conversation_ids()) for w in workers["llm"]) < 40:
+                await asyncio.sleep(0.02)
+        for stage in STAGES:
+            held = [len(w.conversation_ids()) for w in workers[stage]]
+            assert sum(held) == 40 and all(16 <= n <= 24 for n in held), (stage, held)
+            given = [sum(1 for r in routes if r[stage] == w.worker_id) for w in workers[stage]]
+            assert given == held, (stage, given, held)
+
+
+async def test_a_draining_replica_gets_no_new_conversation_but_keeps_its_own(settings, redis_client):
+    async with replicas(settings, gateways=1) as (workers, [hub]):
+        before = await open_many([hub], 6)
+        draining, other = workers["llm"]
+        kept = set(draining.conversation_ids())
+        assert kept, before
+        draining.draining = True
+        async with asyncio.timeout(5):
+            while True:
+                await hub.directory.refresh()
+                if any(w.draining for w in hub.directory.workers["llm"]):
+                    break
+                await asyncio.sleep(0.05)
+        assert hub.directory.live("llm") == {draining.worker_id, other.worker_id}
+        after = await open_many([hub], 10)
+        assert {r["llm"] for r in after} == {other.worker_id}
+        assert set(draining.conversation_ids()) == kept
+        assert all(hub.directory.pick("llm").worker_id == other.worker_id for _ in range(5))
