@@ -31,6 +31,7 @@ class WorkerInfo:
     resources: dict[str, int] = field(default_factory=dict)
     stats: dict[str, object] = field(default_factory=dict)
     sample_rate: int | None = None
+    draining: bool = False  # stopping (SIGTERM): serves what it holds, takes no new conversation
 
 
 class _Heartbeat(BaseModel):
@@ -45,6 +46,7 @@ class _Heartbeat(BaseModel):
     resources: dict[str, int] = Field(default_factory=dict)
     stats: dict[str, Any] = Field(default_factory=dict)
     sample_rate: int | None = Field(default=None, gt=0)
+    draining: bool = False
 
     @field_validator("stats")
     @classmethod
@@ -109,13 +111,15 @@ class WorkerDirectory:
             resources=beat.resources,
             stats=beat.stats,
             sample_rate=beat.sample_rate,
+            draining=beat.draining,
         )
 
     def missing(self) -> list[str]:
         return [stage for stage in STAGES if not self.workers[stage]]
 
     def pick(self, stage: str) -> WorkerInfo | None:
-        candidates = self.workers[stage]
+        """The least-loaded live worker of the stage, never a draining one while another is live."""
+        candidates = [w for w in self.workers[stage] if not w.draining] or self.workers[stage]
         if not candidates:
             return None
         chosen = min(candidates, key=lambda w: (w.conversations + self._picked[w.worker_id], w.worker_id))
