@@ -301,7 +301,8 @@ class ClientSession:
         if isinstance(message, ConversationOpened):  # a stage moved to another worker (workers/handoff.py)
             if message.connection_id == self.route["connection_id"]:
                 self.route.update({stage: getattr(message, stage) for stage in STAGES})
-                log.info("route now: vad_stt=%s llm=%s tts=%s", message.vad_stt, message.llm, message.tts)
+                with log_context(self.conversation_id, self.correlation_id):
+                    log.info("route now: vad_stt=%s llm=%s tts=%s", message.vad_stt, message.llm, message.tts)
             return
         turn_id = message.turn_id
         if turn_id is not None and self.turns.fenced(turn_id):

@@ -107,6 +107,7 @@ class Worker(abc.ABC):
         self.closing = False  # shutting down: no new conversation is taken
         self.draining = False  # SIGTERM: handing every conversation to another replica, then exiting
         self._drain_requested = asyncio.Event()
+        self.serving = False  # models loaded, inbox read: a SIGTERM before this stops at once
         self._handed: dict[str, tuple[str, str]] = {}  # handed-off conversation -> (its socket, new owner)
         self._last_forward = 0.0  # time.monotonic() of the last message forwarded to a new owner
         self._open_forwards: set[tuple[str, str | None]] = set()  # turns forwarded in part: (conversation, turn)
@@ -175,6 +176,7 @@ class Worker(abc.ABC):
         """Serve until cancelled, or until a requested drain is done (then return normally)."""
         await self.load()
         try:
+            self.serving = True
             async with asyncio.TaskGroup() as group:
                 tasks: list[asyncio.Task] = []
                 # restarted if they ever end: a bug or one bad input must never leave a worker
@@ -205,7 +207,9 @@ class Worker(abc.ABC):
         await self._drain_requested.wait()
         try:
             await self.drain()
-        except Exception:  # the plain shutdown that follows still releases everything
+        except (RedisError, OSError) as exc:  # the plain shutdown that follows still releases everything
+            log.warning("drain stopped, Redis is unreachable: %s", exc)
+        except Exception:
             log.exception("drain failed")
         for task in tasks:
             task.cancel()
@@ -217,7 +221,7 @@ class Worker(abc.ABC):
         self.draining = True
         started = time.monotonic()
         await self._beat()  # no gateway routes a new conversation here from now on
-        if await self._successor() is None:
+        if not await self._replicas():
             log.info("draining: no other live %s worker; releasing everything instead", self.stage)
             return
         deadline = started + self.settings.drain_timeout_s
@@ -225,31 +229,36 @@ class Worker(abc.ABC):
         while True:
             now = time.monotonic()
             late = now >= deadline
-            for cid in self.conversation_ids():
+            ready = [cid for cid in self.conversation_ids() if late or not self.busy(cid)]
+            replicas = await self._replicas() if ready else {}
+            for cid in ready:
                 async with self._handling:  # never while a message of it is half handled
                     if cid in self.conversation_ids() and (late or not self.busy(cid)):
                         with log_context(cid):
-                            await self._hand_off(cid, late)
+                            await self._hand_off(cid, replicas, late)
             quiet = now - max(started, self._last_forward) >= FORWARD_GRACE_S and not self._open_forwards
             if (quiet and not self.conversation_ids()) or now >= deadline + FORWARD_GRACE_S:
                 break
             await asyncio.sleep(0.02)
         log.info("drained in %.0f ms: %d conversations handed off", (time.monotonic() - started) * 1000, len(self._handed))
 
-    async def _successor(self) -> str | None:
-        """The least-loaded live, non-draining worker of this stage other than this one."""
+    async def _replicas(self) -> dict[str, int]:
+        """The other live, non-draining workers of this stage: id -> conversations it holds."""
         from gateway.directory import WorkerDirectory  # the gateway's heartbeat reader, as is
 
         directory = WorkerDirectory(self.redis, self.names, self.settings.worker_ttl_s)
         await directory.refresh()
-        others = [w for w in directory.workers[self.stage] if not w.draining and w.worker_id != self.worker_id]
-        handed = [owner for _, owner in self._handed.values()]
-        return min(others, key=lambda w: (w.conversations + handed.count(w.worker_id), w.worker_id)).worker_id if others else None
+        return {
+            w.worker_id: w.conversations
+            for w in directory.workers[self.stage]
+            if not w.draining and w.worker_id != self.worker_id
+        }
 
-    async def _hand_off(self, conversation_id: str, late: bool) -> None:
-        """Move the conversation to another replica; end it here when none takes it."""
+    async def _hand_off(self, conversation_id: str, replicas: dict[str, int], late: bool) -> None:
+        """Move the conversation to the least-loaded of `replicas` (counting what it was handed);
+        end it here when none takes it."""
         connection_id = self._connections.get(conversation_id)
-        successor = await self._successor() if connection_id else None
+        successor = min(replicas, key=lambda w: (replicas[w], w)) if replicas and connection_id else None
         moved = None
         if successor is not None:
             moved = await reroute(
@@ -259,6 +268,7 @@ class Worker(abc.ABC):
             await self.end_conversation(conversation_id, "shutdown")
             return
         self._handed[conversation_id] = (connection_id, successor)
+        replicas[successor] += 1
         self._connections.pop(conversation_id, None)
         try:
             await self.release(conversation_id)
@@ -558,9 +568,9 @@ def main(worker_cls: type[Worker], settings: Settings | None = None) -> None:
         started: list[Worker] = []
 
         def terminate() -> None:
-            if started and not started[0].drain_requested:
+            if started and started[0].serving and not started[0].drain_requested:
                 started[0].request_drain()
-            else:  # still loading, or asked twice
+            else:  # still loading models, or asked twice
                 task.cancel()
 
         loop.add_signal_handler(signal.SIGINT, task.cancel)

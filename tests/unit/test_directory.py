@@ -52,3 +52,15 @@ async def test_only_numbers_are_kept_of_the_free_form_stats():
     await directory.refresh()
     [worker] = directory.workers["tts"]
     assert worker.stats == {"stale_cleaned": 3, "cleanup_ms_sum": 1.5, "buckets": {"1": 2, "+Inf": 3}}
+
+
+async def test_a_draining_worker_gets_no_new_conversation_while_another_is_live():
+    client = fakeredis.aioredis.FakeRedis()
+    await beat(client, "llm", "llm-idle-draining", record("llm-idle-draining", "llm", conversations=0, draining=True))
+    await beat(client, "llm", "llm-busy", record("llm-busy", "llm", conversations=9))
+    directory = WorkerDirectory(client, NAMES, worker_ttl_s=5)
+    await directory.refresh()
+    assert [directory.pick("llm").worker_id for _ in range(3)] == ["llm-busy"] * 3
+    await client.delete(NAMES.worker("llm", "llm-busy"))  # the last one left, draining: still served
+    await directory.refresh()
+    assert directory.pick("llm").worker_id == "llm-idle-draining" and "llm" not in directory.missing()
