@@ -42,7 +42,7 @@ class WorkerInfo:
     llm_ok: bool | None = None  # an orchestrator's LLM server answers (None: not reported)
     subscribed_ms: int = 0  # when its bus subscription was last (re)made (gateway/recovery.py)
     cpu: float = 0.0  # CPU the process used since its previous heartbeat, in cores (1.0: one core busy)
-    draining: bool = False
+    draining: bool = False  # stopping (SIGTERM): serves what it holds, takes no new conversation
 
 
 # one core busy counts as this many conversations held: conversations are the main measure, and CPU
@@ -176,6 +176,7 @@ class WorkerDirectory:
         return worker.conversations + (len(picks) if picks else 0) + CPU_WEIGHT * worker.cpu
 
     def pick(self, stage: str) -> WorkerInfo | None:
+        """The least-loaded live worker of the stage that takes new conversations (never a draining one)."""
         candidates = [w for w in self._routable(stage) if not w.draining]
         if not candidates:
             return None

@@ -358,9 +358,12 @@ class Gateway:
         ResumeRefused (unknown conversation, wrong or already used token, window passed).
 
         If the conversation's old socket is still registered (a client that moved networks before
-        its old socket timed out), it is told to close, and its cleanup is awaited for up to
-        TAKEOVER_WAIT_S; after that the new socket replaces it anyway (its gateway may be dead),
-        and the old socket's late end cannot touch the new lease."""
+        its old socket timed out), its gateway is told to close it, and its cleanup is awaited for
+        up to TAKEOVER_WAIT_S; after that the new socket replaces it anyway, and the old socket's
+        late end cannot touch the new lease. A gateway that is gone (killed: its inbox has no
+        subscriber, so the takeover reached nobody, or it dies while waited for) is not waited
+        for: the new socket replaces the old one at once, and opening it announces the new route
+        (this gateway) to every stage."""
         successor = secrets.token_urlsafe(24)
         claimed = await self._claim_resume(
             keys=[self.names.history(conversation_id)],
@@ -376,11 +379,19 @@ class Gateway:
             correlation_id=route[b"correlation_id"].decode(),
             connection_id=route[b"connection_id"].decode(),
         )
-        await self.bus.publish(self.names.inbox("gateway", route[b"gateway"].decode()), takeover)
+        old_inbox = self.names.inbox("gateway", route[b"gateway"].decode())
+        receivers = await self.bus.publish(old_inbox, takeover)
         try:
             async with asyncio.timeout(TAKEOVER_WAIT_S):
-                while await self.redis.exists(self.names.conversation(conversation_id)):
+                while receivers:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.exists(self.names.conversation(conversation_id))
+                        pipe.pubsub_numsub(old_inbox)
+                        held, [(_, receivers)] = await pipe.execute()
+                    if not held:
+                        return successor
                     await asyncio.sleep(0.02)
+                log.info("the conversation's previous gateway is gone; resuming at once")
         except TimeoutError:
             log.warning("the conversation's old socket did not end in %.0f s; replacing it", TAKEOVER_WAIT_S)
         return successor

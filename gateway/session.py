@@ -32,12 +32,14 @@ from gateway.outbound import Outbound
 from gateway.ratelimit import RateGuard, Verdict
 from gateway.reroute import TURN_ENDING_CODES
 from gateway.turns import Turn, TurnTable
+from shared.channels import STAGES
 from shared.clock import now_ms_float
 from shared.logging import log_context
 from shared.messages import (
     AudioCommit,
     AudioIn,
     BusMessage,
+    ConversationOpened,
     ResponseBlocked,
     ResponseCancel,
     ResponseTextDelta,
@@ -364,6 +366,12 @@ class ClientSession:
             if message.connection_id == self.route["connection_id"]:
                 log.info("conversation resumed on another connection; closing this one")
                 self._tasks.spawn(self.close(1000, "conversation resumed on another connection"), name="takeover")
+            return
+        if isinstance(message, ConversationOpened):  # a stage moved to another worker (workers/handoff.py)
+            if message.connection_id == self.route["connection_id"]:
+                self.route.update({stage: getattr(message, stage) for stage in STAGES})
+                with log_context(self.conversation_id, self.correlation_id):
+                    log.info("route now: vad_stt=%s llm=%s tts=%s", message.vad_stt, message.llm, message.tts)
             return
         turn_id = message.turn_id
         if turn_id is not None and self.turns.fenced(turn_id):

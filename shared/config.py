@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     memory_trim_interval_s: float = 30.0  # return freed heap to the OS after conversations end (0: off)
     leak_warn_conversations: int = 500  # the health line warns when a worker holds more than this
     introspect_timeout_s: float = 0.5  # how long admin routes wait for every worker's live answer
+    drain_timeout_s: float = 10.0  # SIGTERM: how long a worker waits for its turns under way before handing them off
 
     # LLM orchestrator
     llm_base_url: str | None = None  # unset: `voicepipe up` starts the embedded model

@@ -24,6 +24,16 @@ The bus is a boundary: a message that does not decode, or whose handling raises,
 dropped by the subscriber (shared/bus.py), and the subscriber, heartbeat and sweep loops are
 restarted if they ever end (shared/tasks.py `keep_running`), loudly logged.
 
+Draining (SIGTERM, `drain`): the heartbeat says `draining` at once, so gateways route no new
+conversation here; each held conversation is handed to another live replica of the stage as soon
+as its turn under way is done (or `DRAIN_TIMEOUT_S` has passed): `workers/handoff.py` rewrites its
+lease and announces the new route to every stage and the gateway, in one Redis step. What still
+arrives here for it (sent before the sender saw the new route) is forwarded to the new owner, in
+the order it came, until no such message came for `FORWARD_GRACE_S`. Then the process exits 0. With
+no other live replica, it releases everything and exits, as a plain shutdown does. A repeated
+`conversation.opened` for the socket a worker holds is such a route change: it only repoints the
+cached route.
+
 Safety net: pub/sub is at-most-once, so every `sweep_interval` (and right after every re-subscribe)
 the worker checks the routing lease of everything it holds; a conversation whose lease is gone or
 belongs to another socket is cleaned as stale. The gateway deletes the lease before it publishes
@@ -42,7 +52,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -55,6 +65,7 @@ from shared.logging import log_context, redact_url
 from shared.memory import trim_loop
 from shared.messages import BusMessage, ConnectionDisconnected, ConversationOpened, IntrospectReply, IntrospectRequest
 from shared.tasks import keep_running
+from workers.handoff import reroute
 from workers.metrics import WorkerMetrics
 from workers.stats import WorkerStats
 
@@ -62,6 +73,7 @@ log = logging.getLogger("voicepipe.worker")
 
 ENDED_MEMORY = 10_000  # ended sockets remembered for fencing (and their cleanup time, for admin)
 ENDED_MEMORY_S = 120.0  # ... for at most this long: late messages arrive within milliseconds
+FORWARD_GRACE_S = 1.0  # a draining worker exits once nothing came to forward for this long
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,7 @@ class Route:
 
 class Worker(abc.ABC):
     stage: ClassVar[str]
+    conversations: dict[str, Any]  # every stage's state per conversation; each value has a `route`
 
     def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
         self.settings = settings
@@ -102,7 +115,14 @@ class Worker(abc.ABC):
         self._beat_now = asyncio.Event()  # set to heartbeat before the interval is up (after a resubscribe)
         self._subscribed_ms = 0  # when the bus subscription was last (re)made; in the heartbeat
         self.closing = False  # shutting down: no new conversation is taken
-        self.draining = False  # finishing what it holds before shutdown: heartbeats say so, gateways route nothing new here
+        self.draining = False  # SIGTERM: handing every conversation to another replica, then exiting
+        self._drain_requested = asyncio.Event()
+        self.serving = False  # models loaded, inbox read: a SIGTERM before this stops at once
+        self._handed: dict[str, tuple[str, str]] = {}  # handed-off conversation -> (its socket, new owner)
+        self._last_forward = 0.0  # time.monotonic() of the last message forwarded to a new owner
+        self._open_forwards: set[tuple[str, str | None]] = set()  # turns forwarded in part: (conversation, turn)
+        self._handling = asyncio.Lock()  # held while one bus message is handled; a hand-off happens between two
+        self._cpu_at, self._wall_at = time.process_time(), time.monotonic()  # CPU use between heartbeats
         self.metrics = WorkerMetrics(self)  # its /metrics page, served on METRICS_PORT when set
 
     # ---- what each stage provides
@@ -133,6 +153,21 @@ class Worker(abc.ABC):
         """Counts of everything this worker holds."""
         return {"conversations": len(self.conversation_ids())}
 
+    def busy(self, conversation_id: str) -> bool:
+        """Whether a turn of the conversation is under way here (a draining worker hands the
+        conversation off only once it is not)."""
+        return False
+
+    async def release(self, conversation_id: str) -> None:
+        """Drop the state of a conversation handed to another replica: it goes on elsewhere, so
+        nothing is said to the other stages (unlike `close_conversation`)."""
+        await self.close_conversation(conversation_id)
+
+    def continues(self, message: BusMessage) -> bool:
+        """Whether more messages of this message's turn follow it here (a draining worker keeps
+        forwarding a turn it forwarded a part of until its end came)."""
+        return False
+
     def extra_channels(self) -> list[str]:
         return []
 
@@ -148,25 +183,127 @@ class Worker(abc.ABC):
 
     # ---- lifecycle
     async def run(self) -> None:
+        """Serve until cancelled, or until a requested drain is done (then return normally)."""
         await self.load()
         try:
+            self.serving = True
             async with asyncio.TaskGroup() as group:
+                tasks: list[asyncio.Task] = []
                 # restarted if they ever end: a bug or one bad input must never leave a worker
                 # that still heartbeats but no longer reads its inbox (or the reverse)
                 for name, loop in (("heartbeat", self._heartbeat_loop), ("sweep", self._sweep_loop), ("subscriber", self._subscribe)):
-                    group.create_task(keep_running(name, loop, self.loop_restarts), name=f"{self.worker_id}:{name}")
-                group.create_task(self._health_loop(), name=f"{self.worker_id}:health")
-                group.create_task(self.metrics.serve(), name=f"{self.worker_id}:metrics")
-                group.create_task(
-                    trim_loop(
-                        self.settings.memory_trim_interval_s,
-                        lambda: self.stats.cleanup_ms.n,
-                        lambda: not self.conversation_ids(),
-                    ),
-                    name=f"{self.worker_id}:memory-trim",
+                    tasks.append(group.create_task(keep_running(name, loop, self.loop_restarts), name=f"{self.worker_id}:{name}"))
+                tasks.append(group.create_task(self._health_loop(), name=f"{self.worker_id}:health"))
+                tasks.append(group.create_task(self.metrics.serve(), name=f"{self.worker_id}:metrics"))
+                trim = trim_loop(
+                    self.settings.memory_trim_interval_s,
+                    lambda: self.stats.cleanup_ms.n,
+                    lambda: not self.conversation_ids(),
                 )
+                tasks.append(group.create_task(trim, name=f"{self.worker_id}:memory-trim"))
+                group.create_task(self._drain_when_requested(tasks), name=f"{self.worker_id}:drain")
         finally:
             await self.aclose()
+
+    def request_drain(self) -> None:
+        """SIGTERM: drain (see the module docstring), then `run` returns."""
+        self._drain_requested.set()
+
+    @property
+    def drain_requested(self) -> bool:
+        return self._drain_requested.is_set()
+
+    async def _drain_when_requested(self, tasks: list[asyncio.Task]) -> None:
+        await self._drain_requested.wait()
+        try:
+            await self.drain()
+        except (RedisError, OSError) as exc:  # the plain shutdown that follows still releases everything
+            log.warning("drain stopped, Redis is unreachable: %s", exc)
+        except Exception:
+            log.exception("drain failed")
+        for task in tasks:
+            task.cancel()
+
+    async def drain(self) -> None:
+        """Mark this worker draining, hand every conversation to another replica once its turn
+        under way is done (at the latest after `DRAIN_TIMEOUT_S`), forward what still arrives for
+        them, and return. With no other live replica, return at once (the shutdown releases all)."""
+        self.draining = True
+        started = time.monotonic()
+        await self._beat()  # no gateway routes a new conversation here from now on
+        if not await self._replicas():
+            log.info("draining: no other live %s worker; releasing everything instead", self.stage)
+            return
+        deadline = started + self.settings.drain_timeout_s
+        log.info("draining: handing %d conversations to other replicas", len(self.conversation_ids()))
+        while True:
+            now = time.monotonic()
+            late = now >= deadline
+            ready = [cid for cid in self.conversation_ids() if late or not self.busy(cid)]
+            replicas = await self._replicas() if ready else {}
+            for cid in ready:
+                async with self._handling:  # never while a message of it is half handled
+                    if cid in self.conversation_ids() and (late or not self.busy(cid)):
+                        with log_context(cid):
+                            await self._hand_off(cid, replicas, late)
+            quiet = now - max(started, self._last_forward) >= FORWARD_GRACE_S and not self._open_forwards
+            if (quiet and not self.conversation_ids()) or now >= deadline + FORWARD_GRACE_S:
+                break
+            await asyncio.sleep(0.02)
+        log.info("drained in %.0f ms: %d conversations handed off", (time.monotonic() - started) * 1000, len(self._handed))
+
+    async def _replicas(self) -> dict[str, int]:
+        """The other live, non-draining workers of this stage: id -> conversations it holds."""
+        from gateway.directory import WorkerDirectory  # the gateway's heartbeat reader, as is
+
+        directory = WorkerDirectory(self.redis, self.names, self.settings.worker_ttl_s)
+        await directory.refresh()
+        return {
+            w.worker_id: w.conversations
+            for w in directory.workers[self.stage]
+            if not w.draining and w.worker_id != self.worker_id
+        }
+
+    async def _hand_off(self, conversation_id: str, replicas: dict[str, int], late: bool) -> None:
+        """Move the conversation to the least-loaded of `replicas` (counting what it was handed);
+        end it here when none takes it."""
+        connection_id = self._connections.get(conversation_id)
+        successor = min(replicas, key=lambda w: (replicas[w], w)) if replicas and connection_id else None
+        moved = None
+        if successor is not None:
+            moved = await reroute(
+                self.redis, self.bus, self.names, conversation_id, self.stage, self.worker_id, successor, connection_id
+            )
+        if moved is None:
+            await self.end_conversation(conversation_id, "shutdown")
+            return
+        self._handed[conversation_id] = (connection_id, successor)
+        replicas[successor] += 1
+        self._connections.pop(conversation_id, None)
+        try:
+            await self.release(conversation_id)
+        except Exception:
+            log.exception("releasing a handed-off conversation failed")
+        log.info("handed to %s%s", successor, " (drain timeout: its turn under way was cut)" if late else "")
+
+    async def _forward(self, channel: str, message: BusMessage) -> bool:
+        """Forward a message for a handed-off conversation to its new owner; False if it is not one."""
+        handed = self._handed.get(message.conversation_id)
+        if channel != self.inbox or handed is None:
+            return False
+        if isinstance(message, ConversationOpened):
+            if message.connection_id != handed[0]:  # a new socket of it: served (and handed off) anew
+                del self._handed[message.conversation_id]
+                return False
+            return True  # its route change, already known here
+        self._last_forward = time.monotonic()
+        turn = (message.conversation_id, message.turn_id)
+        if self.continues(message):
+            self._open_forwards.add(turn)
+        else:
+            self._open_forwards.discard(turn)
+        await self.bus.publish(self.names.inbox(self.stage, handed[1]), message)
+        return True
 
     async def _subscribe(self) -> None:
         await run_subscriber(
@@ -199,12 +336,18 @@ class Worker(abc.ABC):
             with log_context(conversation_id):
                 await self.end_conversation(conversation_id, "shutdown")
         log.info(
-            "Shutdown cleanup completed: worker=%s, cleaned=%d conversations, remaining=%d, duration=%.1fms",
-            self.worker_id, len(held), len(self.conversation_ids()), (time.perf_counter() - started) * 1000,
+            "Shutdown cleanup completed: worker=%s, cleaned=%d conversations, remaining=%d, duration=%.1fms, handed_off=%d",
+            self.worker_id, len(held), len(self.conversation_ids()), (time.perf_counter() - started) * 1000, len(self._handed),
         )
 
     async def _dispatch(self, channel: str, message: BusMessage) -> None:
+        async with self._handling:
+            await self._handle_one(channel, message)
+
+    async def _handle_one(self, channel: str, message: BusMessage) -> None:
         with log_context(message.conversation_id or None, message.correlation_id):
+            if self._handed and await self._forward(channel, message):
+                return
             if isinstance(message, ConnectionDisconnected):
                 self.stats.disconnect_events_received += 1
                 held = self._connections.get(message.conversation_id)
@@ -401,36 +544,10 @@ class Worker(abc.ABC):
                 log.info(line)
 
     async def _heartbeat_loop(self) -> None:
-        key = self.names.worker(self.stage, self.worker_id)
-        index = self.names.workers(self.stage)
-        ttl_ms = int(self.settings.worker_ttl_s * 1000)
-        cpu_at, wall_at = time.process_time(), time.monotonic()
         while True:
             self._beat_now.clear()
-            now = now_ms()
-            cpu_now, wall_now = time.process_time(), time.monotonic()
-            elapsed = wall_now - wall_at
-            cpu = (cpu_now - cpu_at) / elapsed if elapsed >= 0.05 else 0.0  # cores busy since the last beat
-            cpu_at, wall_at = cpu_now, wall_now
-            payload = {
-                "worker_id": self.worker_id,
-                "stage": self.stage,
-                "last_heartbeat_ms": now,
-                "conversations": len(self.conversation_ids()),
-                "resources": self.resources(),
-                "stats": self.stats.heartbeat(),
-                "subscribed_ms": self._subscribed_ms,
-                "cpu": round(cpu, 3),  # the gateway's pick weighs it (gateway/directory.py)
-                "draining": self.draining,  # a draining worker gets no new conversation
-                **self.heartbeat_info(),
-            }
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.set(key, json.dumps(payload), px=ttl_ms)
-                    pipe.zadd(index, {self.worker_id: now})
-                    pipe.zremrangebyscore(index, 0, now - 10 * ttl_ms)
-                    await pipe.execute()
-                self._last_heartbeat_ms = now
+                await self._beat()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
             try:
@@ -438,13 +555,48 @@ class Worker(abc.ABC):
             except TimeoutError:
                 pass
 
+    def _cpu_since_last_beat(self) -> float:
+        """Cores this process kept busy since the previous heartbeat (1.0: one core)."""
+        cpu_now, wall_now = time.process_time(), time.monotonic()
+        elapsed = wall_now - self._wall_at
+        cpu = (cpu_now - self._cpu_at) / elapsed if elapsed >= 0.05 else 0.0
+        self._cpu_at, self._wall_at = cpu_now, wall_now
+        return cpu
 
-async def serve(worker_cls: type[Worker], settings: Settings) -> None:
+    async def _beat(self) -> None:
+        key = self.names.worker(self.stage, self.worker_id)
+        index = self.names.workers(self.stage)
+        ttl_ms = int(self.settings.worker_ttl_s * 1000)
+        now = now_ms()
+        payload = {
+            "worker_id": self.worker_id,
+            "stage": self.stage,
+            "last_heartbeat_ms": now,
+            "conversations": len(self.conversation_ids()),
+            "resources": self.resources(),
+            "stats": self.stats.heartbeat(),
+            "subscribed_ms": self._subscribed_ms,
+            "cpu": round(self._cpu_since_last_beat(), 3),  # the gateway's pick weighs it (gateway/directory.py)
+            "draining": self.draining,  # a draining worker gets no new conversation
+            **self.heartbeat_info(),
+        }
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, json.dumps(payload), px=ttl_ms)
+            pipe.zadd(index, {self.worker_id: now})
+            pipe.zremrangebyscore(index, 0, now - 10 * ttl_ms)
+            await pipe.execute()
+        self._last_heartbeat_ms = now
+
+
+async def serve(worker_cls: type[Worker], settings: Settings, started: list[Worker] | None = None) -> None:
+    """Run one worker; `started` (if given) receives it once it exists."""
     from shared.bus import create_redis
 
     client = create_redis(settings.redis_url_or_default, settings.redis_max_connections, name=worker_cls.stage)
     try:
         worker = worker_cls(settings, client)
+        if started is not None:
+            started.append(worker)
         log.info("starting %s on %s", worker.worker_id, redact_url(settings.redis_url_or_default))
         await worker.run()
     finally:
@@ -452,7 +604,8 @@ async def serve(worker_cls: type[Worker], settings: Settings) -> None:
 
 
 def main(worker_cls: type[Worker], settings: Settings | None = None) -> None:
-    """Run one worker until SIGINT or SIGTERM, then release everything and exit 0."""
+    """Run one worker until SIGINT (release everything) or SIGTERM (drain first; a second SIGTERM
+    stops the drain), then exit 0."""
     import signal
 
     from shared.logging import setup_logging
@@ -463,10 +616,18 @@ def main(worker_cls: type[Worker], settings: Settings | None = None) -> None:
     async def _main() -> None:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+        started: list[Worker] = []
+
+        def terminate() -> None:
+            if started and started[0].serving and not started[0].drain_requested:
+                started[0].request_drain()
+            else:  # still loading models, or asked twice
+                task.cancel()
+
+        loop.add_signal_handler(signal.SIGINT, task.cancel)
+        loop.add_signal_handler(signal.SIGTERM, terminate)
         try:
-            await serve(worker_cls, settings)
+            await serve(worker_cls, settings, started)
         except asyncio.CancelledError:
             log.info("stopped")
 

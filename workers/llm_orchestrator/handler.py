@@ -165,6 +165,17 @@ class LlmWorker(Worker):
             "upstream_streams": sum(c.upstream_streams for c in convs),
         }
 
+    def busy(self, conversation_id: str) -> bool:
+        conv = self.conversations.get(conversation_id)
+        return conv is not None and bool(conv.pending or len(conv.tasks))  # a reply, or its history write
+
+    async def release(self, conversation_id: str) -> None:
+        """Handed off: its history is written already, and TTS must go on speaking for it."""
+        conv = self.conversations.pop(conversation_id, None)
+        if conv is not None:
+            conv.fence.close()
+            await conv.tasks.aclose()
+
     async def close_conversation(self, conversation_id: str) -> None:
         conv = self.conversations.get(conversation_id)
         if conv is None:
@@ -293,7 +304,7 @@ class LlmWorker(Worker):
     async def _generate(self, conv: ChatConversation, turn: ReplyTurn) -> None:
         envelope = self._envelope(conv, turn)
         gateway = self.names.inbox("gateway", conv.route.gateway)
-        tts = self.names.inbox("tts", conv.route.tts)
+        tts: str | None = None  # read at the first piece: a TTS hand-off before it is followed at once
         user: Message = {"role": "user", "content": turn.user_text}
         messages = [{"role": "system", "content": self.settings.system_prompt}, *for_llm(conv.history), user]
         splitter = SentenceSplitter(self.settings.first_clause_min_words, self.settings.first_piece_max_words)
@@ -319,7 +330,9 @@ class LlmWorker(Worker):
             turn.fence.guard()
 
         def to_tts(pieces: list[str]) -> list[tuple[str, BusMessage]]:
-            nonlocal first_sentence_ms
+            nonlocal first_sentence_ms, tts
+            if pieces and tts is None:
+                tts = self.names.inbox("tts", conv.route.tts)
             if pieces and first_sentence_ms is None:
                 first_sentence_ms = round((time.perf_counter() - started) * 1000, 1)
             first_seq = len(turn.pieces)

@@ -62,6 +62,7 @@ class SpeechConversation:
     marked: asyncio.Event = field(default_factory=asyncio.Event)  # the speaking mark is written
     turns: dict[str | None, TurnAudio] = field(default_factory=dict)
     speaker: asyncio.Task[None] | None = None
+    winding_down: bool = False  # the speaker found the queue empty and takes no more pieces
     stopped_turns: RecentIds = field(default_factory=lambda: RecentIds(STOPPED_TURNS_KEPT))
     fence: Fence = field(default_factory=Fence)
     tasks: TaskSet = field(init=False)
@@ -74,6 +75,10 @@ class SpeechConversation:
         self.fence.guard()
         if turn_id in self.stopped_turns:
             raise asyncio.CancelledError("turn stopped")
+
+    @property
+    def needs_speaker(self) -> bool:
+        return self.speaker is None or self.speaker.done() or self.winding_down
 
     async def stop_speaker(self) -> None:
         task, self.speaker = self.speaker, None
@@ -135,6 +140,14 @@ class TtsWorker(Worker):
             "speech_requests": len(self.requests),
         }
 
+    def busy(self, conversation_id: str) -> bool:
+        """Speaking, or a turn began (a piece came) whose end has not come yet."""
+        conv = self.conversations.get(conversation_id)
+        return conv is not None and bool(conv.queue or conv.turns or (conv.speaker is not None and not conv.speaker.done()))
+
+    def continues(self, message: BusMessage) -> bool:
+        return isinstance(message, TtsSpeak)  # its turn's `TtsEnd` follows
+
     async def close_conversation(self, conversation_id: str) -> None:
         conv = self.conversations.pop(conversation_id, None)
         if conv is None:
@@ -167,7 +180,7 @@ class TtsWorker(Worker):
             if message.turn_id in conv.stopped_turns:
                 return  # in flight when its turn was stopped
             conv.queue.append(message)
-            if conv.speaker is None or conv.speaker.done():
+            if conv.needs_speaker:
                 await self._start_speaker(conv)
         elif isinstance(message, TtsStop):
             await self._stop(message)
@@ -235,7 +248,7 @@ class TtsWorker(Worker):
         conv.turns.pop(message.turn_id, None)
         if not conv.queue:
             await self.redis.delete(self.names.tts_active(conv.conversation_id))
-        elif conv.speaker is None or conv.speaker.done():
+        elif conv.needs_speaker:
             await self._start_speaker(conv)
 
     async def _start_speaker(self, conv: SpeechConversation) -> None:
@@ -243,7 +256,12 @@ class TtsWorker(Worker):
 
         Only the bus reader writes the mark, the same coroutine that runs cleanup, so a cleanup's
         delete can never be overtaken by a mark still in flight from a cancelled task. The speaker
-        synthesizes while the mark is written, and clears it only once it has been written."""
+        synthesizes while the mark is written, and clears it only once it has been written. A
+        speaker that is winding down (clearing the mark) is let finish first, so a piece that came
+        just as it found the queue empty is spoken, after its mark was cleared."""
+        if conv.speaker is not None and not conv.speaker.done():
+            await asyncio.wait([conv.speaker])
+        conv.winding_down = False
         conv.marked.clear()
         conv.speaker = conv.tasks.spawn(self._speak_through_outages(conv), name="speaker")
         try:
@@ -272,19 +290,14 @@ class TtsWorker(Worker):
                 conv.queue = deque(item for item in conv.queue if item.turn_id != turn_id)
 
     async def _speak(self, conv: SpeechConversation) -> None:
-        """Speak queued pieces in order until the queue is empty, then clear the speaking mark.
-
-        The reader starts no second speaker while this one runs, so pieces queued while it waits
-        for the mark or clears it are spoken here too (else they would wait forever)."""
-        active_key = self.names.tts_active(conv.conversation_id)
-        while True:
-            await self._speak_queued(conv)
-            await conv.marked.wait()
-            if conv.queue:
-                continue
-            await self.redis.delete(active_key)
-            if not conv.queue:
-                return
+        """Speak queued pieces in order until the queue is empty, then clear the speaking mark. A
+        piece that comes while the mark is being cleared starts a new speaker, which waits for this
+        one to finish (`_start_speaker`), so it is spoken and marked again."""
+        conv.winding_down = False
+        await self._speak_queued(conv)
+        conv.winding_down = True
+        await conv.marked.wait()
+        await self.redis.delete(self.names.tts_active(conv.conversation_id))
 
     async def _speak_queued(self, conv: SpeechConversation) -> None:
         gateway = self.names.inbox("gateway", conv.route.gateway)

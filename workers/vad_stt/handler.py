@@ -155,6 +155,11 @@ class VadSttWorker(Worker):
             "requests": len(self.requests),
         }
 
+    def busy(self, conversation_id: str) -> bool:
+        """Inside an utterance, or transcribing one."""
+        conv = self.conversations.get(conversation_id)
+        return conv is not None and bool(conv.segmenter.speaking or len(conv.tasks))
+
     async def close_conversation(self, conversation_id: str) -> None:
         conv = self.conversations.pop(conversation_id, None)
         if conv is not None:
