@@ -142,6 +142,10 @@ class Worker(abc.ABC):
         conversation off only once it is not)."""
         return False
 
+    async def cut(self, conversation_id: str) -> None:
+        """End the conversation's turns under way here, which a hand-off at the drain deadline
+        abandons: the client gets `error` `stage_failed` and the turn's end, never silence."""
+
     async def release(self, conversation_id: str) -> None:
         """Drop the state of a conversation handed to another replica: it goes on elsewhere, so
         nothing is said to the other stages (unlike `close_conversation`)."""
@@ -271,10 +275,12 @@ class Worker(abc.ABC):
         replicas[successor] += 1
         self._connections.pop(conversation_id, None)
         try:
+            if late and self.busy(conversation_id):
+                await self.cut(conversation_id)
             await self.release(conversation_id)
         except Exception:
             log.exception("releasing a handed-off conversation failed")
-        log.info("handed to %s%s", successor, " (drain timeout: its turn under way was cut)" if late else "")
+        log.info("handed to %s%s", successor, " at the drain timeout" if late else "")
 
     async def _forward(self, channel: str, message: BusMessage) -> bool:
         """Forward a message for a handed-off conversation to its new owner; False if it is not one."""
