@@ -366,8 +366,10 @@ class Worker(abc.ABC):
         if held is not None and held != route.connection_id:  # state of an earlier socket whose end was missed
             await self.end_conversation(cid, "superseded by a new connection")
         elif held is not None:  # the socket held here: another process took over one of its stages
-            if getattr(route, self.stage) != self.worker_id:
-                await self.end_conversation(cid, "moved to another worker")
+            if getattr(route, self.stage) != self.worker_id:  # ... this one's: it goes on there
+                self._connections.pop(cid, None)
+                await self.release(cid)
+                log.info("conversation moved to %s", getattr(route, self.stage))
             else:
                 self.reroute(cid, route)
             return
@@ -376,8 +378,15 @@ class Worker(abc.ABC):
 
     async def admit(self, message: BusMessage) -> bool:
         """Prepare state for a conversation this worker does not hold, from its live routing; False
-        (the message is dropped) when the conversation is not, or no longer, connected."""
+        (the message is dropped) when the conversation is not, or no longer, connected, and when
+        its route names another worker of this stage (the message goes on to that one: its sender
+        had not seen the route change yet)."""
         route = await self.lookup_route(message.conversation_id)
+        owner = getattr(route, self.stage, self.worker_id)
+        if owner != self.worker_id:
+            log.debug("forwarded %s to the conversation's worker %s", message.type, owner)
+            await self.bus.publish(self.names.inbox(self.stage, owner), message)
+            return False
         if route is None or not self._accept(message.conversation_id, route):
             log.debug("dropped %s: conversation is not connected", message.type)
             return False
