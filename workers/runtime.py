@@ -285,6 +285,10 @@ class Worker(abc.ABC):
     async def _forward(self, channel: str, message: BusMessage) -> bool:
         """Forward a message for a handed-off conversation to its new owner; False if it is not one."""
         handed = self._handed.get(message.conversation_id)
+        if handed is not None and channel != self.inbox and self._open_forwards:
+            # a stop on a shared channel (TTS control) ends a forwarded turn as its end would
+            cid, turn_id = message.conversation_id, message.turn_id
+            self._open_forwards = {t for t in self._open_forwards if t[0] != cid or turn_id not in (None, t[1])}
         if channel != self.inbox or handed is None:
             return False
         if isinstance(message, ConversationOpened):
