@@ -80,17 +80,16 @@ async def failover(cluster: Cluster, talkers: list[Talker], gateways: list, roun
         killed = time.monotonic()
         victim.signal(signal.SIGKILL)
 
-        async def move(talker: Talker) -> None:
-            nonlocal failed
+        async def move(talker: Talker, survivor=survivor, killed=killed) -> bool:
             await talker.resume_on(survivor.ws_url)
             resumed_ms.append((time.monotonic() - killed) * 1000)
             talker.url = survivor.ws_url
             if await talker.turn() is None:
-                failed += 1
-            else:
-                answered_ms.append((time.monotonic() - killed) * 1000)
+                return False
+            answered_ms.append((time.monotonic() - killed) * 1000)
+            return True
 
-        await asyncio.gather(*(move(t) for t in movers))
+        failed += sum(not ok for ok in await asyncio.gather(*(move(t) for t in movers)))
         await victim.wait_exit(10)
         replacement = cluster.start_gateway()
         await cluster.wait_ready(replacement)

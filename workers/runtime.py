@@ -248,7 +248,8 @@ class Worker(abc.ABC):
 
     async def _replicas(self) -> dict[str, int]:
         """The other live, non-draining workers of this stage: id -> conversations it holds."""
-        from gateway.directory import WorkerDirectory  # the gateway's heartbeat reader, as is
+        # the gateway's heartbeat reader, as is
+        from gateway.directory import WorkerDirectory
 
         directory = WorkerDirectory(self.redis, self.names, self.settings.worker_ttl_s)
         await directory.refresh()
