@@ -184,7 +184,6 @@ async def test_a_turn_still_running_at_the_drain_timeout_ends_with_stage_failed_
             async with asyncio.timeout(30):  # the reply is under way on the victim
                 while len(llm.streams) < 2 or llm.streams[-1].tokens_sent < 2:
                     await asyncio.sleep(0.01)
-            llm.stall_after = None
             victim.signal(signal.SIGTERM)
             events = []
             async with asyncio.timeout(30):
@@ -193,6 +192,7 @@ async def test_a_turn_still_running_at_the_drain_timeout_ends_with_stage_failed_
                     if isinstance(frame, str):
                         events.append(json.loads(frame))
             assert [e["code"] for e in events if e["type"] == "error"] == ["stage_failed"], events
+            llm.stall_after = None
             assert await victim.wait_exit(30) == 0, victim.log()[-3000:]
             assert handed_off(victim.log()) == 1 and "at the drain timeout" in victim.log()
             talker.resync = True  # the cut turn is not in the history
