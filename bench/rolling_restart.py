@@ -1,6 +1,6 @@
 """Rolling restarts and gateway failover under steady traffic, every process real.
 
-    python -m bench.rolling_restart [--clients 8] [--rounds 3]
+    python -m bench.rolling_restart [--clients 8] [--rounds 3] [--part both|rolling|failover]
 
 Two gateways and two replicas of each stage run as child processes on one Redis (the test Redis:
 VOICEPIPE_TEST_REDIS_URL, else 127.0.0.1:6379, else an embedded one), VAD/STT and TTS with null
@@ -80,17 +80,16 @@ async def failover(cluster: Cluster, talkers: list[Talker], gateways: list, roun
         killed = time.monotonic()
         victim.signal(signal.SIGKILL)
 
-        async def move(talker: Talker) -> None:
-            nonlocal failed
+        async def move(talker: Talker, survivor=survivor, killed=killed) -> bool:
             await talker.resume_on(survivor.ws_url)
             resumed_ms.append((time.monotonic() - killed) * 1000)
             talker.url = survivor.ws_url
             if await talker.turn() is None:
-                failed += 1
-            else:
-                answered_ms.append((time.monotonic() - killed) * 1000)
+                return False
+            answered_ms.append((time.monotonic() - killed) * 1000)
+            return True
 
-        await asyncio.gather(*(move(t) for t in movers))
+        failed += sum(not ok for ok in await asyncio.gather(*(move(t) for t in movers)))
         await victim.wait_exit(10)
         replacement = cluster.start_gateway()
         await cluster.wait_ready(replacement)
@@ -103,7 +102,7 @@ async def failover(cluster: Cluster, talkers: list[Talker], gateways: list, roun
     print(f"  next turns failed: {failed}")
 
 
-async def main(clients: int, rounds: int) -> None:
+async def main(clients: int, rounds: int, part: str) -> None:
     redis_server = TestRedis()
     client = aioredis.Redis.from_url(redis_server.url)
     log_dir = Path(tempfile.mkdtemp(prefix="voicepipe-bench-rolling-"))
@@ -123,8 +122,10 @@ async def main(clients: int, rounds: int) -> None:
             for talker in talkers:
                 await talker.connect()
                 await talker.turn()
-            await rolling_restart(cluster, client, talkers, replicas)
-            await failover(cluster, talkers, gateways, rounds)
+            if part in ("both", "rolling"):
+                await rolling_restart(cluster, client, talkers, replicas)
+            if part in ("both", "failover"):
+                await failover(cluster, talkers, gateways, rounds)
         finally:
             for talker in talkers:
                 await talker.aclose()
@@ -138,5 +139,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--part", choices=("both", "rolling", "failover"), default="both")
     args = parser.parse_args()
-    asyncio.run(main(args.clients, args.rounds))
+    asyncio.run(main(args.clients, args.rounds, args.part))

@@ -158,6 +158,10 @@ class Worker(abc.ABC):
         conversation off only once it is not)."""
         return False
 
+    async def cut(self, conversation_id: str) -> None:
+        """End the conversation's turns under way here, which a hand-off at the drain deadline
+        abandons: the client gets `error` `stage_failed` and the turn's end, never silence."""
+
     async def release(self, conversation_id: str) -> None:
         """Drop the state of a conversation handed to another replica: it goes on elsewhere, so
         nothing is said to the other stages (unlike `close_conversation`)."""
@@ -254,7 +258,8 @@ class Worker(abc.ABC):
 
     async def _replicas(self) -> dict[str, int]:
         """The other live, non-draining workers of this stage: id -> conversations it holds."""
-        from gateway.directory import WorkerDirectory  # the gateway's heartbeat reader, as is
+        # the gateway's heartbeat reader, as is
+        from gateway.directory import WorkerDirectory
 
         directory = WorkerDirectory(self.redis, self.names, self.settings.worker_ttl_s)
         await directory.refresh()
@@ -281,14 +286,20 @@ class Worker(abc.ABC):
         replicas[successor] += 1
         self._connections.pop(conversation_id, None)
         try:
+            if late and self.busy(conversation_id):
+                await self.cut(conversation_id)
             await self.release(conversation_id)
         except Exception:
             log.exception("releasing a handed-off conversation failed")
-        log.info("handed to %s%s", successor, " (drain timeout: its turn under way was cut)" if late else "")
+        log.info("handed to %s%s", successor, " at the drain timeout" if late else "")
 
     async def _forward(self, channel: str, message: BusMessage) -> bool:
         """Forward a message for a handed-off conversation to its new owner; False if it is not one."""
         handed = self._handed.get(message.conversation_id)
+        if handed is not None and channel != self.inbox and self._open_forwards:
+            # a stop on a shared channel (TTS control) ends a forwarded turn as its end would
+            cid, turn_id = message.conversation_id, message.turn_id
+            self._open_forwards = {t for t in self._open_forwards if t[0] != cid or turn_id not in (None, t[1])}
         if channel != self.inbox or handed is None:
             return False
         if isinstance(message, ConversationOpened):
@@ -369,12 +380,14 @@ class Worker(abc.ABC):
         held = self._connections.get(cid)
         if held is not None and held != route.connection_id:  # state of an earlier socket whose end was missed
             await self.end_conversation(cid, "superseded by a new connection")
-        elif held is not None and cid in self.conversation_ids():  # re-routed: another stage's worker changed
+        elif held is not None and cid in self.conversation_ids():  # re-routed: some stage's worker changed
             if getattr(route, self.stage) == self.worker_id:
                 self.follow_route(cid, route)
                 log.info("conversation re-routed: vad_stt=%s llm=%s tts=%s", route.vad_stt, route.llm, route.tts)
-            else:
-                await self.end_conversation(cid, "re-routed to another worker")
+            else:  # this stage's part moved to another worker (a hand-off, or a re-route): it goes on there
+                self._connections.pop(cid, None)
+                await self.release(cid)
+                log.info("conversation moved to %s", getattr(route, self.stage))
             return
         if getattr(route, self.stage) != self.worker_id:
             return
@@ -388,10 +401,14 @@ class Worker(abc.ABC):
 
     async def admit(self, message: BusMessage) -> bool:
         """Prepare state for a conversation this worker does not hold, from its live routing; False
-        (the message is dropped) when the conversation is not, or no longer, connected."""
+        (the message is dropped) when the conversation is not, or no longer, connected, and when
+        its route names another worker of this stage (the message goes on to that one: its sender
+        had not seen the route change yet)."""
         route = await self.lookup_route(message.conversation_id)
-        if route is not None and getattr(route, self.stage) != self.worker_id:
-            log.debug("dropped %s: the conversation is routed to another %s worker", message.type, self.stage)
+        owner = getattr(route, self.stage, self.worker_id)
+        if owner != self.worker_id:
+            log.debug("forwarded %s to the conversation's worker %s", message.type, owner)
+            await self.bus.publish(self.names.inbox(self.stage, owner), message)
             return False
         if route is None or not self._accept(message.conversation_id, route):
             log.debug("dropped %s: conversation is not connected", message.type)

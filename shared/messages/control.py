@@ -29,7 +29,11 @@ class ConversationOpened(Envelope):
 
     Workers prepare their state (processors, history) now, so the first turn waits for nothing.
     Published right after the routing lease is written, so it always precedes the socket's
-    `connection_disconnected` on every subscriber."""
+    `connection_disconnected` on every subscriber.
+
+    Also a route change of a live socket (same `connection_id`; workers/handoff.py), from a
+    draining worker to the owner of every stage and to the gateway: the new owner prepares, the
+    others point their cached route at it."""
 
     type: Literal["conversation.opened"] = "conversation.opened"
     gateway: str

@@ -7,6 +7,7 @@ every reply also proves the conversation's history survived the move."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 
 import pytest
@@ -158,3 +159,48 @@ async def test_resume_on_the_other_gateway_after_a_gateway_sigkill(cluster):
     assert "I remember 1 earlier questions" in reply
     assert await talker.turn() is not None, talker.failures
     await talker.aclose()
+
+
+async def test_a_turn_still_running_at_the_drain_timeout_ends_with_stage_failed_and_the_next_works(redis_url, tmp_path):
+    """A reply that never finishes (the LLM stalls) is cut at `DRAIN_TIMEOUT_S`: the client gets
+    `error` `stage_failed` and `response.done` for it, the worker exits 0, and the conversation
+    goes on on the other replica with its history."""
+    llm = FakeLlm(echo=True)
+    with FakeLlmServer(llm):
+        cluster = Cluster(redis_url, llm.base_url, tmp_path, settings={"drain_timeout_s": "1"})
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            gateway = cluster.start_gateway()
+            replicas = await start_replicas(cluster, client, 2)
+            await cluster.wait_ready(gateway)
+            talker = Talker(0, gateway.ws_url)
+            await talker.connect()
+            assert await talker.turn() is not None, talker.failures
+            owner = (await route_of(cluster, client, talker))["llm"]
+            victim = next(c for c in replicas["llm"] if f"-{c.pid}-" in owner)
+
+            llm.stall_after = 2
+            await talker.ws.send('{"type": "text.input", "text": "this reply stalls"}')
+            async with asyncio.timeout(30):  # the reply is under way on the victim
+                while len(llm.streams) < 2 or llm.streams[-1].tokens_sent < 2:
+                    await asyncio.sleep(0.01)
+            victim.signal(signal.SIGTERM)
+            events = []
+            async with asyncio.timeout(30):
+                while not events or events[-1]["type"] != "response.done":
+                    frame = await talker.ws.recv()
+                    if isinstance(frame, str):
+                        events.append(json.loads(frame))
+            assert [e["code"] for e in events if e["type"] == "error"] == ["stage_failed"], events
+            llm.stall_after = None
+            assert await victim.wait_exit(30) == 0, victim.log()[-3000:]
+            assert handed_off(victim.log()) == 1 and "at the drain timeout" in victim.log()
+            talker.resync = True  # the cut turn is not in the history
+            reply = await talker.turn()
+            assert reply is not None and "I remember 1 earlier questions" in reply, talker.failures
+            assert (await route_of(cluster, client, talker))["llm"] != owner
+            await talker.aclose()
+        finally:
+            cluster.stop_all()
+            await cluster.delete_keys(client)
+            await client.aclose()

@@ -169,6 +169,18 @@ class LlmWorker(Worker):
         conv = self.conversations.get(conversation_id)
         return conv is not None and bool(conv.pending or len(conv.tasks))  # a reply, or its history write
 
+    async def cut(self, conversation_id: str) -> None:
+        conv = self.conversations.get(conversation_id)
+        if conv is None:
+            return
+        conv.pending.clear()  # their user turns were never answered: the client re-asks on the new owner
+        turn = conv.current
+        if turn is not None and turn.generating and not turn.answered:
+            turn.fence.close()
+            await stop_tasks([turn.task] if turn.task else [])
+            await self.bus.publish(self.names.tts_control, TtsStop(**self._envelope(conv, turn)))
+            await self._fail_turn(conv, turn, "stage_failed", "the orchestrator serving this turn shut down")
+
     async def release(self, conversation_id: str) -> None:
         """Handed off: its history is written already, and TTS must go on speaking for it."""
         conv = self.conversations.pop(conversation_id, None)

@@ -25,6 +25,7 @@ from shared.messages import (
     SpeechAudio,
     SpeechDone,
     SpeechRequest,
+    StageError,
     TtsAudio,
     TtsAudioDone,
     TtsAudioStarted,
@@ -144,6 +145,22 @@ class TtsWorker(Worker):
         """Speaking, or a turn began (a piece came) whose end has not come yet."""
         conv = self.conversations.get(conversation_id)
         return conv is not None and bool(conv.queue or conv.turns or (conv.speaker is not None and not conv.speaker.done()))
+
+    async def cut(self, conversation_id: str) -> None:
+        conv = self.conversations.get(conversation_id)
+        if conv is None:
+            return
+        conv.fence.close()
+        await conv.stop_speaker()
+        gateway = self.names.inbox("gateway", conv.route.gateway)
+        turns = dict.fromkeys([*conv.turns, *(item.turn_id for item in conv.queue)])
+        messages: list[tuple[str, BusMessage]] = []
+        for turn_id in turns:
+            envelope = {"conversation_id": conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": turn_id}
+            message = "the speech worker serving this turn shut down"
+            messages += [(gateway, StageError(code="stage_failed", message=message, **envelope)), (gateway, TtsAudioDone(tts_ms=0, **envelope))]
+        if messages:
+            await self.bus.publish_many(messages)
 
     def continues(self, message: BusMessage) -> bool:
         return isinstance(message, TtsSpeak)  # its turn's `TtsEnd` follows

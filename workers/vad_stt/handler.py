@@ -160,6 +160,16 @@ class VadSttWorker(Worker):
         conv = self.conversations.get(conversation_id)
         return conv is not None and bool(conv.segmenter.speaking or len(conv.tasks))
 
+    async def cut(self, conversation_id: str) -> None:
+        conv = self.conversations.get(conversation_id)
+        if conv is None or conv.turn_id is None:
+            return
+        await conv.aclose()
+        envelope = {"conversation_id": conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": conv.turn_id}
+        gateway = self.names.inbox("gateway", conv.route.gateway)
+        error = StageError(code="stage_failed", message="the speech recognizer serving this turn shut down", **envelope)
+        await self.bus.publish_many([(gateway, error), (gateway, TranscriptFinal(text="", stt_ms=0, **envelope))])
+
     async def close_conversation(self, conversation_id: str) -> None:
         conv = self.conversations.pop(conversation_id, None)
         if conv is not None:
