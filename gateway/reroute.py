@@ -79,7 +79,13 @@ class Rerouter:
         self._lock = asyncio.Lock()  # one check at a time: a conversation is moved once
 
     async def check(self) -> None:
-        """Move every conversation of this gateway off workers that are no longer live."""
+        """Move every conversation of this gateway off workers that are no longer live.
+
+        Not while Redis is down or just back (gateway/recovery.py): a Redis that restarted without
+        persistence lost every heartbeat too, so until the workers have beaten again they only look
+        dead; the turns lost meanwhile are answered `bus_unavailable` by the recovery instead."""
+        if not self.gateway.bus_health.up or self.gateway.recovery.settling():
+            return
         directory = self.gateway.directory
         async with self._lock:
             live = {stage: directory.live(stage) for stage in STAGES}
