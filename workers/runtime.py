@@ -391,11 +391,6 @@ class Worker(abc.ABC):
             return
         if getattr(route, self.stage) != self.worker_id:
             return
-        ended = self._ended.get(cid)
-        if ended is not None and ended[0] == route.connection_id:
-            # moved away from here earlier and now back: the gateway's re-route checked the lease
-            # in the same step, so this socket is live (its end always follows its announcements)
-            del self._ended[cid]
         if self._accept(cid, route):
             await self.prepare(cid, route)
 
