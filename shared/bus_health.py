@@ -32,26 +32,18 @@ class BusHealth:
         self.down_since: float | None = None  # time.monotonic() when Redis was last seen going away
         self.outages = 0
         self._wake = asyncio.Event()
-        self._recovered = asyncio.Event()
 
     def lost(self, why: str) -> None:
         """Redis was seen unreachable by some other path: down now, and probe soon."""
         self._mark(False, why)
         self._wake.set()
 
-    async def wait_up(self) -> None:
-        """Return once Redis answers (at once when it does)."""
-        while not self.up:
-            self._recovered.clear()
-            await self._recovered.wait()
-
     def _mark(self, up: bool, why: str = "") -> None:
         if up == self.up:
             return
         self.up = up
         if up:
-            log.warning("Redis answers again (after %.1f s)", time.monotonic() - (self.down_since or time.monotonic()))
-            self._recovered.set()
+            log.info("Redis answers again (after %.1f s)", time.monotonic() - (self.down_since or time.monotonic()))
         else:
             self.down_since = time.monotonic()
             self.outages += 1

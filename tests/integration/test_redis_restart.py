@@ -197,6 +197,12 @@ async def test_a_turn_in_flight_ends_with_bus_unavailable_and_the_next_is_answer
             errors = [e for e in events if e["type"] == "error"]
             assert [(e["code"], e["turn_id"]) for e in errors] == [("bus_unavailable", turn_id)]
             assert events[-1]["turn_id"] == turn_id
+            # audio sent now is dropped, and the client is told so, once
+            await ws.send(bytes(640))
+            await ws.send(bytes(640))
+            await ws.send(json.dumps({"type": "ping"}))
+            events, _ = await collect_until(ws, "pong", timeout=TURN_TIMEOUT_S)
+            assert [(e["type"], e.get("code")) for e in events] == [("error", "bus_unavailable"), ("pong", None)]
             # a socket opened now is refused before the upgrade, and /readyz says why
             status, headers = await refused_status(stack.ws_url)
             assert status == 503 and headers["retry-after"] == "1"

@@ -289,13 +289,18 @@ class TtsWorker(Worker):
             conv.marked.set()
 
     async def _speak_through_outages(self, conv: SpeechConversation) -> None:
-        """`_speak`, but a turn whose audio cannot be sent (Redis unreachable past the command
-        retries) is dropped, so the turns after it are not stuck behind it; the gateway has already
-        ended that turn for its client (gateway/recovery.py)."""
+        """`_speak` until the queue stays empty, and a turn whose audio cannot be sent (Redis
+        unreachable past the command retries) is dropped, so the turns after it are not stuck behind
+        it; the gateway has already ended that turn for its client (gateway/recovery.py).
+
+        A piece that arrives while `_speak` clears the speaking mark finds this speaker still
+        running, so no new one is started for it: it is spoken here (a late piece, such as one whose
+        publish was retried, would otherwise wait for ever)."""
         while True:
             try:
                 await self._speak(conv)
-                return
+                if not conv.queue:
+                    return
             except (RedisError, OSError) as exc:
                 if not conv.queue:
                     log.warning("could not clear the speaking mark: %s", exc)
