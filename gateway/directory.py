@@ -165,7 +165,7 @@ class WorkerDirectory:
     def load(self, worker: WorkerInfo) -> float:
         """What `pick` compares: conversations held, those given since the heartbeat, and CPU."""
         picks = self._picked.get(worker.worker_id)
-        while picks and picks[0] <= worker.last_heartbeat_ms:  # counted in the heartbeat already
+        while picks and picks[0] < worker.last_heartbeat_ms:  # counted in the heartbeat already
             picks.popleft()
         return worker.conversations + (len(picks) if picks else 0) + CPU_WEIGHT * worker.cpu
 
