@@ -159,6 +159,8 @@ class TtsWorker(Worker):
         if conv is None:
             return
         if message.turn_id is None:
+            if message.source not in ("", conv.route.llm):
+                return  # an orchestrator the conversation was moved away from, letting go of it
             if message.connection_id in (None, conv.route.connection_id):
                 await self.end_conversation(message.conversation_id, "stopped by the orchestrator")
             return
