@@ -242,7 +242,7 @@ class ClientSession:
         if len(pcm) % 2:
             self.send_event("error", code="bad_audio", message=f"audio frame of {len(pcm)} bytes is not whole 16-bit samples")
             return
-        if self.unavailable:
+        if pcm and self.unavailable:
             self.gateway.rerouter.refuse_audio(self)
         elif pcm:
             inbox = self.gateway.names.inbox("vad_stt", self.route["vad_stt"])
