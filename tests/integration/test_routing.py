@@ -75,6 +75,9 @@ async def test_a_draining_replica_gets_no_new_conversation_but_keeps_its_own(set
     async with replicas(settings, gateways=1) as (workers, [hub]):
         before = await open_many([hub], 6)
         draining, other = workers["llm"]
+        async with asyncio.timeout(5):  # every announcement taken
+            while len(draining.conversation_ids()) + len(other.conversation_ids()) < 6:
+                await asyncio.sleep(0.02)
         kept = set(draining.conversation_ids())
         assert kept, before
         draining.draining = True
