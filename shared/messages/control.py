@@ -29,7 +29,9 @@ class ConversationOpened(Envelope):
 
     Workers prepare their state (processors, history) now, so the first turn waits for nothing.
     Published right after the routing lease is written, so it always precedes the socket's
-    `connection_disconnected` on every subscriber."""
+    `connection_disconnected` on every subscriber. Sent again to the worker of each stage, same
+    `connection_id`, when the conversation is re-routed because a worker died (gateway/reroute.py):
+    the new owner prepares, the others follow the new route."""
 
     type: Literal["conversation.opened"] = "conversation.opened"
     gateway: str
