@@ -4,9 +4,10 @@ A worker is live while its heartbeat is younger than `WORKER_TTL_S`, unless it w
 unreachable: a message published to its inbox reached no one and PUBSUB NUMSUB confirms the inbox
 has no reader (a process killed outright loses its Redis connections at once, long before its
 heartbeat runs out). Each refresh asks again for those, so a worker whose reader comes back (it
-re-subscribed after a Redis blip) is live again. `pick` chooses among live workers that are not draining (a draining worker finishes
-what it holds and takes nothing new), the one with the least load: conversations held (as its last
-heartbeat reported them, plus what this gateway gave it since that heartbeat) and recent CPU.
+re-subscribed after a Redis blip) is live again. `pick` chooses among live workers that are not
+draining (a draining worker finishes what it holds and takes nothing new) the one with the least
+load: conversations held (as its last heartbeat reported them, plus what this gateway gave it since
+that heartbeat) and recent CPU.
 
 Heartbeats are JSON that other processes wrote into Redis, so they are parsed like any input: a
 record that is not valid JSON, has a field of the wrong type, or names another worker or stage than
@@ -114,7 +115,8 @@ class WorkerDirectory:
         beats = {w.worker_id: w.stage for found in self.workers.values() for w in found}
         if self.unreachable:  # asked again: a worker that re-subscribed is live again
             suspects = [(beats[wid], wid) for wid in self.unreachable if wid in beats]
-            self.unreachable = {wid for stage, wid in suspects if not await self._has_reader(stage, wid)}
+            back = {wid for stage, wid in suspects if await self._has_reader(stage, wid)}
+            self.unreachable -= back | {wid for wid in self.unreachable if wid not in beats}
         self.skipped += len(broken)
         self._broken = broken  # a key that heals and breaks again is reported again
         for wid in [wid for wid in self._picked if wid not in beats]:

@@ -160,7 +160,6 @@ class Rerouter:
             return
         session.unavailable_told = now
         stages = ", ".join(sorted(session.unavailable))
-        self.stats["turns_unavailable"] += 1
         session.send_event("error", code=STAGE_UNAVAILABLE, message=f"no {stages} worker is available")
 
     async def unreached(self, session: ClientSession, stage: str, turn: Turn | None) -> None:

@@ -286,7 +286,7 @@ class ClientSession:
             except (RedisError, OSError) as exc:
                 log.warning("could not write the routing again; audio dropped: %s", exc)
                 return
-        if self.unavailable:
+        if pcm and self.unavailable:
             self.gateway.rerouter.refuse_audio(self)
         elif pcm:
             inbox = self.gateway.names.inbox("vad_stt", self.route["vad_stt"])

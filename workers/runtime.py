@@ -391,6 +391,14 @@ class Worker(abc.ABC):
             return
         if getattr(route, self.stage) != self.worker_id:
             return
+        ended = self._ended.get(cid)
+        if ended is not None and ended[0] == route.connection_id:
+            # fenced: a late or replayed announcement opens nothing; only a live lease naming this
+            # worker (the conversation was moved away from here and now back) lifts the fence
+            live = await self.lookup_route(cid)
+            if live is None or live.connection_id != route.connection_id or getattr(live, self.stage) != self.worker_id:
+                return
+            del self._ended[cid]
         if self._accept(cid, route):
             await self.prepare(cid, route)
 

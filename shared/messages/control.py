@@ -31,9 +31,9 @@ class ConversationOpened(Envelope):
     Published right after the routing lease is written, so it always precedes the socket's
     `connection_disconnected` on every subscriber.
 
-    Also a route change of a live socket (same `connection_id`; workers/handoff.py), from a
-    draining worker to the owner of every stage and to the gateway: the new owner prepares, the
-    others point their cached route at it."""
+    Sent again, same `connection_id`, when the route of a live socket changes: a draining worker
+    hands the conversation to another replica (workers/handoff.py), or the gateway moves it off a
+    worker that died (gateway/reroute.py). The new owner prepares, the others follow the new route."""
 
     type: Literal["conversation.opened"] = "conversation.opened"
     gateway: str

@@ -161,3 +161,36 @@ async def test_last_replica_of_a_stage_killed_gives_stage_unavailable_at_once_an
     finally:
         await conversation.close()
     await wait_clean(cluster, [conversation.id])
+
+
+async def test_a_turn_sent_to_a_dead_replica_ends_at_once_and_moves_the_conversation(redis_url, echo_llm, tmp_path):
+    """Heartbeats that would outlive the test (WORKER_TTL_S 30 s): only the lost message itself
+    (no subscriber on the dead process's inbox) can end the turn and move the conversation."""
+    cluster = Cluster(redis_url, echo_llm.base_url, tmp_path, settings={"worker_ttl_s": "30", "stale_timeout_s": "60"})
+    try:
+        cluster.start_worker("vad_stt")
+        for _ in range(2):
+            cluster.start_worker("llm")
+            cluster.start_worker("tts")
+        cluster.start_gateway()
+        await cluster.wait_workers({"vad_stt": 1, "llm": 2, "tts": 2})
+        conversation = await Conversation.open(cluster.ws_url(0))
+        try:
+            assert not (await conversation.turn("What is the capital of France?", TURN_TIMEOUT_S)).errors
+            for stage in ("llm", "tts"):  # the gateway's text.input lost; then an orchestrator's piece of speech lost
+                route = (await cluster.routes([conversation.id]))[conversation.id]
+                victim = next(c for c in cluster.workers[stage] if f"-{c.process.pid}-" in route[stage])
+                victim.kill()
+                lost = await conversation.turn(f"Still there, {stage}?", TURN_TIMEOUT_S)
+                assert lost.errors == ["stage_failed"] and lost.done is not None, (stage, lost.events)
+                async with asyncio.timeout(10):  # moved, though the dead one's heartbeat is still fresh
+                    while (await cluster.routes([conversation.id]))[conversation.id][stage] == route[stage]:
+                        await asyncio.sleep(0.05)
+                works = await conversation.turn(f"And now, {stage}?", TURN_TIMEOUT_S)
+                assert not works.errors and f"You said And now, {stage}?" in works.done["text"], works.events
+            stats = await cluster.admin(0, "/admin/resources/stats")
+            assert stats["rerouting"]["rerouted"] == 2 and stats["rerouting"]["turns_failed"] == 2
+        finally:
+            await conversation.close()
+    finally:
+        cluster.stop()

@@ -75,6 +75,9 @@ async def test_a_draining_replica_gets_no_new_conversation_but_keeps_its_own(set
     async with replicas(settings, gateways=1) as (workers, [hub]):
         before = await open_many([hub], 6)
         draining, other = workers["llm"]
+        async with asyncio.timeout(5):  # every announcement taken
+            while len(draining.conversation_ids()) + len(other.conversation_ids()) < 6:
+                await asyncio.sleep(0.02)
         kept = set(draining.conversation_ids())
         assert kept, before
         draining.draining = True
@@ -89,3 +92,63 @@ async def test_a_draining_replica_gets_no_new_conversation_but_keeps_its_own(set
         assert {r["llm"] for r in after} == {other.worker_id}
         assert set(draining.conversation_ids()) == kept
         assert all(hub.directory.pick("llm").worker_id == other.worker_id for _ in range(5))
+
+
+async def test_workers_follow_a_reroute_the_old_owner_lets_go_and_takes_it_back_when_moved_back(settings, redis_client):
+    """The worker side of a re-route (gateway/reroute.py `REROUTE`): the new owner prepares, the
+    other stages address it, the old owner drops the conversation and refuses its messages; moved
+    back, the old owner takes it again."""
+    from gateway.reroute import REROUTE
+    from shared.messages import ConversationOpened, TextInput
+
+    settings = settings.model_copy(update={"stale_timeout_s": 3.0})  # workers sweep every second
+    async with replicas(settings, gateways=1) as (workers, [hub]):
+        cid = str(uuid.uuid4())
+        route = await hub.open_conversation(cid, "corr-reroute")
+
+        async def keep_lease() -> None:  # what the socket's session does while it lives
+            while True:
+                await asyncio.sleep(0.5)
+                await hub.refresh_lease(cid)
+
+        lease = asyncio.create_task(keep_lease())
+        by_id = {w.worker_id: w for found in workers.values() for w in found}
+        old = by_id[route["llm"]]
+        new = next(w for w in workers["llm"] if w is not old)
+        vad, tts = by_id[route["vad_stt"]], by_id[route["tts"]]
+        async with asyncio.timeout(5):
+            while not all(cid in w.conversation_ids() for w in (old, vad, tts)):
+                await asyncio.sleep(0.02)
+        reroute = redis_client.register_script(REROUTE)
+
+        async def move_llm_to(worker) -> None:
+            moved = {**route, "llm": worker.worker_id}
+            opened = ConversationOpened(
+                conversation_id=cid, correlation_id="corr-reroute",
+                **{k: moved[k] for k in ("vad_stt", "llm", "tts", "gateway", "connection_id")},
+            )
+            inboxes = [hub.names.inbox(s, moved[s]) for s in STAGES]
+            args = [route["connection_id"], "llm", worker.worker_id, *inboxes, hub.bus.encode(opened)]
+            assert await reroute(keys=[hub.names.conversation(cid)], args=args) == 1
+
+        await move_llm_to(new)
+        async with asyncio.timeout(10):  # the new owner prepares; the old one lets go at its sweeps
+            while cid not in new.conversation_ids() or cid in old.conversation_ids():
+                await asyncio.sleep(0.02)
+        assert vad.conversations[cid].route.llm == new.worker_id and tts.conversations[cid].route.llm == new.worker_id
+        assert new.conversations[cid].route.connection_id == route["connection_id"]
+        # a message still reaching the old owner is refused: it does not serve the conversation again
+        late = TextInput(conversation_id=cid, correlation_id="corr-reroute", turn_id="late-turn", text="hello")
+        assert not await old.admit(late) and cid not in old.conversation_ids()
+
+        await move_llm_to(old)  # and back: the old owner's fence on this socket is lifted
+        async with asyncio.timeout(10):
+            while cid not in old.conversation_ids() or cid in new.conversation_ids():
+                await asyncio.sleep(0.02)
+        assert vad.conversations[cid].route.llm == old.worker_id
+
+        lease.cancel()
+        await hub.end_conversation(cid, "corr-reroute", "client_disconnect", connection_id=route["connection_id"])
+        async with asyncio.timeout(5):
+            while any(cid in w.conversation_ids() for found in workers.values() for w in found):
+                await asyncio.sleep(0.02)

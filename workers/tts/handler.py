@@ -253,6 +253,8 @@ class TtsWorker(Worker):
         if conv is None:
             return
         if message.turn_id is None:
+            if message.source not in ("", conv.route.llm):
+                return  # an orchestrator the conversation was moved away from, letting go of it
             if message.connection_id in (None, conv.route.connection_id):
                 # unfenced: the orchestrator may have let go only because it saw no lease (a Redis
                 # restart) and the gateway writes it again; a real end fences here by its own event
