@@ -27,15 +27,22 @@ async def test_a_turn_queued_while_the_speaker_clears_its_mark_is_spoken(setting
         envelope = {"conversation_id": cid, "correlation_id": "c", "turn_id": turn_id}
         return [TtsSpeak(text="Hello there.", seq=0, **envelope), TtsEnd(sentences=1, **envelope)]
 
-    # the next turn reaches the reader just while the speaker, done with the first, clears its mark
-    # (the reader starts no second speaker then, since the first has not ended yet)
+    # the next turn reaches the reader (a task of its own, as the bus reader is) just while the
+    # speaker, done with the first, clears its mark; the mark is cleared once the piece is queued
     clear_mark = client.delete
     second = turn("second")
+    readers: list[asyncio.Task] = []
+
+    async def read(messages: list) -> None:
+        for message in messages:
+            await worker.handle("inbox", message)
 
     async def delete(*keys):
         if keys == (worker.names.tts_active(cid),) and second:
-            for message in [second.pop(0), second.pop(0)]:
-                await worker.handle("inbox", message)
+            readers.append(asyncio.create_task(read([second.pop(0), second.pop(0)])))
+            async with asyncio.timeout(5):
+                while not any(item.turn_id == "second" for item in worker.conversations[cid].queue):
+                    await asyncio.sleep(0)
         return await clear_mark(*keys)
 
     client.delete = delete
@@ -51,6 +58,7 @@ async def test_a_turn_queued_while_the_speaker_clears_its_mark_is_spoken(setting
                     if isinstance(message, TtsAudioDone):
                         done.append(message.turn_id)
         assert not second  # the second turn did arrive while the mark was being cleared
+        await asyncio.gather(*readers)
     finally:
         await worker.close_conversation(cid)
         worker.scheduler.close()
