@@ -137,6 +137,16 @@ def gateway_process(up_pid: int) -> psutil.Process:
     raise RuntimeError("no gateway process under voicepipe up")
 
 
+def role(process: psutil.Process, client_pids: set[int]) -> str:
+    if process.pid in client_pids:
+        return "clients"
+    line = " ".join(process.cmdline())
+    for name in ("redis-server", "vad_stt", "llm", "tts"):
+        if name in line:
+            return name.removesuffix("-server")
+    return "voicepipe up"
+
+
 def pin(up_pid: int, gateway: psutil.Process) -> tuple[list[int], list[int]]:
     """The gateway alone on the first CPU this process may use, everything else on the rest."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -177,6 +187,9 @@ async def run_step(
             raise RuntimeError("clients did not connect within 60 s")
     connect_s = time.monotonic() - started
     await asyncio.sleep(WARM_UP_S)  # every client streaming
+    tree = {p.pid: p for p in [psutil.Process(up_pid), *psutil.Process(up_pid).children(recursive=True)]}
+    tree.update({w.pid: psutil.Process(w.pid) for w in workers})
+    tree_before = {pid: sum(p.cpu_times()[:2]) for pid, p in tree.items()}
     cpu_before, wall_before = sum(gateway.cpu_times()[:2]), time.monotonic()
     async with httpx.AsyncClient(base_url=http_url, headers={"X-API-Key": API_KEY}, timeout=30) as admin:
         await admin.post("/admin/resources/latency/reset")
@@ -184,6 +197,16 @@ async def run_step(
         latency = (await admin.get("/admin/resources/stats")).json()["latency"]
     cpu = sum(gateway.cpu_times()[:2]) - cpu_before
     wall = time.monotonic() - wall_before
+    others: dict[str, float] = {}  # CPU % of every other process of the run, by what it is
+    for pid, process in tree.items():
+        if pid == gateway.pid:
+            continue
+        try:
+            used = sum(process.cpu_times()[:2]) - tree_before[pid]
+        except psutil.NoSuchProcess:
+            continue
+        name = role(process, {w.pid for w in workers})
+        others[name] = others.get(name, 0.0) + 100 * used / wall
     stop.set()  # what the clients counted covers their whole run, warm-up included
     loads = [await loop.run_in_executor(None, results.get, True, 60) for _ in workers]
     for worker in workers:
@@ -208,6 +231,7 @@ async def run_step(
         "late_frames": total.late_frames,
         "failed_clients": total.failed_clients,
         "connect_s": connect_s,
+        "others_cpu_pct": others,
         "pinned": pinned and {"gateway": gateway_cpus, "rest": client_cpus},
     }
 
@@ -251,6 +275,7 @@ def main() -> None:
             f"{'   clients that failed ' + str(result['failed_clients']) if result['failed_clients'] else ''}",
             flush=True,
         )
+        print("        CPU of the rest: " + ", ".join(f"{k} {v:.0f} %" for k, v in sorted(result["others_cpu_pct"].items())), flush=True)
     ok = [r["clients"] for r in results if max(r["latency"]["audio_in"]["p99_ms"] or 0, r["latency"]["to_client"]["p99_ms"] or 0) <= 10]
     print(f"\nlargest N at p99 <= 10 ms added by the gateway: {max(ok) if ok else 'none of those tried'}")
 
