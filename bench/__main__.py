@@ -7,6 +7,8 @@ BENCHMARKS = [
     ("bus hop", ["bench.bus_hop"]),
     ("lifecycle", ["bench.lifecycle"]),
     ("turn-taking", ["bench.turn_taking"]),
+    ("fair model sharing", ["bench.fairness"]),
+    ("gateway capacity", ["bench.gateway_load", "--clients", "50,100,200", "--seconds", "10"]),
 ]
 
 if __name__ == "__main__":
