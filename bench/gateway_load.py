@@ -165,7 +165,7 @@ async def run_step(
 ) -> dict:
     ws_url = http_url.replace("http", "ws", 1) + "/v1/ws"
     gateway = gateway_process(up_pid)
-    client_cpus = None
+    gateway_cpus = client_cpus = None
     if pinned:
         gateway_cpus, client_cpus = pin(up_pid, gateway)
     ctx = multiprocessing.get_context("spawn")
@@ -232,7 +232,7 @@ async def run_step(
         "failed_clients": total.failed_clients,
         "connect_s": connect_s,
         "others_cpu_pct": others,
-        "pinned": pinned and {"gateway": gateway_cpus, "rest": client_cpus},
+        "pinned": {"gateway": gateway_cpus, "rest": client_cpus} if pinned else None,
     }
 
 
