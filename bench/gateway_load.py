@@ -1,6 +1,7 @@
 """Gateway capacity: how many real-time audio streams one gateway process carries.
 
-    python -m bench.gateway_load [--clients 50,100,200,300] [--seconds 20] [--client-processes 2] [--pin]
+    python -m bench.gateway_load [--clients 50,100,200,300] [--seconds 20] [--client-processes 2]
+                                 [--pin gateway|gateway+redis] [--silence]
 
 For each count N, a fresh `voicepipe up` (embedded Redis) runs with every worker in null mode
 (`NULL_MODE`: the real VAD, but instant fixed transcripts, replies and silent reply audio), and N
@@ -21,10 +22,11 @@ loaded machine completed.
 The clients run in `--client-processes` processes of their own (spawned, each an event loop with
 N / processes sockets), so they never share the gateway's interpreter lock or this process's; a
 client that falls more than 20 ms behind its real-time slot counts a "late frame" (the load
-generator, not the gateway, lagging). `--pin` puts the gateway process alone on the first CPU and
+generator, not the gateway, lagging). `--pin gateway` puts the gateway process alone on the first CPU and
 everything else (this process, the clients, Redis, the workers, `voicepipe up`) on the others, so
 the gateway's figures are not the scheduler's: on a 2-core machine that is one core for the gateway
-and one for the rest, which the output says."""
+and one for the rest, which the output says. `--pin gateway+redis` puts Redis beside the gateway
+(its round trips are part of `audio_in`; it needs a few % of a core), the rest on the others."""
 from __future__ import annotations
 
 import argparse
@@ -147,27 +149,35 @@ def role(process: psutil.Process, client_pids: set[int]) -> str:
     return "voicepipe up"
 
 
-def pin(up_pid: int, gateway: psutil.Process) -> tuple[list[int], list[int]]:
-    """The gateway alone on the first CPU this process may use, everything else on the rest."""
+def pin(up_pid: int, gateway: psutil.Process, with_redis: bool) -> tuple[list[int], list[int]]:
+    """The gateway (and Redis, with `with_redis`) on the first CPU this process may use, everything
+    else on the rest."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("--pin needs at least 2 CPUs")
     mine, others = cpus[:1], cpus[1:]
     up = psutil.Process(up_pid)
     for process in [up, *up.children(recursive=True)]:
-        process.cpu_affinity(mine if process.pid == gateway.pid else others)
+        first = process.pid == gateway.pid or (with_redis and role(process, set()) == "redis")
+        process.cpu_affinity(mine if first else others)
     os.sched_setaffinity(0, others)
     return mine, others
 
 
 async def run_step(
-    http_url: str, up_pid: int, clients: int, seconds: float, processes: int, pinned: bool, silence: bool = False
+    http_url: str,
+    up_pid: int,
+    clients: int,
+    seconds: float,
+    processes: int,
+    pinned: str | None,
+    silence: bool = False,
 ) -> dict:
     ws_url = http_url.replace("http", "ws", 1) + "/v1/ws"
     gateway = gateway_process(up_pid)
     gateway_cpus = client_cpus = None
     if pinned:
-        gateway_cpus, client_cpus = pin(up_pid, gateway)
+        gateway_cpus, client_cpus = pin(up_pid, gateway, with_redis=pinned == "gateway+redis")
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     offsets = [(i * 7 * FRAME_BYTES) % len(LOOP) for i in range(clients)]
@@ -245,7 +255,10 @@ def main() -> None:
     parser.add_argument("--clients", default="50,100,200,300")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--client-processes", type=int, default=2, help="processes the clients are spread over")
-    parser.add_argument("--pin", action="store_true", help="the gateway alone on one CPU, everything else on the others")
+    parser.add_argument(
+        "--pin", choices=["gateway", "gateway+redis"],
+        help="the gateway (and Redis) on one CPU, everything else (clients, workers) on the others",
+    )
     parser.add_argument("--silence", action="store_true", help="stream silence: no turns, only the audio uplink is measured")
     args = parser.parse_args()
     env = {
@@ -257,7 +270,7 @@ def main() -> None:
     }
     os.environ.pop("VOICEPIPE_REDIS_URL", None)
     print(f"# {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
-          f"clients in {args.client_processes} processes{', gateway pinned alone on one CPU' if args.pin else ''}", flush=True)
+          f"clients in {args.client_processes} processes{f', {args.pin} pinned to one CPU' if args.pin else ''}", flush=True)
     results = []
     affinity = os.sched_getaffinity(0)
     for clients in (int(n) for n in args.clients.split(",")):
