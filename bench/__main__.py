@@ -9,6 +9,10 @@ BENCHMARKS = [
     ("turn-taking", ["bench.turn_taking"]),
     ("redis restart", ["bench.redis_restart"]),
     ("replica failure", ["bench.replica_failure"]),
+    ("fair model sharing", ["bench.fairness"]),
+    ("gateway capacity", ["bench.gateway_load", "--clients", "50,100,200", "--seconds", "10"]),
+    ("rolling restart", ["bench.rolling_restart"]),
+    ("audio api", ["bench.audio_api"]),
 ]
 
 if __name__ == "__main__":

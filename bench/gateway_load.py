@@ -1,6 +1,7 @@
 """Gateway capacity: how many real-time audio streams one gateway process carries.
 
-    python -m bench.gateway_load [--clients 50,100,200,300] [--seconds 20] [--client-processes 2] [--pin]
+    python -m bench.gateway_load [--clients 50,100,200,300] [--seconds 20] [--client-processes 2]
+                                 [--pin gateway|gateway+redis] [--silence]
 
 For each count N, a fresh `voicepipe up` (embedded Redis) runs with every worker in null mode
 (`NULL_MODE`: the real VAD, but instant fixed transcripts, replies and silent reply audio), and N
@@ -21,10 +22,11 @@ loaded machine completed.
 The clients run in `--client-processes` processes of their own (spawned, each an event loop with
 N / processes sockets), so they never share the gateway's interpreter lock or this process's; a
 client that falls more than 20 ms behind its real-time slot counts a "late frame" (the load
-generator, not the gateway, lagging). `--pin` puts the gateway process alone on the first CPU and
+generator, not the gateway, lagging). `--pin gateway` puts the gateway process alone on the first CPU and
 everything else (this process, the clients, Redis, the workers, `voicepipe up`) on the others, so
 the gateway's figures are not the scheduler's: on a 2-core machine that is one core for the gateway
-and one for the rest, which the output says."""
+and one for the rest, which the output says. `--pin gateway+redis` puts Redis beside the gateway
+(its round trips are part of `audio_in`; it needs a few % of a core), the rest on the others."""
 from __future__ import annotations
 
 import argparse
@@ -137,27 +139,45 @@ def gateway_process(up_pid: int) -> psutil.Process:
     raise RuntimeError("no gateway process under voicepipe up")
 
 
-def pin(up_pid: int, gateway: psutil.Process) -> tuple[list[int], list[int]]:
-    """The gateway alone on the first CPU this process may use, everything else on the rest."""
+def role(process: psutil.Process, client_pids: set[int]) -> str:
+    if process.pid in client_pids:
+        return "clients"
+    line = " ".join(process.cmdline())
+    for name in ("redis-server", "vad_stt", "llm", "tts"):
+        if name in line:
+            return name.removesuffix("-server")
+    return "voicepipe up"
+
+
+def pin(up_pid: int, gateway: psutil.Process, with_redis: bool) -> tuple[list[int], list[int]]:
+    """The gateway (and Redis, with `with_redis`) on the first CPU this process may use, everything
+    else on the rest."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("--pin needs at least 2 CPUs")
     mine, others = cpus[:1], cpus[1:]
     up = psutil.Process(up_pid)
     for process in [up, *up.children(recursive=True)]:
-        process.cpu_affinity(mine if process.pid == gateway.pid else others)
+        first = process.pid == gateway.pid or (with_redis and role(process, set()) == "redis")
+        process.cpu_affinity(mine if first else others)
     os.sched_setaffinity(0, others)
     return mine, others
 
 
 async def run_step(
-    http_url: str, up_pid: int, clients: int, seconds: float, processes: int, pinned: bool, silence: bool = False
+    http_url: str,
+    up_pid: int,
+    clients: int,
+    seconds: float,
+    processes: int,
+    pinned: str | None,
+    silence: bool = False,
 ) -> dict:
     ws_url = http_url.replace("http", "ws", 1) + "/v1/ws"
     gateway = gateway_process(up_pid)
-    client_cpus = None
+    gateway_cpus = client_cpus = None
     if pinned:
-        gateway_cpus, client_cpus = pin(up_pid, gateway)
+        gateway_cpus, client_cpus = pin(up_pid, gateway, with_redis=pinned == "gateway+redis")
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     offsets = [(i * 7 * FRAME_BYTES) % len(LOOP) for i in range(clients)]
@@ -177,6 +197,9 @@ async def run_step(
             raise RuntimeError("clients did not connect within 60 s")
     connect_s = time.monotonic() - started
     await asyncio.sleep(WARM_UP_S)  # every client streaming
+    tree = {p.pid: p for p in [psutil.Process(up_pid), *psutil.Process(up_pid).children(recursive=True)]}
+    tree.update({w.pid: psutil.Process(w.pid) for w in workers})
+    tree_before = {pid: sum(p.cpu_times()[:2]) for pid, p in tree.items()}
     cpu_before, wall_before = sum(gateway.cpu_times()[:2]), time.monotonic()
     async with httpx.AsyncClient(base_url=http_url, headers={"X-API-Key": API_KEY}, timeout=30) as admin:
         await admin.post("/admin/resources/latency/reset")
@@ -184,6 +207,16 @@ async def run_step(
         latency = (await admin.get("/admin/resources/stats")).json()["latency"]
     cpu = sum(gateway.cpu_times()[:2]) - cpu_before
     wall = time.monotonic() - wall_before
+    others: dict[str, float] = {}  # CPU % of every other process of the run, by what it is
+    for pid, process in tree.items():
+        if pid == gateway.pid:
+            continue
+        try:
+            used = sum(process.cpu_times()[:2]) - tree_before[pid]
+        except psutil.NoSuchProcess:
+            continue
+        name = role(process, {w.pid for w in workers})
+        others[name] = others.get(name, 0.0) + 100 * used / wall
     stop.set()  # what the clients counted covers their whole run, warm-up included
     loads = [await loop.run_in_executor(None, results.get, True, 60) for _ in workers]
     for worker in workers:
@@ -208,7 +241,8 @@ async def run_step(
         "late_frames": total.late_frames,
         "failed_clients": total.failed_clients,
         "connect_s": connect_s,
-        "pinned": pinned and {"gateway": gateway_cpus, "rest": client_cpus},
+        "others_cpu_pct": others,
+        "pinned": {"gateway": gateway_cpus, "rest": client_cpus} if pinned else None,
     }
 
 
@@ -221,7 +255,10 @@ def main() -> None:
     parser.add_argument("--clients", default="50,100,200,300")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--client-processes", type=int, default=2, help="processes the clients are spread over")
-    parser.add_argument("--pin", action="store_true", help="the gateway alone on one CPU, everything else on the others")
+    parser.add_argument(
+        "--pin", choices=["gateway", "gateway+redis"],
+        help="the gateway (and Redis) on one CPU, everything else (clients, workers) on the others",
+    )
     parser.add_argument("--silence", action="store_true", help="stream silence: no turns, only the audio uplink is measured")
     args = parser.parse_args()
     env = {
@@ -233,7 +270,7 @@ def main() -> None:
     }
     os.environ.pop("VOICEPIPE_REDIS_URL", None)
     print(f"# {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
-          f"clients in {args.client_processes} processes{', gateway pinned alone on one CPU' if args.pin else ''}", flush=True)
+          f"clients in {args.client_processes} processes{f', {args.pin} pinned to one CPU' if args.pin else ''}", flush=True)
     results = []
     affinity = os.sched_getaffinity(0)
     for clients in (int(n) for n in args.clients.split(",")):
@@ -251,6 +288,7 @@ def main() -> None:
             f"{'   clients that failed ' + str(result['failed_clients']) if result['failed_clients'] else ''}",
             flush=True,
         )
+        print("        CPU of the rest: " + ", ".join(f"{k} {v:.0f} %" for k, v in sorted(result["others_cpu_pct"].items())), flush=True)
     ok = [r["clients"] for r in results if max(r["latency"]["audio_in"]["p99_ms"] or 0, r["latency"]["to_client"]["p99_ms"] or 0) <= 10]
     print(f"\nlargest N at p99 <= 10 ms added by the gateway: {max(ok) if ok else 'none of those tried'}")
 

@@ -39,6 +39,16 @@ def secret_matches(presented: bytes, valid: Sequence[bytes]) -> bytes | None:
     return found
 
 
+def header_text_bytes(text: str) -> bytes:
+    """The bytes a client sent, from a header value uvicorn decoded to text: as latin-1 (with
+    websockets 17) or as ASCII with surrogate escapes (before it); this undoes either. Never
+    raises: text no header could have produced is taken as UTF-8 (a wrong token, not a 500)."""
+    try:
+        return text.encode("latin-1", "surrogateescape")
+    except UnicodeEncodeError:
+        return as_bytes(text)
+
+
 def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     """The first raw value of a header (ASGI names are lower-case)."""
     for key, value in headers:
@@ -49,7 +59,7 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes |
 
 def presented_tokens(query_token: str | None, authorization: bytes | None, subprotocols: Sequence[str]) -> list[bytes]:
     """Every token the client presented: `token` query parameter, `Authorization: Bearer`, and the
-    first `token.<T>` subprotocol (ASGI decodes those as latin-1)."""
+    first `token.<T>` subprotocol (uvicorn decodes those to text, see `header_text_bytes`)."""
     tokens: list[bytes] = []
     if query_token:
         tokens.append(as_bytes(query_token))
@@ -59,7 +69,7 @@ def presented_tokens(query_token: str | None, authorization: bytes | None, subpr
             tokens.append(credentials.strip())
     for offered in subprotocols:
         if offered.startswith(TOKEN_SUBPROTOCOL_PREFIX):
-            tokens.append(offered[len(TOKEN_SUBPROTOCOL_PREFIX) :].encode("latin-1", "replace"))
+            tokens.append(header_text_bytes(offered[len(TOKEN_SUBPROTOCOL_PREFIX) :]))
             break
     return tokens
 

@@ -5,13 +5,8 @@ loop and the Redis client; with hundreds of streams the frames then wait behind 
 instead queue the encoded message without waiting, and one flusher sends everything queued so far
 in a single pipeline, so a batch of frames from many sockets costs one round trip. Order is kept
 (one queue, one flusher): a commit queued after a socket's audio reaches the VAD after that audio.
-Flushes are at most one per `FLUSH_INTERVAL_S` (2 ms): an idle gateway's frame is sent at once,
-but under load the frames of every socket gather for up to that long and share one write. Each
-write to Redis is a system call that wakes Redis (on loopback the kernel does Redis's receive work
-in our time slice): at 100 streams, one write per event-loop tick was a fifth of the gateway's CPU
-(py-spy), and the cadence cut its CPU per frame (docs/PERFORMANCE.md) for at most 2 ms more on a
-frame's way to the VAD. If Redis cannot take a batch it is dropped and logged (audio is real time:
-late audio is useless); the queue is bounded, so a stalled Redis cannot grow the gateway's memory."""
+If Redis cannot take a batch it is dropped and logged (audio is real time: late audio is useless);
+the queue is bounded, so a stalled Redis cannot grow the gateway's memory."""
 from __future__ import annotations
 
 import asyncio
@@ -27,7 +22,6 @@ log = logging.getLogger("voicepipe.gateway")
 
 MAX_QUEUED = 20_000  # messages waiting for the flusher (400 streams x 1 s of 20 ms frames)
 MAX_BATCH = 1_000
-FLUSH_INTERVAL_S = 0.002  # at most one write to Redis this often
 
 
 class Uplink:
@@ -49,16 +43,10 @@ class Uplink:
 
     async def run(self) -> None:
         """Flush until cancelled."""
-        loop = asyncio.get_running_loop()
-        last_flush = -FLUSH_INTERVAL_S
         while True:
             if not self._queue:
                 self._ready.clear()
                 await self._ready.wait()
-            wait = last_flush + FLUSH_INTERVAL_S - loop.time()
-            if wait > 0:  # flushed a moment ago: let more frames join this batch
-                await asyncio.sleep(wait)
-            last_flush = loop.time()
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:

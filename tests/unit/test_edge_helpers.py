@@ -26,6 +26,11 @@ def test_tokens_are_read_from_the_query_the_bearer_header_and_the_subprotocol():
     assert auth.presented_tokens("é", "Bearer é".encode("utf-8"), ["token.é".encode("utf-8").decode("latin-1")]) == [
         "é".encode("utf-8")
     ] * 3
+    # uvicorn decodes a header to text as latin-1 (websockets 17) or as ASCII with surrogate escapes (before)
+    sent = "token.sésame".encode("utf-8")
+    for decoded in (sent.decode("latin-1"), sent.decode("ascii", "surrogateescape")):
+        assert auth.presented_tokens(None, None, [decoded]) == ["sésame".encode("utf-8")]
+    assert auth.presented_tokens(None, None, ["token.\u2603"]) == ["\u2603".encode("utf-8")]  # never raises
 
 
 def test_tokens_compare_as_bytes_so_non_ascii_never_raises():
