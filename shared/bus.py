@@ -63,6 +63,15 @@ def command_retry() -> Retry:
     return Retry(EqualJitterBackoff(cap=cap, base=base), RETRY_ATTEMPTS, (RedisConnectionError, RedisTimeoutError))
 
 
+def _stop_if_cancelled() -> None:
+    """Raise CancelledError if the current task was asked to stop: redis-py can turn the
+    cancellation of a Redis call into a ConnectionError (redis-py#2028), which a loop that survives
+    Redis errors would otherwise swallow, and run for ever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError("cancelled during a Redis call")
+
+
 def create_redis(url: str, max_connections: int = 64, name: str | None = None) -> aioredis.Redis:
     """A client over a bounded pool: callers wait up to 5 s for a free connection instead of failing.
 
@@ -212,6 +221,7 @@ async def run_subscriber(
                 except asyncio.CancelledError:
                     raise
                 except Exception:
+                    _stop_if_cancelled()  # a library turned our cancellation into another error
                     stats.handler_failures += 1
                     if stats.should_warn("handler"):
                         log.exception("%s: handler failed for %s on %s (%d so far)", name, message.type, channel, stats.handler_failures)
@@ -221,6 +231,7 @@ async def run_subscriber(
                 # iteration, holding back every other task (socket closes, cleanup) until it ends.
                 await asyncio.sleep(0)
         except (RedisError, OSError) as exc:  # lost connection, refused AUTH, a Redis-side error
+            _stop_if_cancelled()  # redis-py can turn a cancelled read into a ConnectionError
             log.warning("%s: Redis subscription lost (%s); resubscribing in %.2f s", name, exc, backoff)
             if subscribed:
                 subscribed = False
