@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.stack import percentile, running_stack
 from voicepipe.client import VoiceClient
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 
 AUDIO = Path(__file__).parent / "audio"
 QUESTIONS = [line.split("\t")[0] for line in (AUDIO / "questions.tsv").read_text().splitlines() if line]
@@ -38,7 +38,7 @@ class Step:
 async def conversation(ws_url: str, first: int, turns: int, step: Step) -> None:
     async with VoiceClient(ws_url) as client:
         for i in range(turns):
-            pcm = read_wav_16k_mono(AUDIO / QUESTIONS[(first + i) % len(QUESTIONS)])
+            pcm = read_audio_16k_mono(AUDIO / QUESTIONS[(first + i) % len(QUESTIONS)])
             step.turns += 1
             sender = asyncio.create_task(client.send_speech(pcm, realtime=True, trailing_silence_s=1.5))
             try:

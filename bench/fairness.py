@@ -29,7 +29,7 @@ import websockets
 from bench.stack import percentile, running_stack
 from tests.support.fake_llm import FakeLlm, FakeLlmServer
 from voicepipe.client import FRAME_BYTES, VoiceClient
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 
 AUDIO = Path(__file__).parent / "audio"
 QUESTIONS = [line.split("\t")[0] for line in (AUDIO / "questions.tsv").read_text().splitlines() if line]
@@ -51,7 +51,7 @@ async def victim(ws_url: str, rounds: int, label: str) -> list[dict[str, float]]
     rows = []
     for round_ in range(rounds):
         for name in QUESTIONS:
-            row = await one_turn(ws_url, read_wav_16k_mono(AUDIO / name))
+            row = await one_turn(ws_url, read_audio_16k_mono(AUDIO / name))
             if row is None:
                 print(f"  {label} {name}: no transcript", flush=True)
                 continue
@@ -107,10 +107,10 @@ def summary(rows: list[dict[str, float]], metric: str) -> tuple[float, float]:
 
 async def run(http_url: str, rounds: int, loaders: int) -> None:
     ws_url = http_url.replace("http", "ws", 1) + "/v1/ws"
-    await one_turn(ws_url, read_wav_16k_mono(AUDIO / QUESTIONS[0]))  # warm every stage once
+    await one_turn(ws_url, read_audio_16k_mono(AUDIO / QUESTIONS[0]))  # warm every stage once
     idle = await victim(ws_url, rounds, "idle")
     stop = asyncio.Event()
-    load = [Loader(ws_url, read_wav_16k_mono(AUDIO / QUESTIONS[(i + 1) % len(QUESTIONS)])) for i in range(loaders)]
+    load = [Loader(ws_url, read_audio_16k_mono(AUDIO / QUESTIONS[(i + 1) % len(QUESTIONS)])) for i in range(loaders)]
     tasks = [asyncio.create_task(loader.run(stop)) for loader in load]
     await asyncio.sleep(3)  # every loader has commits queued
     loaded = await victim(ws_url, rounds, "loaded")

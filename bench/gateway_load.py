@@ -43,10 +43,10 @@ import websockets
 
 from bench.stack import running_stack
 from voicepipe.client import FRAME_BYTES
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 
 API_KEY = "bench-admin-key"
-SPEECH = read_wav_16k_mono(Path(__file__).parent / "audio" / "q1.wav")
+SPEECH = read_audio_16k_mono(Path(__file__).parent / "audio" / "q1.wav")
 LOOP = SPEECH + bytes(-len(SPEECH) % FRAME_BYTES) + bytes(48000)  # the question, then 1.5 s of silence
 WARM_UP_S = 2.0  # every client connected and streaming before the gateway's figures are reset
 

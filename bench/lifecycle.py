@@ -23,11 +23,11 @@ import websockets
 from bench.stack import percentile, running_stack
 from tests.support.fake_llm import FakeLlm, FakeLlmServer
 from voicepipe.client import VoiceClient
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 
 API_KEY = "bench-admin-key"
 TRIM_INTERVAL_S = 2.0  # processes return freed heap this often after conversations end
-SPEECH = read_wav_16k_mono(Path(__file__).parent / "audio" / "q1.wav")
+SPEECH = read_audio_16k_mono(Path(__file__).parent / "audio" / "q1.wav")
 
 
 class Bench:

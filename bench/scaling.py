@@ -40,9 +40,9 @@ import websockets
 from bench.stack import percentile
 from voicepipe.client import VoiceClient
 from voicepipe.embedded import free_port, llm_argv, redis_argv
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 
-SPEECH = read_wav_16k_mono(Path(__file__).parent / "audio" / "q1.wav")
+SPEECH = read_audio_16k_mono(Path(__file__).parent / "audio" / "q1.wav")
 STAGES = ("vad_stt", "llm", "tts")
 
 

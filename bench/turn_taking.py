@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.stack import percentile, running_stack
 from tests.support.fake_llm import FakeLlm, FakeLlmServer
 from voicepipe.client import FRAME_BYTES, VoiceClient
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 
 AUDIO = Path(__file__).parent / "audio"
 LEAD_SILENCE = bytes(16000 * 2 * 3 // 10)  # 300 ms before the speech, so its onset is clean
@@ -66,7 +66,7 @@ async def send_speech_timed(client: VoiceClient, pcm: bytes, onset: int) -> floa
 
 
 async def barge_in(ws_url: str, llm: FakeLlm, trials: int) -> dict[str, list[float]]:
-    questions = [LEAD_SILENCE + read_wav_16k_mono(AUDIO / f"q{i}.wav") for i in range(1, 9)]
+    questions = [LEAD_SILENCE + read_audio_16k_mono(AUDIO / f"q{i}.wav") for i in range(1, 9)]
     onsets = [onset_offset(q) for q in questions]
     results: dict[str, list[float]] = {"generating": [], "playing": [], "old_frames_after": []}
     for trial in range(trials):

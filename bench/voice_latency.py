@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.stack import percentile, running_stack
 from voicepipe.client import VoiceClient
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 
 AUDIO = Path(__file__).parent / "audio"
 METRICS = [
@@ -42,10 +42,10 @@ async def run(http_url: str, rounds: int) -> list[dict[str, float]]:
     ws_url = http_url.replace("http", "ws", 1) + "/v1/ws"
     questions = [line.split("\t") for line in (AUDIO / "questions.tsv").read_text().splitlines() if line]
     rows = []
-    await one_turn(ws_url, read_wav_16k_mono(AUDIO / questions[0][0]))  # warm every stage once
+    await one_turn(ws_url, read_audio_16k_mono(AUDIO / questions[0][0]))  # warm every stage once
     for round_ in range(rounds):
         for name, text in questions:
-            row = await one_turn(ws_url, read_wav_16k_mono(AUDIO / name))
+            row = await one_turn(ws_url, read_audio_16k_mono(AUDIO / name))
             if row is None:
                 print(f"  {name}: no reply")
                 continue

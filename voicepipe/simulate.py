@@ -28,7 +28,7 @@ from shared.logging import MASK
 from shared.messages.codec import DecodeError, decode
 from shared.percentiles import percentile
 from voicepipe.client import VoiceClient
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 
 PHASES = ("listening", "transcribing", "generating", "speaking")
 WAYS = ("close", "drop", "silent")
@@ -248,7 +248,7 @@ async def simulate(args: argparse.Namespace, settings: Settings) -> int:
     if not api_key:
         print("error: the admin API key is needed: pass --api-key or set VOICEPIPE_API_KEYS", file=sys.stderr)
         return 2
-    pcm = read_wav_16k_mono(args.speech or SPEECH)
+    pcm = read_audio_16k_mono(args.speech or SPEECH)
     token = args.token or (settings.client_tokens[0] if settings.client_tokens else None)
     sim = Simulation(base_url, api_key, settings, pcm, args.cleanup_timeout, token)
     try:

@@ -26,8 +26,6 @@ def read_audio_16k_mono(path: str | Path) -> bytes:
         raise WavError(f"{path}: {exc}") from None
 
 
-read_wav_16k_mono = read_audio_16k_mono
-
 
 def write_wav(path: str | Path, pcm: bytes, sample_rate: int) -> None:
     with wave.open(str(path), "wb") as wav:

@@ -18,7 +18,7 @@ import pytest
 from tests.support.fake_llm import FakeLlm, FakeLlmServer
 from voicepipe.client import VoiceClient
 from voicepipe.embedded import free_port
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 
 pytestmark = pytest.mark.e2e
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -132,7 +132,7 @@ def test_up_fully_embedded_answers_a_spoken_question(tmp_path):
 
         async def speak():
             async with VoiceClient(f"ws://127.0.0.1:{up.port}/v1/ws") as client:
-                sender = asyncio.create_task(client.send_speech(read_wav_16k_mono(FIXTURES / "moon.wav"), realtime=False))
+                sender = asyncio.create_task(client.send_speech(read_audio_16k_mono(FIXTURES / "moon.wav"), realtime=False))
                 turn = await client.receive_turn(timeout=120)
                 await sender
                 return turn

@@ -20,7 +20,7 @@ from shared.messages import SpeechStopped, TextInput
 from shared.messages.codec import encode
 from tests.support.admin import admin_get
 from tests.support.ws import collect_until, connect, next_event
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 
 SECRET = "personal-words-never-logged"
 GARBAGE = [
@@ -36,7 +36,7 @@ GARBAGE = [
     json.dumps({"type": "no.such.type", "conversation_id": "c", "text": SECRET}).encode(),
     b"",
 ]
-SPEECH = read_wav_16k_mono(Path(__file__).parent.parent / "fixtures" / "hello.wav")
+SPEECH = read_audio_16k_mono(Path(__file__).parent.parent / "fixtures" / "hello.wav")
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -27,12 +27,12 @@ from tests.conftest import make_settings
 from tests.support.gated import Gated
 from tests.support.stack import run_stack
 from tests.support.ws import collect_until, connect
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 from workers.vad_stt.handler import VadSttWorker
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
-SPEECH = read_wav_16k_mono(FIXTURES / "hello.wav")
-QUESTIONS = {name: read_wav_16k_mono(FIXTURES / f"{name}.wav") for name in ("hello", "capital", "moon")}
+SPEECH = read_audio_16k_mono(FIXTURES / "hello.wav")
+QUESTIONS = {name: read_audio_16k_mono(FIXTURES / f"{name}.wav") for name in ("hello", "capital", "moon")}
 FRAME = 640
 SILENCE = bytes(FRAME)
 

@@ -19,9 +19,9 @@ from tests.support.stack import run_stack
 from tests.support.ws import collect_until, connect, next_event, wait_closed
 from voicepipe.client import VoiceClient
 from voicepipe.simulate import PHASE_TRIGGERS, run_until
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 
-SPEECH = read_wav_16k_mono(Path(__file__).parent.parent / "fixtures" / "capital.wav")
+SPEECH = read_audio_16k_mono(Path(__file__).parent.parent / "fixtures" / "capital.wav")
 
 
 async def disconnect_events(redis_client, channel):

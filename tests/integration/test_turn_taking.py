@@ -11,7 +11,7 @@ from shared.messages import ResponseCancel
 from tests.support.admin import admin_get
 from tests.support.ws import collect_until, connect, next_event
 from voicepipe.client import VoiceClient
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 LONG_REPLY = " ".join(
@@ -26,7 +26,7 @@ LONG_REPLY = " ".join(
 
 
 async def speak(client: VoiceClient, name: str = "capital.wav", trailing_silence_s: float = 1.0) -> None:
-    await client.send_speech(read_wav_16k_mono(FIXTURES / name), realtime=True, trailing_silence_s=trailing_silence_s)
+    await client.send_speech(read_audio_16k_mono(FIXTURES / name), realtime=True, trailing_silence_s=trailing_silence_s)
 
 
 async def history(redis_client, settings, conversation_id: str) -> list[dict]:
@@ -98,7 +98,7 @@ async def test_barge_in_while_the_reply_is_still_playing(stack, fake_llm):
 
 async def test_a_noise_burst_during_playback_does_not_interrupt(stack, fake_llm):
     fake_llm.reply, fake_llm.token_delay_s = LONG_REPLY, 0.001
-    speech = array("h", read_wav_16k_mono(FIXTURES / "capital.wav"))
+    speech = array("h", read_audio_16k_mono(FIXTURES / "capital.wav"))
     loudest = max(range(0, len(speech) - 1600, 320), key=lambda i: sum(abs(x) for x in speech[i : i + 1600]))
     burst = speech[loudest : loudest + 1600].tobytes()  # 100 ms of real speech: loud enough to start the VAD
     async with VoiceClient(stack.ws_url) as client:
@@ -120,7 +120,7 @@ async def test_a_noise_burst_during_playback_does_not_interrupt(stack, fake_llm)
 
 
 async def test_speech_that_began_before_a_typed_turn_does_not_interrupt_it(stack, fake_llm):
-    speech = read_wav_16k_mono(FIXTURES / "capital.wav")
+    speech = read_audio_16k_mono(FIXTURES / "capital.wav")
     async with VoiceClient(stack.ws_url) as client:
         rec = client.record()
         try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.support.ws import collect_until, connect, next_event
 from voicepipe.client import VoiceClient
-from voicepipe.wavio import read_wav_16k_mono
+from voicepipe.wavio import read_audio_16k_mono
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 SPOKEN_KEYS = {
@@ -47,7 +47,7 @@ async def test_typed_turn_streams_text_and_audio(stack, voice, fake_llm):
 
 
 async def test_spoken_turn_is_heard_answered_and_timed(stack):
-    pcm = read_wav_16k_mono(FIXTURES / "capital.wav")
+    pcm = read_audio_16k_mono(FIXTURES / "capital.wav")
     async with VoiceClient(stack.ws_url) as client:
         sender = asyncio.create_task(client.send_speech(pcm, realtime=False))
         turn = await client.receive_turn(timeout=60)
@@ -66,7 +66,7 @@ async def test_spoken_turn_is_heard_answered_and_timed(stack):
 
 
 async def test_commit_ends_the_utterance_without_waiting_for_silence(stack):
-    pcm = read_wav_16k_mono(FIXTURES / "hello.wav")
+    pcm = read_audio_16k_mono(FIXTURES / "hello.wav")
     ws, _ = await connect(stack.ws_url)
     async with ws:
         for offset in range(0, len(pcm), 640):  # speech only, no trailing silence
@@ -195,7 +195,7 @@ async def test_interim_transcripts_when_enabled(redis_url, redis_client, transcr
     from tests.support.stack import run_stack
 
     settings = make_settings(redis_url, stt_partials=True, stt_partial_interval_ms=500)
-    pcm = read_wav_16k_mono(FIXTURES / "moon.wav")
+    pcm = read_audio_16k_mono(FIXTURES / "moon.wav")
     async with run_stack(settings, transcriber=transcriber, voice=voice, llm_base_url=fake_llm.base_url) as stack:
         async with VoiceClient(stack.ws_url) as client:
             sender = asyncio.create_task(client.send_speech(pcm, realtime=True))
