@@ -7,8 +7,9 @@ Starts `voicepipe up` with embedded Redis and the embedded SmolLM2 server (the r
 process per stage) unless `--url` names a running stack. For each N, N clients each open one
 conversation and speak `--turns` recorded questions in it (bench/audio, each client starting at a
 different one), at real-time pace with 1.5 s of silence after each; a client speaks its next
-question when the reply to the last is done, and all N start together, so their questions and
-replies overlap all the time. A turn fails when it brings an `error`, no `response.done` within
+question half a second after the reply to the last has played (as a listener would: speaking over
+it would interrupt it), and all N start together, so their questions and replies overlap all the
+time. A turn fails when it brings an `error`, no `response.done` within
 60 s, an empty reply or no reply audio. Latency is measured as in bench/voice_latency.py: first
 reply audio byte at the client minus the end of the speech sent (client), and the server's
 `speech_end_to_first_audio_ms`; p50 and p95 over the turns that did not fail."""
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -58,6 +60,9 @@ async def conversation(ws_url: str, first: int, turns: int, step: Step) -> None:
                 step.client_ms.append((turn.first_audio_at - speech_end) * 1000)
                 if "speech_end_to_first_audio_ms" in turn.done["metrics"]:
                     step.server_ms.append(turn.done["metrics"]["speech_end_to_first_audio_ms"])
+                # a listener speaks again once the reply has played (speaking over it is a barge-in)
+                played_at = turn.first_audio_at + len(turn.audio) / (2 * client.output_rate)
+                await asyncio.sleep(max(0.0, played_at - time.monotonic()) + 0.5)
 
 
 async def run_step(ws_url: str, clients: int, turns: int) -> Step:
