@@ -66,3 +66,30 @@ async def test_a_failed_reply_wakes_the_loop_at_once():
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
+
+
+async def test_no_check_while_a_reply_streams():
+    """A queued check would hold one of llama-cpp-python's server threads: the reply is the check."""
+    check = FakeCheck()
+    streams = [1]
+    readiness = LlmReadiness(check, streaming=lambda: streams[0])
+    assert await readiness.check_now() is False and check.calls == 0  # not asked yet, and not now
+    readiness.answered()
+    streams[0] = 0
+    assert await readiness.check_now() is True and check.calls == 1
+
+
+async def test_after_a_slow_check_the_next_waits_the_full_interval():
+    """A refused connection is retried every second; a server that took the connection but was slow
+    is not asked again before the interval (each such check would queue behind its replies)."""
+    check = FakeCheck()
+    readiness = LlmReadiness(check, interval_s=30)
+    check.outcome = LlmUnavailable("LLM server is unreachable")
+    await readiness.check_now()
+    assert readiness.ok is False and readiness.next_wait_s() == 1.0
+    check.outcome = LlmTimeout("LLM server did not list its models in time")
+    await readiness.check_now()
+    assert readiness.ok is False and readiness.next_wait_s() == 30
+    check.outcome = None
+    await readiness.check_now()
+    assert readiness.ok is True and readiness.next_wait_s() == 30
