@@ -7,6 +7,8 @@ BENCHMARKS = [
     ("bus hop", ["bench.bus_hop"]),
     ("lifecycle", ["bench.lifecycle"]),
     ("turn-taking", ["bench.turn_taking"]),
+    ("concurrent spoken conversations", ["bench.concurrent_voice"]),
+    ("scaling out", ["bench.scaling"]),
 ]
 
 if __name__ == "__main__":
