@@ -13,6 +13,8 @@ BENCHMARKS = [
     ("gateway capacity", ["bench.gateway_load", "--clients", "50,100,200", "--seconds", "10"]),
     ("rolling restart", ["bench.rolling_restart"]),
     ("audio api", ["bench.audio_api"]),
+    ("concurrent spoken conversations", ["bench.concurrent_voice"]),
+    ("scaling out", ["bench.scaling"]),
 ]
 
 if __name__ == "__main__":

@@ -7,23 +7,27 @@ Starts `voicepipe up` with embedded Redis and the embedded SmolLM2 server (the r
 process per stage) unless `--url` names a running stack. For each N, N clients each open one
 conversation and speak `--turns` recorded questions in it (bench/audio, each client starting at a
 different one), at real-time pace with 1.5 s of silence after each; a client speaks its next
-question when the reply to the last is done, and all N start together, so their questions and
-replies overlap all the time. A turn fails when it brings an `error`, no `response.done` within
-60 s, an empty reply or no reply audio. Latency is measured as in bench/voice_latency.py: first
+question half a second after the reply to the last has played (as a listener would: speaking over
+it would interrupt it), and all N start together, so their questions and replies overlap all the
+time. A turn fails when it brings an `error`, no `response.done` within 120 s, an empty reply or no
+reply audio; a client whose turn timed out stops there. Latency is measured as in bench/voice_latency.py: first
 reply audio byte at the client minus the end of the speech sent (client), and the server's
 `speech_end_to_first_audio_ms`; p50 and p95 over the turns that did not fail."""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import time
 from collections import Counter
 from pathlib import Path
 
 from bench.stack import percentile, running_stack
-from voicepipe.client import VoiceClient
+from voicepipe.client import TurnResult, VoiceClient
 from voicepipe.wavio import read_audio_16k_mono
 
 AUDIO = Path(__file__).parent / "audio"
+TURN_TIMEOUT_S = 120.0  # generous: on a machine shared with other work a queued reply can take long
 QUESTIONS = [line.split("\t")[0] for line in (AUDIO / "questions.tsv").read_text().splitlines() if line]
 
 
@@ -35,6 +39,29 @@ class Step:
         self.turns = 0
 
 
+async def receive_turn(client: VoiceClient, timeout: float) -> tuple[TurnResult, float]:
+    """The turn's events and audio up to `response.done`, and when its audio ends playing at a
+    client that plays every frame as it comes (a frame that finds the player idle starts at once)."""
+    result = TurnResult()
+    played_at = 0.0
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = await client.ws.recv()
+            now = time.monotonic()
+            if isinstance(frame, bytes):
+                result.first_audio_at = result.first_audio_at or now
+                result.audio += frame
+                played_at = max(played_at, now) + len(frame) / (2 * client.output_rate)
+                continue
+            event = json.loads(frame)
+            result.events.append(event)
+            if event["type"] == "response.done":
+                result.done = event
+                return result, played_at
+            if event["type"] == "transcript.final" and not event.get("text"):
+                return result, played_at
+
+
 async def conversation(ws_url: str, first: int, turns: int, step: Step) -> None:
     async with VoiceClient(ws_url) as client:
         for i in range(turns):
@@ -42,9 +69,9 @@ async def conversation(ws_url: str, first: int, turns: int, step: Step) -> None:
             step.turns += 1
             sender = asyncio.create_task(client.send_speech(pcm, realtime=True, trailing_silence_s=1.5))
             try:
-                turn = await client.receive_turn(timeout=60)
+                turn, played_at = await receive_turn(client, timeout=TURN_TIMEOUT_S)
             except TimeoutError:
-                step.failed["no response.done within 60 s"] += 1
+                step.failed[f"no response.done within {TURN_TIMEOUT_S:.0f} s"] += 1
                 sender.cancel()
                 return  # the socket may still carry the late reply: this conversation ends here
             speech_end = await sender
@@ -58,6 +85,8 @@ async def conversation(ws_url: str, first: int, turns: int, step: Step) -> None:
                 step.client_ms.append((turn.first_audio_at - speech_end) * 1000)
                 if "speech_end_to_first_audio_ms" in turn.done["metrics"]:
                     step.server_ms.append(turn.done["metrics"]["speech_end_to_first_audio_ms"])
+            # a listener speaks again once the reply has played (speaking over it is a barge-in)
+            await asyncio.sleep(max(0.0, played_at - time.monotonic()) + 0.5)
 
 
 async def run_step(ws_url: str, clients: int, turns: int) -> Step:

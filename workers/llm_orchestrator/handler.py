@@ -125,7 +125,12 @@ class LlmWorker(Worker):
                 temperature=s.llm_temperature,
                 log_content=s.log_content,
             )
-        self.llm_readiness = LlmReadiness(self.chat.check, self.settings.llm_check_interval_s)
+        self.llm_readiness = LlmReadiness(
+            self.chat.check,
+            self.settings.llm_check_interval_s,
+            busy_grace_s=self.settings.llm_read_timeout_s,
+            streaming=lambda: self.chat.open_streams,
+        )
         await self.llm_readiness.check_now()  # the first heartbeat already says whether the LLM answers
         self._own.spawn(keep_running("llm-check", self.llm_readiness.run, self.loop_restarts), name="llm-check")
 

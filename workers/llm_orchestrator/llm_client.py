@@ -184,9 +184,18 @@ class ChatClient:
             raise
 
     async def check(self, timeout_s: float) -> None:
-        """Raise unless the server answers `GET /models` with a 2xx within `timeout_s` (readiness)."""
-        response = await self._probe_http.get("/models", timeout=timeout_s)
-        response.raise_for_status()
+        """Return when the server answers `GET /models` with a 2xx within `timeout_s` (readiness).
+
+        Raises LlmTimeout when it took the connection but did not answer in time (busy, or hung),
+        LlmUnavailable when it could not be reached or answered an error."""
+        try:
+            response = await self._probe_http.get("/models", timeout=timeout_s)
+        except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
+            raise LlmTimeout("LLM server did not list its models in time") from exc
+        except httpx.HTTPError as exc:  # refused, reset, a connect timeout, a bad URL
+            raise LlmUnavailable("LLM server is unreachable") from exc
+        if not response.is_success:
+            raise LlmUnavailable(f"LLM server answered HTTP {response.status_code}")
 
     async def _open(self, body: dict[str, Any]) -> _Upstream:
         """Send the request until a 2xx answer, retrying what is worth it; nothing is yielded yet."""
