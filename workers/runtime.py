@@ -120,6 +120,7 @@ class Worker(abc.ABC):
         self.serving = False  # models loaded, inbox read: a SIGTERM before this stops at once
         self._handed: dict[str, tuple[str, str]] = {}  # handed-off conversation -> (its socket, new owner)
         self._last_forward = 0.0  # time.monotonic() of the last message forwarded to a new owner
+        self._last_handoff = 0.0  # time.monotonic() of the last conversation handed to another replica
         self._open_forwards: set[tuple[str, str | None]] = set()  # turns forwarded in part: (conversation, turn)
         self._handling = asyncio.Lock()  # held while one bus message is handled; a hand-off happens between two
         self._cpu_at, self._wall_at = time.process_time(), time.monotonic()  # CPU use between heartbeats
@@ -250,7 +251,9 @@ class Worker(abc.ABC):
                     if cid in self.conversation_ids() and (late or not self.busy(cid)):
                         with log_context(cid):
                             await self._hand_off(cid, replicas, late)
-            quiet = now - max(started, self._last_forward) >= FORWARD_GRACE_S and not self._open_forwards
+            # a message sent here before its sender saw the new route may still be on its way: keep
+            # forwarding for a grace period after the last hand-off and the last forward
+            quiet = now - max(started, self._last_forward, self._last_handoff) >= FORWARD_GRACE_S and not self._open_forwards
             if (quiet and not self.conversation_ids()) or now >= deadline + FORWARD_GRACE_S:
                 break
             await asyncio.sleep(0.02)
@@ -283,6 +286,7 @@ class Worker(abc.ABC):
             await self.end_conversation(conversation_id, "shutdown")
             return
         self._handed[conversation_id] = (connection_id, successor)
+        self._last_handoff = time.monotonic()
         replicas[successor] += 1
         self._connections.pop(conversation_id, None)
         try:
