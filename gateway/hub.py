@@ -34,8 +34,8 @@ from gateway.directory import WorkerDirectory
 from gateway.latency import GatewayLatency
 from gateway.limits import ConnectionLimits
 from gateway.metrics import GatewayMetrics
-from gateway.requests import PendingRequests
 from gateway.recovery import Recovery
+from gateway.requests import PendingRequests
 from gateway.reroute import Rerouter
 from gateway.uplink import Uplink
 from shared.bus import Bus, SubscriberStats, run_subscriber

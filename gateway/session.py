@@ -20,8 +20,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from redis.exceptions import RedisError
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from uvicorn.protocols.utils import ClientDisconnected
 
 from gateway import handshake
