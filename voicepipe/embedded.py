@@ -28,11 +28,19 @@ def redis_server_binary() -> str:
     return str(binary)
 
 
+# A subscriber that falls this far behind is disconnected by Redis (hard limit, soft limit and its
+# seconds). Redis's default for pub/sub, 32 MB, is under 4 s of reply audio for a gateway carrying
+# 200 conversations, so a gateway briefly starved of CPU lost its inbox subscription (and every turn
+# in flight with it); 128 MB is about 15 s of it.
+PUBSUB_OUTPUT_LIMIT = ["pubsub", "128mb", "64mb", "60"]
+
+
 def redis_argv(port: int, workdir: str | None = None) -> list[str]:
     workdir = workdir or tempfile.mkdtemp(prefix="voicepipe-redis-")
     return [
         redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
         "--dir", workdir, "--daemonize", "no", "--loglevel", "warning",
+        "--client-output-buffer-limit", *PUBSUB_OUTPUT_LIMIT,
     ]
 
 
