@@ -14,7 +14,6 @@ proper HTTP error; a failure after that ends the stream early (logged)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from contextlib import AsyncExitStack
 from typing import Any
@@ -263,7 +262,3 @@ async def speech(request: Request) -> Response:
         raise
     return response
 
-
-def error_body(response: Response) -> dict[str, Any]:
-    """The OpenAI error object of a response made by `openai_error` (for tests and clients)."""
-    return json.loads(bytes(response.body))["error"]
