@@ -90,6 +90,7 @@ async def reset_latency(request: Request) -> dict:
 async def workers(request: Request) -> dict:
     gateway = gateway_of(request)
     replies, silent = await gateway.introspect()
+    known = {w.worker_id: w for found in gateway.directory.workers.values() for w in found}
     listed = [
         {
             "worker_id": r.worker_id,
@@ -98,11 +99,11 @@ async def workers(request: Request) -> dict:
             "conversations": r.conversations,
             "resources": r.resources,
             "stats": r.stats,
+            "draining": known[r.worker_id].draining if r.worker_id in known else False,
             "responding": True,
         }
         for r in sorted(replies, key=lambda r: (r.stage, r.worker_id))
     ]
-    known = {w.worker_id: w for found in gateway.directory.workers.values() for w in found}
     for wid in silent:
         w = known[wid]
         listed.append(
@@ -112,6 +113,7 @@ async def workers(request: Request) -> dict:
                 "last_heartbeat_ms": w.last_heartbeat_ms,
                 "conversations": w.conversations,
                 "resources": w.resources,
+                "draining": w.draining,
                 "responding": False,
             }
         )

@@ -182,6 +182,9 @@ class WorkerDirectory:
         candidates = [w for w in self._routable(stage) if not w.draining]
         if not candidates:
             return None
+        # an orchestrator whose LLM server does not answer would fail every turn given to it:
+        # prefer those that reach theirs (when none does, /readyz says so and any is as good)
+        candidates = [w for w in candidates if w.llm_ok is not False] or candidates
         chosen = min(candidates, key=lambda w: (self.load(w), w.worker_id))
         self._picked[chosen.worker_id].append(now_ms())
         return chosen

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import random
 import uuid
+from types import SimpleNamespace
 
+from gateway.admin import workers as admin_workers
 from gateway.hub import Gateway
 from shared.bus import create_redis
 from shared.channels import STAGES
@@ -92,6 +94,11 @@ async def test_a_draining_replica_gets_no_new_conversation_but_keeps_its_own(set
         assert {r["llm"] for r in after} == {other.worker_id}
         assert set(draining.conversation_ids()) == kept
         assert all(hub.directory.pick("llm").worker_id == other.worker_id for _ in range(5))
+        # operators see it: /admin/workers says which worker drains
+        listed = (await admin_workers(SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(gateway=hub)))))["workers"]
+        assert {w["worker_id"]: w["draining"] for w in listed if w["stage"] == "llm"} == {
+            draining.worker_id: True, other.worker_id: False,
+        }
 
 
 async def test_workers_follow_a_reroute_the_old_owner_lets_go_and_takes_it_back_when_moved_back(settings, redis_client):

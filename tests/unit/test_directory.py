@@ -66,6 +66,19 @@ async def test_an_orchestrators_llm_verdict_is_read_strictly():
     assert verdicts == {"llm-up": True, "llm-down": False, "llm-old": None}  # "yes" is no boolean: skipped
 
 
+async def test_new_conversations_go_to_an_orchestrator_that_reaches_its_llm():
+    client = fakeredis.aioredis.FakeRedis()
+    await beat(client, "llm", "llm-down", record("llm-down", "llm", conversations=0, llm_ok=False))
+    await beat(client, "llm", "llm-up", record("llm-up", "llm", conversations=5, llm_ok=True))
+    await beat(client, "llm", "llm-new", record("llm-new", "llm", conversations=7))  # not reported yet
+    directory = WorkerDirectory(client, NAMES, worker_ttl_s=5)
+    await directory.refresh()
+    assert [directory.pick("llm").worker_id for _ in range(3)] == ["llm-up", "llm-up", "llm-new"]
+    await client.delete(NAMES.worker("llm", "llm-up"), NAMES.worker("llm", "llm-new"))
+    await directory.refresh()  # no orchestrator reaches its LLM: /readyz says so, and one is still picked
+    assert directory.pick("llm").worker_id == "llm-down"
+
+
 async def test_pick_skips_draining_workers_and_weighs_conversations_and_cpu():
     client = fakeredis.aioredis.FakeRedis()
     await beat(client, "llm", "llm-a", record("llm-a", "llm", conversations=3, cpu=0.0))
