@@ -23,7 +23,8 @@ from shared.channels import STAGES
 from shared.percentiles import percentile
 from tests.support.fake_llm import FakeLlm, FakeLlmServer
 from tests.support.redis_server import TestRedis
-from tests.support.replicas import Cluster, Conversation
+from tests.support.cluster import Cluster
+from tests.support.replicas import REPLICA_SETTINGS, Conversation
 
 TURN_TIMEOUT_S = 30.0
 
@@ -87,7 +88,7 @@ async def run(args: argparse.Namespace, redis_url: str) -> None:
     rounds = []
     with FakeLlmServer(FakeLlm(echo=True, token_delay_s=0.05)) as llm:
         for index in range(args.rounds):
-            cluster = Cluster(redis_url, llm.base_url, Path(tempfile.mkdtemp(prefix="replica-failure-")))
+            cluster = Cluster(redis_url, llm.base_url, Path(tempfile.mkdtemp(prefix="replica-failure-")), settings=REPLICA_SETTINGS)
             try:
                 rounds.append(await one_round(cluster, args.conversations))
             finally:

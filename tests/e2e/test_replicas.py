@@ -14,7 +14,8 @@ import pytest
 
 from shared.channels import STAGES
 from tests.support.fake_llm import FakeLlm, FakeLlmServer
-from tests.support.replicas import TURN_ENDING_ERRORS, Cluster, Conversation
+from tests.support.cluster import Cluster
+from tests.support.replicas import REPLICA_SETTINGS, TURN_ENDING_ERRORS, Conversation
 
 pytestmark = pytest.mark.e2e
 TURN_TIMEOUT_S = 30  # a turn that has not ended by then hangs
@@ -29,7 +30,7 @@ def echo_llm():
 
 @pytest.fixture
 def cluster(redis_url, echo_llm, tmp_path):
-    running = Cluster(redis_url, echo_llm.base_url, tmp_path)
+    running = Cluster(redis_url, echo_llm.base_url, tmp_path, settings=REPLICA_SETTINGS)
     yield running
     running.stop()
 
@@ -111,7 +112,7 @@ async def test_sigkill_one_replica_of_each_stage_while_24_conversations_run_over
     finally:
         await asyncio.gather(*(c.close() for c in conversations), return_exceptions=True)
     await wait_clean(cluster, ids)
-    for _, gateway in cluster.gateways:
+    for gateway in cluster.gateways:
         assert gateway.process.poll() is None, gateway.log_path.read_text()[-3000:]
     for stage in STAGES:
         assert cluster.workers[stage][1].process.poll() is None, cluster.workers[stage][1].log_path.read_text()[-3000:]
@@ -166,7 +167,7 @@ async def test_last_replica_of_a_stage_killed_gives_stage_unavailable_at_once_an
 async def test_a_turn_sent_to_a_dead_replica_ends_at_once_and_moves_the_conversation(redis_url, echo_llm, tmp_path):
     """Heartbeats that would outlive the test (WORKER_TTL_S 30 s): only the lost message itself
     (no subscriber on the dead process's inbox) can end the turn and move the conversation."""
-    cluster = Cluster(redis_url, echo_llm.base_url, tmp_path, settings={"worker_ttl_s": "30", "stale_timeout_s": "60"})
+    cluster = Cluster(redis_url, echo_llm.base_url, tmp_path, settings={**REPLICA_SETTINGS, "worker_ttl_s": "30", "stale_timeout_s": "60"})
     try:
         cluster.start_worker("vad_stt")
         for _ in range(2):
