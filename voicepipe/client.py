@@ -23,6 +23,15 @@ TokenPlace = Literal["header", "subprotocol", "query"]
 DropWay = Literal["close", "drop", "silent"]
 
 
+class SessionRefused(RuntimeError):
+    """The server's first event was not `session.started` (an `error` such as `not_ready` before a
+    close, or a 4404 resume refusal); `event` is what it sent instead."""
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        super().__init__(f"expected session.started, got {event.get('type')} {event.get('code', '')}".strip())
+        self.event = event
+
+
 async def next_event(ws, timeout: float = 10.0) -> dict[str, Any]:
     """The next JSON event, skipping binary audio."""
     async with asyncio.timeout(timeout):
@@ -124,7 +133,7 @@ class VoiceClient:
         await self.ws.close()
 
     async def open(self, timeout: float = 10.0) -> "VoiceClient":
-        """Connect and read `session.started` (RuntimeError if the server says anything else first)."""
+        """Connect and read `session.started` (SessionRefused if the server says anything else first)."""
         self.ws = await websockets.connect(
             self.url, additional_headers=self.headers, subprotocols=self.subprotocols, max_size=None,
             **self.connect_options,
@@ -136,7 +145,7 @@ class VoiceClient:
             raise
         if self.session.get("type") != "session.started":
             self.ws.transport.abort()
-            raise RuntimeError(f"expected session.started, got {self.session}")
+            raise SessionRefused(self.session)
         return self
 
     @property

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import websockets
 
-from voicepipe.client import VoiceClient
+from voicepipe.client import SessionRefused, VoiceClient
 from voicepipe.wavio import WavError, read_audio_16k_mono, write_wav
 
 
@@ -40,6 +40,10 @@ async def _talk(path: str, url: str, out: str, timeout: float, token: str | None
             finally:
                 sender.cancel()
             rate = client.output_rate
+    except SessionRefused as exc:
+        refusal = exc.event
+        print(f"error: {url} refused the conversation: {refusal.get('code', refusal.get('type'))}: {refusal.get('message', '')}", file=sys.stderr)
+        return 1
     except (OSError, TimeoutError, websockets.WebSocketException) as exc:
         print(f"error: no answer from {url}: {exc or type(exc).__name__}", file=sys.stderr)
         return 1

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
+import os
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,6 +16,8 @@ from shared.channels import STAGES
 from tests.conftest import make_settings
 from tests.support.stack import run_stack
 from tests.support.ws import connect, next_event, refused_status, wait_closed
+from voicepipe.client import SessionRefused, VoiceClient
+from voicepipe.talk import talk
 
 
 async def test_session_started_describes_the_conversation(stack, voice):
@@ -100,6 +106,15 @@ async def test_not_ready_without_workers(redis_url, redis_client, fake_llm):
         error = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert error["type"] == "error" and error["code"] == "not_ready"
         assert await wait_closed(ws) == 1011
+        # the protocol client says so with the server's own event, and `talk` in one line
+        with pytest.raises(SessionRefused) as refused:
+            await VoiceClient(stack.ws_url).open()
+        assert refused.value.event["code"] == "not_ready"
+        fixture = Path(__file__).parent.parent / "fixtures" / "hello.wav"
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = await asyncio.to_thread(talk, str(fixture), stack.ws_url, os.devnull)
+        assert code == 1 and "refused the conversation: not_ready" in err.getvalue() and "Traceback" not in err.getvalue()
 
 
 async def test_client_token_is_required_when_configured(redis_url, redis_client, transcriber, voice, fake_llm):

@@ -28,6 +28,7 @@ from tests.support.redis_server import RedisProcess
 from tests.support.stack import run_stack
 from tests.support.stack import wait_ready as stack_wait_ready
 from tests.support.ws import collect_until, connect, next_event, refused_status
+from voicepipe.client import SessionRefused
 from voicepipe.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,7 +173,7 @@ async def test_a_restart_between_turns_keeps_the_conversation(own_redis, fake_ll
                     try:
                         ws, _ = await connect(stack.ws_url)
                         break
-                    except (websockets.InvalidStatus, AssertionError):  # 503 or not_ready while it settles
+                    except (websockets.InvalidStatus, SessionRefused):  # 503 or not_ready while it settles
                         await asyncio.sleep(0.05)
             async with ws:
                 await answered_turn(ws)
@@ -295,7 +296,7 @@ async def test_real_processes_survive_a_restart_mid_conversation_and_between_con
                     try:
                         ws, _ = await connect(ws_url)
                         break
-                    except (websockets.InvalidStatus, AssertionError):  # 503 or not_ready while it settles
+                    except (websockets.InvalidStatus, SessionRefused):  # 503 or not_ready while it settles
                         await asyncio.sleep(0.05)
             async with ws:
                 await answered_turn(ws)
