@@ -81,10 +81,12 @@ class Rerouter:
     async def check(self) -> None:
         """Move every conversation of this gateway off workers that are no longer live.
 
-        Not while Redis is down or just back (gateway/recovery.py): a Redis that restarted without
+        Not while Redis is down, nor until the inbox is subscribed again and has settled
+        (gateway/recovery.py): a Redis that restarted without
         persistence lost every heartbeat too, so until the workers have beaten again they only look
         dead; the turns lost meanwhile are answered `bus_unavailable` by the recovery instead."""
-        if not self.gateway.bus_health.up or self.gateway.recovery.settling():
+        gateway = self.gateway
+        if not gateway.bus_health.up or not gateway.inbox_live or gateway.recovery.settling():
             return
         directory = self.gateway.directory
         async with self._lock:
