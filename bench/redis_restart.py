@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,11 +30,11 @@ import httpx
 import websockets
 
 from bench.stack import percentile
+from shared.channels import STAGES
+from tests.support.cluster import Cluster
 from tests.support.fake_llm import FakeLlm, FakeLlmServer
 from tests.support.redis_server import RedisProcess
-from voicepipe.embedded import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 HANG_S = 20.0
 RETRY_S = 0.05
 
@@ -91,34 +89,17 @@ async def run(rounds: int, down_s: float) -> int:
     redis = RedisProcess()
     workdir = Path(tempfile.mkdtemp(prefix="voicepipe-bench-redis-restart-"))
     llm = FakeLlm(reply=" ".join(f"word{i}." for i in range(40)))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOICEPIPE_")}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        VOICEPIPE_REDIS_URL=redis.url,
-        VOICEPIPE_NULL_MODE="1",
-        VOICEPIPE_HEALTH_LOG_INTERVAL_S="0",
-        VOICEPIPE_HEARTBEAT_INTERVAL_S="1",
-    )
-    argv = {
-        "gateway": ["gateway", "--host", "127.0.0.1", "--port", str(port)],
-        "vad_stt": ["worker", "vad_stt"],
-        "llm": ["worker", "llm"],
-        "tts": ["worker", "tts"],
-    }
-    processes: dict[str, subprocess.Popen] = {}
     results: dict[str, list[float]] = {"in_flight_ended": [], "same_socket": [], "new_socket": []}
     counts: Counter[str] = Counter()
     deaths: list[str] = []
     with FakeLlmServer(llm):
+        # the figures in docs/PERFORMANCE.md were taken with a heartbeat every second and the default TTL
+        cluster = Cluster(redis.url, llm.base_url, workdir, settings={"heartbeat_interval_s": "1", "worker_ttl_s": "5"})
         try:
-            for name, args in argv.items():
-                own = {**env, **({"VOICEPIPE_NULL_MODE": "0", "VOICEPIPE_LLM_BASE_URL": llm.base_url} if name == "llm" else {})}
-                with open(workdir / f"{name}.log", "wb") as out:
-                    processes[name] = subprocess.Popen(
-                        [sys.executable, "-m", "voicepipe", *args], env=own, cwd=workdir, stdout=out, stderr=subprocess.STDOUT
-                    )
-            http_url, ws_url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/ws"
+            for stage in STAGES:
+                cluster.start_worker(stage)
+            gateway = cluster.start_gateway()
+            http_url, ws_url = gateway.http_url, gateway.ws_url
             async with httpx.AsyncClient(timeout=2) as client, asyncio.timeout(120):
                 while True:
                     try:
@@ -173,16 +154,9 @@ async def run(rounds: int, down_s: float) -> int:
                     flush=True,
                 )
             await ws.close()
-            deaths = [name for name, p in processes.items() if p.poll() is not None]
+            deaths = [child.name for child in cluster.children if not child.alive()]
         finally:
-            for p in processes.values():
-                if p.poll() is None:
-                    p.terminate()
-            for p in processes.values():
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            cluster.stop()
             redis.stop()
     print()
     print("| figure (ms) | p50 | max |")

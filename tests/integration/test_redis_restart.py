@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,15 +19,13 @@ from shared.channels import STAGES, Names
 from shared.messages import TextInput
 from shared.messages.codec import encode
 from tests.conftest import make_settings
+from tests.support.cluster import Cluster
 from tests.support.fake_llm import FakeLlm, FakeLlmServer
 from tests.support.redis_server import RedisProcess
 from tests.support.stack import run_stack
 from tests.support.stack import wait_ready as stack_wait_ready
 from tests.support.ws import collect_until, connect, next_event, refused_status
 from voicepipe.client import SessionRefused
-from voicepipe.embedded import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
 
 TURN_TIMEOUT_S = 30.0  # generous: a loaded 2-core machine; a hang is what this bounds, not speed
 
@@ -245,35 +239,13 @@ async def test_real_processes_survive_a_restart_mid_conversation_and_between_con
     killed and started again between two conversations. Every process is still running at the end
     and every turn ended."""
     llm = FakeLlm(reply=" ".join(f"word{i}." for i in range(40)), token_delay_s=0.1)
-    settings = settings_on(own_redis)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOICEPIPE_")}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        PYTHONUNBUFFERED="1",
-        VOICEPIPE_REDIS_URL=own_redis.url,
-        VOICEPIPE_NAMESPACE=settings.namespace,
-        VOICEPIPE_NULL_MODE="1",
-        VOICEPIPE_HEARTBEAT_INTERVAL_S="0.2",
-        VOICEPIPE_WORKER_TTL_S="2",
-        VOICEPIPE_HEALTH_LOG_INTERVAL_S="0",
-    )
-    argv = {
-        "gateway": ["gateway", "--host", "127.0.0.1", "--port", str(port)],
-        "vad_stt": ["worker", "vad_stt"],
-        "llm": ["worker", "llm"],
-        "tts": ["worker", "tts"],
-    }
-    processes: dict[str, subprocess.Popen] = {}
     with FakeLlmServer(llm):
+        cluster = Cluster(own_redis.url, llm.base_url, tmp_path)
         try:
-            for name, args in argv.items():
-                own = {**env, **({"VOICEPIPE_NULL_MODE": "0", "VOICEPIPE_LLM_BASE_URL": llm.base_url} if name == "llm" else {})}
-                with open(tmp_path / f"{name}.log", "wb") as out:
-                    processes[name] = subprocess.Popen(
-                        [sys.executable, "-m", "voicepipe", *args], env=own, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT
-                    )
-            http_url, ws_url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/ws"
+            for stage in STAGES:
+                cluster.start_worker(stage)
+            gateway = cluster.start_gateway()
+            http_url, ws_url = gateway.http_url, gateway.ws_url
             await stack_wait_ready(http_url, timeout=60)
             ws, _ = await connect(ws_url)
             async with ws:
@@ -300,14 +272,7 @@ async def test_real_processes_survive_a_restart_mid_conversation_and_between_con
                         await asyncio.sleep(0.05)
             async with ws:
                 await answered_turn(ws)
-            dead = {name: p.returncode for name, p in processes.items() if p.poll() is not None}
-            assert not dead, {name: (tmp_path / f"{name}.log").read_text()[-2000:] for name in dead}
+            dead = {child.name: child.process.returncode for child in cluster.children if not child.alive()}
+            assert not dead, cluster.logs()
         finally:
-            for p in processes.values():
-                if p.poll() is None:
-                    p.terminate()
-            for p in processes.values():
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            cluster.stop()
