@@ -5,9 +5,10 @@ from typing import Annotated, Union
 
 from pydantic import Field, TypeAdapter
 
-from shared.messages.audio import AudioCommit, AudioIn
+from shared.messages.audio import AudioClear, AudioCommit, AudioIn
 from shared.messages.control import (
     ConnectionDisconnected,
+    ConversationConfigured,
     ConversationOpened,
     IntrospectReply,
     IntrospectRequest,
@@ -36,7 +37,7 @@ from shared.messages.tts import TtsAudio, TtsAudioDone, TtsAudioStarted, TtsEnd,
 
 BusMessage = Annotated[
     Union[
-        AudioIn, AudioCommit,
+        AudioIn, AudioCommit, AudioClear, ConversationConfigured,
         SpeechStarted, SpeechSustained, SpeechStopped, TranscriptPartial, TranscriptFinal, TextInput,
         ResponseTextDelta, ResponseTextDone, ResponseCancel, ResponseBlocked,
         TtsSpeak, TtsEnd, TtsStop, TtsAudioStarted, TtsAudio, TtsAudioDone,
@@ -48,7 +49,7 @@ BusMessage = Annotated[
 bus_message_adapter: TypeAdapter[BusMessage] = TypeAdapter(BusMessage)
 
 __all__ = [
-    "AudioCommit", "AudioIn", "RequestCancel", "SpeechAudio", "SpeechDone", "SpeechRequest",
+    "AudioClear", "AudioCommit", "AudioIn", "ConversationConfigured", "RequestCancel", "SpeechAudio", "SpeechDone", "SpeechRequest",
     "TranscriptionRequest", "TranscriptionResult", "BusMessage", "ConnectionDisconnected", "ConversationOpened", "Envelope", "IntrospectReply", "IntrospectRequest", "ResponseBlocked", "ResponseCancel", "SessionTakeover",
     "ResponseTextDelta", "ResponseTextDone", "SpeechStarted", "SpeechStopped", "SpeechSustained", "StageError", "TextInput",
     "TranscriptFinal", "TranscriptPartial", "TtsAudio", "TtsAudioDone", "TtsAudioStarted", "TtsEnd",

@@ -23,3 +23,11 @@ class AudioCommit(Envelope):
 
     type: Literal["audio.commit"] = "audio.commit"
     received_ms: float
+
+
+class AudioClear(Envelope):
+    """Gateway -> VAD/STT worker: drop the utterance under way and anything buffered, unanswered
+    (the OpenAI Realtime `input_audio_buffer.clear`). Sent on the audio's own path, so it applies
+    after every frame the client sent before it."""
+
+    type: Literal["audio.clear"] = "audio.clear"

@@ -43,6 +43,23 @@ class ConversationOpened(Envelope):
     connection_id: str
 
 
+class ConversationConfigured(Envelope):
+    """Gateway -> the conversation's VAD/STT and LLM workers: the settings its client chose (the
+    OpenAI Realtime `session.update`). Sent when they change, and again whenever the conversation
+    moves to another worker, so a new owner never serves it with the defaults.
+
+    `turn_detection` `server_vad`: the VAD ends an utterance after `end_silence_ms` of silence
+    (None: the `VAD_END_SILENCE_MS` setting). `manual`: silence never ends it and no speech
+    interrupts a reply by itself; the utterance is all audio since the last commit or clear, and
+    `audio.commit` ends it. `instructions` replace `SYSTEM_PROMPT` for this conversation (None: the
+    setting)."""
+
+    type: Literal["conversation.configured"] = "conversation.configured"
+    turn_detection: Literal["server_vad", "manual"] = "server_vad"
+    end_silence_ms: int | None = Field(default=None, ge=20, le=10_000)
+    instructions: str | None = Field(default=None, max_length=32_768)
+
+
 class StageError(Envelope):
     """Any worker -> gateway: a recoverable error the client should see as `error` {code, message}."""
 

@@ -28,7 +28,9 @@ class ResponseTextDone(Envelope):
     first_sentence_ms: float | None = None
 
 
-InterruptReason = Literal["barge_in", "cancelled"]
+# truncated: the client said how much of a reply it played (Realtime `conversation.item.truncate`);
+# for a reply already complete, only its text in the history is cut
+InterruptReason = Literal["barge_in", "cancelled", "truncated"]
 
 
 class ResponseCancel(Envelope):
