@@ -37,7 +37,7 @@ class GatewayServer(uvicorn.Server):
             server.close()  # stop taking new connections first
         gateway = getattr(self.config.app.state, "gateway", None)
         if gateway is not None:
-            await gateway.close_sessions(1001, "server shutting down")
+            await gateway.close_conversations(1001, "server shutting down")
         await super().shutdown(sockets)
 
 

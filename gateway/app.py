@@ -16,7 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway import admin, audio_api, metrics
 from gateway.correlation import correlation_id as correlation_id_of
 from gateway.hub import Gateway
-from gateway.session import serve_client
+from gateway.realtime import serve_realtime
+from gateway.voicepipe_ws import serve_client
 from shared.bus import create_redis
 from shared.config import Settings
 from shared.logging import log_context
@@ -27,7 +28,7 @@ log = logging.getLogger("voicepipe.gateway")
 
 class CorrelationIdMiddleware:
     """Every HTTP response carries X-Correlation-ID: the caller's if valid (gateway/correlation.py),
-    else a new UUID4. WebSocket handshakes take theirs in gateway/session.py."""
+    else a new UUID4. WebSocket handshakes take theirs in gateway/voicepipe_ws.py and gateway/realtime.py."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -106,5 +107,9 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> Fast
     @app.websocket("/v1/ws")
     async def client_socket(websocket: WebSocket) -> None:
         await serve_client(app.state.gateway, websocket)
+
+    @app.websocket("/v1/realtime")
+    async def realtime_socket(websocket: WebSocket) -> None:
+        await serve_realtime(app.state.gateway, websocket)
 
     return app

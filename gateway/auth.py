@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 SUBPROTOCOL = "voicepipe.v1"  # offered by browsers beside `token.<T>`; the server answers with it
 TOKEN_SUBPROTOCOL_PREFIX = "token."
+# the OpenAI Realtime API's browser form of the key (`/v1/realtime`), beside `realtime`
+OPENAI_KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -59,7 +61,8 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes |
 
 def presented_tokens(query_token: str | None, authorization: bytes | None, subprotocols: Sequence[str]) -> list[bytes]:
     """Every token the client presented: `token` query parameter, `Authorization: Bearer`, and the
-    first `token.<T>` subprotocol (uvicorn decodes those to text, see `header_text_bytes`)."""
+    first `token.<T>` and `openai-insecure-api-key.<T>` subprotocols (uvicorn decodes those to
+    text, see `header_text_bytes`)."""
     tokens: list[bytes] = []
     if query_token:
         tokens.append(as_bytes(query_token))
@@ -67,10 +70,11 @@ def presented_tokens(query_token: str | None, authorization: bytes | None, subpr
         scheme, _, credentials = authorization.strip().partition(b" ")
         if scheme.lower() == b"bearer" and credentials.strip():
             tokens.append(credentials.strip())
-    for offered in subprotocols:
-        if offered.startswith(TOKEN_SUBPROTOCOL_PREFIX):
-            tokens.append(header_text_bytes(offered[len(TOKEN_SUBPROTOCOL_PREFIX) :]))
-            break
+    for prefix in (TOKEN_SUBPROTOCOL_PREFIX, OPENAI_KEY_SUBPROTOCOL_PREFIX):
+        for offered in subprotocols:
+            if offered.startswith(prefix):
+                tokens.append(header_text_bytes(offered[len(prefix) :]))
+                break
     return tokens
 
 

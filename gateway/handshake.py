@@ -43,11 +43,12 @@ class Admission:
 
     identity: auth.ClientIdentity
     slot: Slot | None  # the counted connection, released when the socket ends (None: no limit)
-    subprotocol: str | None  # `voicepipe.v1` when the client offered it
+    subprotocol: str | None  # the endpoint's own subprotocol, when the client offered it
 
 
-async def admit(gateway: Gateway, websocket: WebSocket, correlation_id: str) -> Admission | None:
-    """Decide on the client before the upgrade; None when it was refused (and has been answered)."""
+async def admit(gateway: Gateway, websocket: WebSocket, correlation_id: str, subprotocol: str) -> Admission | None:
+    """Decide on the client before the upgrade; None when it was refused (and has been answered).
+    `subprotocol` is the one the endpoint answers with when offered (`voicepipe.v1`, `realtime`)."""
     scope = websocket.scope
     headers = scope["headers"]
     settings = gateway.settings
@@ -96,7 +97,7 @@ async def admit(gateway: Gateway, websocket: WebSocket, correlation_id: str) -> 
             )
             return None
     offered = scope.get("subprotocols") or ()
-    return Admission(identity, slot, auth.SUBPROTOCOL if auth.SUBPROTOCOL in offered else None)
+    return Admission(identity, slot, subprotocol if subprotocol in offered else None)
 
 
 async def deny(

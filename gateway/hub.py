@@ -1,7 +1,11 @@
-"""The gateway process: its inbox on the bus, the live client sessions, and conversation open/close.
+"""The gateway process: its inbox on the bus, the live conversations, and conversation open/close.
 
-`end_conversation` is the single place a conversation ends at the gateway: it removes the routing
-lease and publishes `connection_disconnected` (retried with backoff), whatever way the socket ended.
+The gateway owns the registry of its conversations (gateway/conversation.py): `serve_conversation`
+opens one, registers it, runs the wire protocol's side of it, and always ends it, whatever the
+protocol (gateway/voicepipe_ws.py, gateway/realtime.py); the inbox reader hands each bus message to
+its conversation. `end_conversation` is the single place a conversation ends at the gateway: it
+removes the routing lease and publishes `connection_disconnected` (retried with backoff), whatever
+way the socket ended.
 A sweep publishes the event for conversations whose gateway died (lease expired, no event).
 
 Resume tokens (docs/protocol.md §1 "Resuming"): Redis keeps only a SHA-256 of the token, and a
@@ -15,6 +19,7 @@ the one that replaced it (the workers likewise ignore its disconnect event, by `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -23,13 +28,15 @@ import socket
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from starlette.websockets import WebSocketDisconnect
 
 from gateway.auth import as_bytes, parse_networks
+from gateway.conversation import Conversation, Wire
 from gateway.directory import WorkerDirectory
 from gateway.latency import GatewayLatency
 from gateway.limits import ConnectionLimits
@@ -40,7 +47,7 @@ from gateway.reroute import Rerouter
 from gateway.uplink import Uplink
 from shared.bus import Bus, SubscriberStats, run_subscriber
 from shared.bus_health import BusHealth
-from shared.channels import STAGES, Names
+from shared.channels import Names
 from shared.clock import now_ms
 from shared.config import Settings
 from shared.logging import log_context, redact_url
@@ -48,7 +55,6 @@ from shared.memory import trim_loop
 from shared.messages import (
     BusMessage,
     ConnectionDisconnected,
-    ConversationOpened,
     IntrospectReply,
     IntrospectRequest,
     SessionTakeover,
@@ -56,10 +62,9 @@ from shared.messages import (
     SpeechDone,
     TranscriptionResult,
 )
+from shared.route import Route
+from shared.stages import GATEWAY, STAGES
 from shared.tasks import TaskSet, keep_running
-
-if TYPE_CHECKING:
-    from gateway.session import ClientSession
 
 log = logging.getLogger("voicepipe.gateway")
 
@@ -133,11 +138,11 @@ class Gateway:
         self.names = Names.from_settings(settings)
         self.gateway_id = f"gateway-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.bus = Bus(client, self.gateway_id)
-        self.inbox = self.names.inbox("gateway", self.gateway_id)
+        self.inbox = self.names.inbox(GATEWAY, self.gateway_id)
         self.directory = WorkerDirectory(client, self.names, settings.worker_ttl_s)
         self.requests = PendingRequests(self.bus, self.names, self.directory, self.gateway_id)  # OpenAI audio API
         self.rerouter = Rerouter(self)  # moves this gateway's conversations off dead workers
-        self.sessions: dict[str, ClientSession] = {}
+        self.conversations: dict[str, Conversation] = {}
         self.stats = Stats()
         self.started = time.monotonic()
         self._tasks = TaskSet("gateway")
@@ -176,7 +181,7 @@ class Gateway:
         )
         for name, loop in loops:
             self._tasks.spawn(keep_running(name, loop, self.loop_restarts), name=name)
-        trim = trim_loop(self.settings.memory_trim_interval_s, lambda: self.stats.published, lambda: not self.sessions)
+        trim = trim_loop(self.settings.memory_trim_interval_s, lambda: self.stats.published, lambda: not self.conversations)
         self._tasks.spawn(trim, name="memory-trim")
         if self.limits.enabled:
             try:
@@ -212,13 +217,13 @@ class Gateway:
         self.recovery.bus_lost("the gateway's inbox subscription dropped")
 
     async def aclose(self) -> None:
-        await self.close_sessions(1001, "server shutting down")
+        await self.close_conversations(1001, "server shutting down")
         await self._tasks.aclose()
-        await self.limits.aclose()  # after every session released its slot
+        await self.limits.aclose()  # after every conversation released its slot
 
-    async def close_sessions(self, code: int, reason: str) -> dict[str, object]:
+    async def close_conversations(self, code: int, reason: str) -> dict[str, object]:
         """The shutdown cleanup, once: stop taking conversations; close every socket (each
-        session's own end publishes its disconnect event, no batch cap), round after round until
+        conversation's own end publishes its disconnect event, no batch cap), round after round until
         none is left or `SHUTDOWN_MAX_ITERATIONS`; publish the event here for any socket that did
         not end; wait (bounded) until the workers confirm they hold none of these conversations;
         log one summary line and keep its figures in `last_shutdown_cleanup`."""
@@ -226,23 +231,23 @@ class Gateway:
             return self.stats.last_shutdown_cleanup
         self.closing = True
         started = time.perf_counter()
-        before = len(self.sessions)
-        closed: dict[str, ClientSession] = {}
+        before = len(self.conversations)
+        closed: dict[str, Conversation] = {}
         iterations = 0
-        while self.sessions and iterations < max(1, self.settings.shutdown_max_iterations):
+        while self.conversations and iterations < max(1, self.settings.shutdown_max_iterations):
             iterations += 1
-            round_ = dict(self.sessions)
+            round_ = dict(self.conversations)
             closed.update(round_)
-            for session in round_.values():
-                session.shutting_down = True
-                await session.close(code, reason)
+            for conversation in round_.values():
+                conversation.shutting_down = True
+                await conversation.close(code, reason)
             deadline = time.monotonic() + 2
-            while any(self.sessions.get(cid) is s for cid, s in round_.items()) and time.monotonic() < deadline:
+            while any(self.conversations.get(cid) is c for cid, c in round_.items()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-        after = len(self.sessions)
-        for cid, session in list(self.sessions.items()):  # stuck sockets: their workers still hear of the end
-            with log_context(cid, session.correlation_id):
-                await self.end_conversation(cid, session.correlation_id, "server_error", "shutdown")
+        after = len(self.conversations)
+        for cid, conversation in list(self.conversations.items()):  # stuck sockets: their workers still hear of the end
+            with log_context(cid, conversation.correlation_id):
+                await self.end_conversation(cid, conversation.correlation_id, "server_error", "shutdown")
         confirmed = await self._workers_released(set(closed))
         duration_ms = (time.perf_counter() - started) * 1000
         summary: dict[str, object] = {
@@ -299,12 +304,12 @@ class Gateway:
         if isinstance(message, (TranscriptionResult, SpeechAudio, SpeechDone)):
             self.requests.deliver(message)
             return
-        session = self.sessions.get(message.conversation_id)
-        if session is None:
+        conversation = self.conversations.get(message.conversation_id)
+        if conversation is None:
             with log_context(message.conversation_id, message.correlation_id):
                 log.debug("dropped %s for a conversation not on this gateway", message.type)
             return
-        session.deliver(message)
+        conversation.deliver(message)
 
     # ---- conversation lifecycle
     async def ensure_ready(self) -> None:
@@ -316,42 +321,91 @@ class Gateway:
         if missing := self.directory.missing():
             raise NotReady(f"no live worker for: {', '.join(missing)}")
 
+    async def serve_conversation(
+        self,
+        wire: Wire,
+        run: Callable[[Conversation], Awaitable[str]],
+        correlation_id: str,
+        conversation_id: str | None = None,
+        resume_token: str | None = None,
+    ) -> None:
+        """The whole life of one conversation on an accepted socket: open it (a new one, or the
+        resumed `conversation_id` whose token `resume` rotated to `resume_token`), serve it with
+        the protocol's `run` (which returns the disconnect reason), and end it exactly once."""
+        conversation_id = conversation_id or str(uuid.uuid4())
+        with log_context(conversation_id=conversation_id):
+            reason, detail, connection_id, conversation = "client_disconnect", None, None, None
+            try:
+                route, token = await self.open_conversation(conversation_id, correlation_id, resume_token)
+                connection_id = route.connection_id
+                log.info(
+                    "conversation %s: vad_stt=%s llm=%s tts=%s",
+                    "resumed" if resume_token else "opened", route.vad_stt, route.llm, route.tts,
+                )
+                conversation = Conversation(self, route, token, wire, resumed=resume_token is not None)
+                self.conversations[conversation_id] = conversation
+                reason = await conversation.serve(run)
+                if conversation.shutting_down:
+                    reason, detail = "server_error", "shutdown"
+            except NotReady as exc:
+                reason = "server_error"
+                log.warning("refusing conversation: %s", exc)
+                await wire.refuse(
+                    "not_ready", str(exc), *((1001, "server shutting down") if self.closing else (1011, "pipeline not ready"))
+                )
+            except RedisError as exc:  # Redis went away while the conversation was opened
+                reason = "server_error"
+                log.warning("conversation failed: Redis is unreachable: %s", exc)
+                await wire.refuse("bus_unavailable", "the message bus is down; try again in a moment", 1011, "bus unavailable")
+            except asyncio.CancelledError:
+                reason, detail = "server_error", "shutdown"
+                raise
+            except WebSocketDisconnect:  # the client left while it was being opened
+                reason = "client_disconnect"
+            except Exception:
+                reason = "server_error"
+                log.exception("connection failed")
+                with contextlib.suppress(Exception):
+                    await wire.close(1011, "internal error")
+            finally:
+                try:
+                    await asyncio.shield(
+                        self.end_conversation(conversation_id, correlation_id, reason, detail, connection_id=connection_id)
+                    )
+                finally:
+                    # leave the registry only once the event is out: shutdown waits on the registry
+                    if self.conversations.get(conversation_id) is conversation:
+                        self.conversations.pop(conversation_id, None)
+
     async def open_conversation(
         self, conversation_id: str, correlation_id: str, resume_token: str | None = None
-    ) -> dict[str, str]:
-        """Assign a worker of each stage and write the routing lease; returns the route, whose
-        `resume_token` is the one to give the client (for a resume: the successor `resume` claimed)."""
+    ) -> tuple[Route, str]:
+        """Assign a worker of each stage and write the routing lease; returns the route and the
+        resume token to give the client (for a resume: the successor `resume` claimed)."""
         await self.ensure_ready()
-        route = {stage: self.directory.pick(stage).worker_id for stage in STAGES}
-        route.update(
-            gateway=self.gateway_id,
+        route = Route(
+            conversation_id=conversation_id,
             correlation_id=correlation_id,
             connection_id=uuid.uuid4().hex,
-            created_ms=str(now_ms()),
+            gateway=self.gateway_id,
+            **{stage.value: self.directory.pick(stage).worker_id for stage in STAGES},
         )
         token = resume_token or secrets.token_urlsafe(24)
         conv_key, history_key = self.names.conversation(conversation_id), self.names.history(conversation_id)
-        opened = self.bus.encode(
-            ConversationOpened(
-                conversation_id=conversation_id,
-                correlation_id=correlation_id,
-                **{name: route[name] for name in (*STAGES, "gateway", "connection_id")},
-            )
-        )
+        opened = self.bus.encode(route.opened())
         async with self.redis.pipeline(transaction=True) as pipe:  # the lease, then the announcement
-            pipe.hset(conv_key, mapping=route)
+            pipe.hset(conv_key, mapping={**route.lease(), "created_ms": str(now_ms())})
             pipe.expire(conv_key, self._lease_s)
             pipe.hset(history_key, RESUME_TOKEN_FIELD, token_digest(token))
             pipe.expire(history_key, self.settings.resume_window_s + self._lease_s)
             pipe.zadd(self.names.live, {conversation_id: now_ms() + self._lease_s * 1000})
-            for stage in STAGES:
-                pipe.publish(self.names.inbox(stage, route[stage]), opened)
+            for inbox in route.inboxes(self.names):
+                pipe.publish(inbox, opened)
             await pipe.execute()
-        route["resume_token"] = token
         self.stats.current += 1
         self.stats.total += 1
         self.stats.peak = max(self.stats.peak, self.stats.current)
-        return route
+        return route, token
 
     async def resume(self, conversation_id: str, token: str) -> str:
         """Claim the conversation for a new socket: returns the rotated resume token, or raises
@@ -379,7 +433,7 @@ class Gateway:
             correlation_id=route[b"correlation_id"].decode(),
             connection_id=route[b"connection_id"].decode(),
         )
-        old_inbox = self.names.inbox("gateway", route[b"gateway"].decode())
+        old_inbox = self.names.inbox(GATEWAY, route[b"gateway"].decode())
         receivers = await self.bus.publish(old_inbox, takeover)
         # a deadline checked in the loop, not a cancellation: a Redis call may swallow one (tasks.py)
         deadline = time.monotonic() + TAKEOVER_WAIT_S
@@ -488,7 +542,7 @@ class Gateway:
         cleaned = 0
         for raw in expired:
             cid = raw.decode(errors="replace")  # ZREM below uses the member as stored
-            if cid in self.sessions or await self.redis.exists(self.names.conversation(cid)):
+            if cid in self.conversations or await self.redis.exists(self.names.conversation(cid)):
                 continue  # alive: its lease refresh is merely late
             if await self.redis.zrem(self.names.live, raw):
                 with log_context(cid):

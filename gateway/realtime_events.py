@@ -235,6 +235,7 @@ class _Turn:
     transcript: str = ""
     audio_sent: bool = False
     spoken: bool = False  # the user item holds audio (else typed text)
+    closed: bool = False  # its `response.done` was produced
 
 
 class RealtimeTurns:
@@ -259,6 +260,13 @@ class RealtimeTurns:
             while len(self._turns) > 64:  # the oldest turns are long finished
                 self._turns.pop(next(iter(self._turns)))
         return turn
+
+    def rekey(self, key: str, turn_id: str) -> None:
+        """What was kept under `key` (a typed message, before the turn that answers it had an id)
+        belongs to `turn_id` from now on."""
+        turn = self._turns.pop(key, None)
+        if turn is not None:
+            self._turns[turn_id] = turn
 
     def find_item(self, item_id: str) -> str | None:
         """The turn whose assistant item this is (for `conversation.item.truncate`)."""
@@ -372,8 +380,11 @@ class RealtimeTurns:
         error: dict[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         """Close the turn's response (once): the content part, the item, then `response.done`."""
+        if self._turns.get(turn_id) is not None and self._turns[turn_id].closed:
+            return []
         out = self.response_started(turn_id)
         turn = self._turns[turn_id]
+        turn.closed = True
         if text is not None and status == "completed":
             turn.transcript = text
         where = self._where(turn)

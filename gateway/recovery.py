@@ -34,21 +34,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from shared.channels import STAGES
 from shared.clock import now_ms
 from shared.logging import log_context
-from shared.messages import BusMessage, ConversationOpened
+from shared.messages import BusMessage
+from shared.route import LEASE_EXTRA
+from shared.stages import STAGES
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from gateway.conversation import Conversation
     from gateway.hub import Gateway
-    from gateway.session import ClientSession
     from gateway.turns import Turn
 
 log = logging.getLogger("voicepipe.gateway.recovery")
@@ -94,7 +96,6 @@ def waits_on(turn: Turn, stage: str) -> bool:
     return not turn.audio_done
 
 
-ROUTE_FIELDS = (*STAGES, "gateway", "correlation_id", "connection_id", "created_ms")
 SETTLE_S = 2.0  # how long the first turn after an outage waits for the bus to be whole again
 FORGET_WORKER_S = 600.0  # a worker's last subscription time is kept this long after its last heartbeat
 
@@ -118,14 +119,14 @@ class Recovery:
         """The inbox subscription dropped: end every turn in flight, on every socket; until its
         routing is written again, a socket writes it before it sends anything more."""
         self._gateway.bus_health.lost(why)
-        for session in self._gateway.sessions.values():
-            session.routing_unsure = True
-        self._fail(self._gateway.sessions.values())
+        for conversation in self._gateway.conversations.values():
+            conversation.routing_unsure = True
+        self._fail(self._gateway.conversations.values())
 
     async def bus_back(self) -> None:
         """Subscribed again: end the turns begun while the inbox was deaf, write lost routing again."""
         self._back_at = time.monotonic()
-        self._fail(self._gateway.sessions.values())
+        self._fail(self._gateway.conversations.values())
         await self.reestablish_all()
 
     def worker_gaps(self) -> list[str]:
@@ -146,25 +147,25 @@ class Recovery:
             del self._subscribed[worker_id]
         for worker_id, since_ms in moved.items():
             log.warning("worker %s subscribed again: its turns in flight may have lost messages", worker_id)
-            for session in list(self._gateway.sessions.values()):
+            for conversation in list(self._gateway.conversations.values()):
                 for stage in STAGES:
-                    if session.route.get(stage) == worker_id:
-                        self._fail([session], lambda turn, stage=stage, since=since_ms: turn.opened_ms < since and waits_on(turn, stage))
+                    if conversation.route.worker(stage) == worker_id:
+                        self._fail([conversation], lambda turn, stage=stage, since=since_ms: turn.opened_ms < since and waits_on(turn, stage))
         return list(moved)
 
-    def _fail(self, sessions, which: Callable[[Turn], bool] | None = None) -> None:
-        for session in list(sessions):
-            with log_context(session.conversation_id, session.correlation_id):
-                self.turns_failed += session.fail_turns_in_flight("bus_unavailable", BUS_LOST_MESSAGE, which)
+    def _fail(self, conversations: Iterable[Conversation], which: Callable[[Turn], bool] | None = None) -> None:
+        for conversation in list(conversations):
+            with log_context(conversation.conversation_id, conversation.correlation_id):
+                self.turns_failed += conversation.fail_turns_in_flight("bus_unavailable", BUS_LOST_MESSAGE, which)
 
-    async def settle(self, session: ClientSession) -> None:
+    async def settle(self, conversation: Conversation) -> None:
         """Wait (bounded) until the inbox is subscribed again, then write the socket's routing."""
         gateway = self._gateway
         try:
             async with asyncio.timeout(SETTLE_S):
                 while not gateway.inbox_live:
                     await asyncio.sleep(0.02)
-                await self.reestablish([session])
+                await self.reestablish([conversation])
         except (TimeoutError, RedisError, OSError) as exc:
             log.warning("the bus has not settled yet (%s); the turn goes out anyway", type(exc).__name__)
 
@@ -179,17 +180,18 @@ class Recovery:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
 
-    async def reestablish(self, sessions: list[ClientSession]) -> int:
+    async def reestablish(self, conversations: list[Conversation]) -> int:
         """Write each conversation's routing again where it is gone; returns how many were."""
         written = 0
-        for session in sessions:
-            if session.ended:
+        for conversation in conversations:
+            if conversation.ended:
                 continue
-            with log_context(session.conversation_id, session.correlation_id):
-                outcome = await self._reestablish(session)
-                session.routing_unsure = False
+            with log_context(conversation.conversation_id, conversation.correlation_id):
+                outcome = await self._reestablish(conversation)
+                conversation.routing_unsure = False
                 if outcome == 1:
                     written += 1
+                    conversation.announce_settings()  # a worker that prepares it again must not use the defaults
                     log.warning("conversation routing was lost with Redis; written again and announced")
                 elif outcome == 0:
                     log.info("conversation routing names another socket now; not written again")
@@ -197,32 +199,27 @@ class Recovery:
         return written
 
     async def reestablish_all(self) -> None:
-        await self.reestablish(list(self._gateway.sessions.values()))
+        await self.reestablish(list(self._gateway.conversations.values()))
 
-    async def _reestablish(self, session: ClientSession) -> int:
+    async def _reestablish(self, conversation: Conversation) -> int:
         from gateway.hub import RESUME_TOKEN_FIELD, token_digest
 
-        gateway, cid, route = self._gateway, session.conversation_id, session.route
+        gateway, cid, route = self._gateway, conversation.conversation_id, conversation.route
         names, lease_s = gateway.names, max(1, int(gateway.settings.stale_timeout_s))
-        opened = gateway.bus.encode(
-            ConversationOpened(
-                conversation_id=cid,
-                correlation_id=route["correlation_id"],
-                **{name: route[name] for name in (*STAGES, "gateway", "connection_id")},
-            )
-        )
-        inboxes = [names.inbox(stage, route[stage]) for stage in STAGES]
-        fields = [item for name in ROUTE_FIELDS if name in route for item in (name, route[name])]
+        opened = gateway.bus.encode(route.opened())
+        inboxes = route.inboxes(names)
+        lease = {**route.lease(), **dict.fromkeys(LEASE_EXTRA, str(now_ms()))}
+        fields = [item for pair in lease.items() for item in pair]
         return int(
             await self._script(
                 keys=[names.conversation(cid), names.live, names.history(cid)],
                 args=[
-                    route["connection_id"],
+                    route.connection_id,
                     lease_s,
                     cid,
                     now_ms() + lease_s * 1000,
                     RESUME_TOKEN_FIELD,
-                    token_digest(route["resume_token"]),
+                    token_digest(conversation.resume_token),
                     gateway.settings.resume_window_s + lease_s,
                     opened,
                     len(inboxes),

@@ -30,13 +30,12 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from gateway.turns import Turn
-from shared.channels import STAGES
 from shared.logging import log_context
-from shared.messages import ConversationOpened
+from shared.stages import STAGES
 
 if TYPE_CHECKING:
+    from gateway.conversation import Conversation
     from gateway.hub import Gateway
-    from gateway.session import ClientSession
 
 log = logging.getLogger("voicepipe.gateway.reroute")
 
@@ -91,92 +90,83 @@ class Rerouter:
         directory = self.gateway.directory
         async with self._lock:
             live = {stage: directory.live(stage) for stage in STAGES}
-            for session in list(self.gateway.sessions.values()):
+            for conversation in list(self.gateway.conversations.values()):
                 for stage in STAGES:
-                    if session.route[stage] not in live[stage]:
-                        with log_context(session.conversation_id, session.correlation_id):
-                            await self._move(session, stage)
-                    elif stage in session.unavailable:  # its own worker is back (it re-subscribed)
-                        session.unavailable.discard(stage)
+                    if conversation.route.worker(stage) not in live[stage]:
+                        with log_context(conversation.conversation_id, conversation.correlation_id):
+                            await self._move(conversation, stage)
+                    elif stage in conversation.unavailable:  # its own worker is back (it re-subscribed)
+                        conversation.unavailable.discard(stage)
 
-    async def _move(self, session: ClientSession, stage: str) -> None:
-        dead = session.route[stage]
+    async def _move(self, conversation: Conversation, stage: str) -> None:
+        dead = conversation.route.worker(stage)
         chosen = self.gateway.directory.pick(stage)
         if chosen is None:
-            if stage not in session.unavailable:
-                session.unavailable.add(stage)
+            if stage not in conversation.unavailable:
+                conversation.unavailable.add(stage)
                 log.warning("no live %s worker left (%s is gone): the conversation waits for one", stage, dead)
-                self.fail_turns(session, None, STAGE_UNAVAILABLE, f"no {stage} worker is available", dead)
+                self.fail_turns(conversation, None, STAGE_UNAVAILABLE, f"no {stage} worker is available", dead)
             return
-        route = {**session.route, stage: chosen.worker_id}
+        route = conversation.route.moved(stage, chosen.worker_id)
         names = self.gateway.names
-        opened = ConversationOpened(
-            conversation_id=session.conversation_id,
-            correlation_id=session.correlation_id,
-            **{name: route[name] for name in (*STAGES, "gateway", "connection_id")},
-        )
-        inboxes = [names.inbox(s, route[s]) for s in STAGES]
         moved = await self._reroute(
-            keys=[names.conversation(session.conversation_id)],
-            args=[route["connection_id"], stage, chosen.worker_id, *inboxes, self.gateway.bus.encode(opened)],
+            keys=[names.conversation(conversation.conversation_id)],
+            args=[route.connection_id, stage, chosen.worker_id, *route.inboxes(names), self.gateway.bus.encode(route.opened())],
         )
         if not moved:
             log.info("not re-routed: the conversation's lease is gone or belongs to another connection")
             return
-        session.route[stage] = chosen.worker_id
+        conversation.moved(stage, chosen.worker_id)
         self.stats["rerouted"] += 1
-        if stage in session.unavailable:
-            session.unavailable.discard(stage)
+        if stage in conversation.unavailable:
+            conversation.unavailable.discard(stage)
             log.info("%s is available again: conversation routed to %s", stage, chosen.worker_id)
         else:
             log.warning("%s worker %s is gone: conversation re-routed to %s", stage, dead, chosen.worker_id)
-            self.fail_turns(session, stage, STAGE_FAILED, f"the {stage} worker serving this turn stopped", dead)
+            self.fail_turns(conversation, stage, STAGE_FAILED, f"the {stage} worker serving this turn stopped", dead)
 
-    def fail_turns(self, session: ClientSession, stage: str | None, code: str, message: str, source: str) -> None:
+    def fail_turns(self, conversation: Conversation, stage: str | None, code: str, message: str, source: str) -> None:
         """End every open turn in flight at `stage` (every open turn when None) with `error` `code`."""
-        for turn in session.turns.unfinished():
+        for turn in conversation.turns.unfinished():
             if not turn.done and (stage is None or in_flight_at(turn, stage)):
-                self.end_turn(session, turn, code, message, source)
+                self.end_turn(conversation, turn, code, message, source)
 
-    def end_turn(self, session: ClientSession, turn: Turn, code: str, message: str, source: str | None) -> None:
+    def end_turn(self, conversation: Conversation, turn: Turn, code: str, message: str, source: str | None) -> None:
         """`error` then an empty `response.done` for a turn that cannot complete; whatever still
         arrives for it is dropped."""
-        session.turns.fence(turn.turn_id)
-        turn.done = True
         self.stats["turns_failed" if code == STAGE_FAILED else "turns_unavailable"] += 1
-        session.send_event("error", turn.turn_id, code=code, message=message, source=source)
-        session.send_event(
-            "response.done", turn.turn_id, text=turn.text or "", metrics=turn.metrics(), diagnostics=turn.diagnostics()
-        )
+        conversation.fail_turn(turn.turn_id, code, message, source)
 
-    def refuse_turn(self, session: ClientSession, turn: Turn) -> None:
+    def refuse_turn(self, conversation: Conversation, turn: Turn) -> None:
         """A turn tried while a stage has no live worker: answered at once."""
-        stages = ", ".join(sorted(session.unavailable))
-        self.end_turn(session, turn, STAGE_UNAVAILABLE, f"no {stages} worker is available", None)
+        stages = ", ".join(sorted(conversation.unavailable))
+        self.end_turn(conversation, turn, STAGE_UNAVAILABLE, f"no {stages} worker is available", None)
 
-    def refuse_audio(self, session: ClientSession) -> None:
+    def refuse_audio(self, conversation: Conversation) -> None:
         """Audio sent while a stage has no live worker is dropped; the client hears why, at most
         once every TELL_AGAIN_S."""
         now = time.monotonic()
-        if now - session.unavailable_told < TELL_AGAIN_S:
+        if now - conversation.unavailable_told < TELL_AGAIN_S:
             return
-        session.unavailable_told = now
-        stages = ", ".join(sorted(session.unavailable))
-        session.send_event("error", code=STAGE_UNAVAILABLE, message=f"no {stages} worker is available")
+        conversation.unavailable_told = now
+        stages = ", ".join(sorted(conversation.unavailable))
+        conversation.emit("error", code=STAGE_UNAVAILABLE, message=f"no {stages} worker is available")
 
-    async def unreached(self, session: ClientSession, stage: str, turn: Turn | None) -> None:
+    async def unreached(self, conversation: Conversation, stage: str, turn: Turn | None) -> None:
         """A message to the conversation's `stage` worker reached no subscriber: it is lost, so its
         turn ends now, and the conversation moves at once if that worker has no reader."""
         if turn is not None and not turn.done:
-            self.end_turn(session, turn, STAGE_FAILED, f"the {stage} worker serving this turn stopped", session.route[stage])
-        await self.probe(session)
+            self.end_turn(
+                conversation, turn, STAGE_FAILED, f"the {stage} worker serving this turn stopped", conversation.route.worker(stage)
+            )
+        await self.probe(conversation)
 
-    async def probe(self, session: ClientSession) -> None:
+    async def probe(self, conversation: Conversation) -> None:
         """A message of the conversation was lost: every worker of it whose inbox has no reader
         counts as dead now, and the conversation moves off it at once."""
         directory = self.gateway.directory
         try:
-            lost = [stage for stage in STAGES if not await directory.check_reachable(stage, session.route[stage])]
+            lost = [stage for stage in STAGES if not await directory.check_reachable(stage, conversation.route.worker(stage))]
             if lost:
                 await self.check()
         except (RedisError, OSError) as exc:  # the directory's next refresh tries again

@@ -22,6 +22,7 @@ from shared.recent import RecentIds
 LIVE_TURNS = 8  # turns kept per conversation (the newest)
 FENCED_TURNS = 32  # interrupted turns remembered per conversation, to drop their late output
 PLAYBACK_MARGIN_MS = 300.0  # the client's own buffering on top of the audio's duration
+MAX_MARKS = 4096  # audio chunks of a reply remembered for truncation (minutes of speech)
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Turn:
     sample_rate: int = 0
     heard: float = 0.0  # TTS pieces of the reply whose audio was sent (2.5: two and a half)
     playing_until_ms: float = 0.0  # when the client runs out of the reply's audio sent so far
+    audio_ms: float = 0.0  # duration of the reply's audio sent so far
+    marks: list[tuple[float, float]] = field(default_factory=list)  # (audio_ms, heard) after each chunk
     opened_ms: float = field(default_factory=now_ms_float)  # when the gateway first heard of the turn
 
     @property
@@ -58,7 +61,22 @@ class Turn:
         """Account one chunk sent to the client: how far the reply got, and its playback horizon."""
         self.heard = max(self.heard, piece + piece_end)
         if self.sample_rate:
-            self.playing_until_ms = max(self.playing_until_ms, now_ms) + pcm_bytes * 500 / self.sample_rate
+            duration_ms = pcm_bytes * 500 / self.sample_rate
+            self.playing_until_ms = max(self.playing_until_ms, now_ms) + duration_ms
+            self.audio_ms += duration_ms
+            if len(self.marks) < MAX_MARKS:
+                self.marks.append((self.audio_ms, self.heard))
+
+    def heard_at(self, audio_ms: float) -> float:
+        """How far into the reply (in TTS pieces, like `heard`) its first `audio_ms` of audio got:
+        where a client that stopped playing there stopped (Realtime `conversation.item.truncate`)."""
+        before_ms, before = 0.0, 0.0
+        for at_ms, heard in self.marks:
+            if at_ms >= audio_ms:  # inside this chunk: its share of the way from the previous mark
+                share = (audio_ms - before_ms) / (at_ms - before_ms) if at_ms > before_ms else 1.0
+                return before + (heard - before) * max(0.0, share)
+            before_ms, before = at_ms, heard
+        return self.heard
 
     def active(self, now_ms: float) -> bool:
         """The reply is generating, or its audio may still be playing at the client."""

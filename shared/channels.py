@@ -25,9 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.config import Settings
-
-STAGES = ("vad_stt", "llm", "tts")
-GATEWAY = "gateway"
+from shared.stages import GATEWAY, STAGES  # noqa: F401  (re-exported: the names most callers need with these)
 
 
 @dataclass(frozen=True)

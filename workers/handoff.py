@@ -19,12 +19,11 @@ import logging
 import redis.asyncio as aioredis
 
 from shared.bus import Bus
-from shared.channels import GATEWAY, STAGES, Names
-from shared.messages import ConversationOpened
+from shared.channels import Names
+from shared.route import Route
+from shared.stages import GATEWAY
 
 log = logging.getLogger("voicepipe.handoff")
-
-ROUTE_FIELDS = ("gateway", *STAGES, "correlation_id", "connection_id")
 
 # KEYS[1] the lease; ARGV[1] the route read (JSON object of field -> value), ARGV[2] the stage,
 # ARGV[3] its new owner, ARGV[4] the announcement, ARGV[5..] the inboxes it goes to.
@@ -45,41 +44,32 @@ return receivers
 """
 
 
-async def read_route(client: aioredis.Redis, names: Names, conversation_id: str) -> dict[str, str] | None:
+async def read_route(client: aioredis.Redis, names: Names, conversation_id: str) -> Route | None:
     """The conversation's route as stored, or None when it is not connected (or incomplete)."""
     raw = await client.hgetall(names.conversation(conversation_id))
     try:
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
-    except UnicodeDecodeError:
+        return Route.of({k.decode(): v.decode() for k, v in raw.items()}, conversation_id)
+    except (KeyError, UnicodeDecodeError):
         return None
-    if not all(name in fields for name in ROUTE_FIELDS):
-        return None
-    return {name: fields[name] for name in ROUTE_FIELDS}
 
 
 async def reroute(
     client: aioredis.Redis, bus: Bus, names: Names, conversation_id: str, stage: str, old: str, new: str,
     connection_id: str,
-) -> dict[str, str] | None:
+) -> Route | None:
     """Move `stage` of the conversation's socket `connection_id` from process `old` to `new`;
     returns the new route, or None when the lease no longer names `old` for that socket."""
     script = client.register_script(REROUTE)
     for _ in range(3):  # a refresh between the read and the step changes nothing; a real change ends it
         route = await read_route(client, names, conversation_id)
-        if route is None or route["connection_id"] != connection_id or route[stage] != old:
+        if route is None or route.connection_id != connection_id or route.worker(stage) != old:
             return None
-        moved = {**route, stage: new}
-        announcement = bus.encode(
-            ConversationOpened(
-                conversation_id=conversation_id,
-                correlation_id=route["correlation_id"],
-                **{name: moved[name] for name in (GATEWAY, *STAGES, "connection_id")},
-            )
-        )
-        inboxes = [names.inbox(GATEWAY, moved[GATEWAY]), *(names.inbox(s, moved[s]) for s in STAGES)]
+        moved = route.moved(stage, new)
+        announcement = bus.encode(moved.opened())
+        inboxes = [moved.inbox(GATEWAY, names), *moved.inboxes(names)]
         receivers = await script(
             keys=[names.conversation(conversation_id)],
-            args=[json.dumps(route), stage, new, announcement, *inboxes],
+            args=[json.dumps(route.lease()), stage, new, announcement, *inboxes],
         )
         if receivers >= 0:
             log.info("%s moved from %s to %s (announced to %d)", stage, old, new, receivers)

@@ -50,8 +50,6 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
@@ -64,6 +62,7 @@ from shared.config import Settings
 from shared.logging import log_context, redact_url
 from shared.memory import trim_loop
 from shared.messages import BusMessage, ConnectionDisconnected, ConversationOpened, IntrospectReply, IntrospectRequest
+from shared.route import Route
 from shared.tasks import keep_running
 from workers.handoff import reroute
 from workers.metrics import WorkerMetrics
@@ -74,23 +73,6 @@ log = logging.getLogger("voicepipe.worker")
 ENDED_MEMORY = 10_000  # ended sockets remembered for fencing (and their cleanup time, for admin)
 ENDED_MEMORY_S = 120.0  # ... for at most this long: late messages arrive within milliseconds
 FORWARD_GRACE_S = 1.0  # a draining worker exits once nothing came to forward for this long
-
-
-@dataclass(frozen=True)
-class Route:
-    """Which process of each stage serves a conversation, written by the gateway at connect."""
-
-    gateway: str
-    vad_stt: str
-    llm: str
-    tts: str
-    correlation_id: str
-    connection_id: str
-
-    @classmethod
-    def of(cls, fields: Mapping[str, str]) -> "Route":
-        """The route these fields name (a lease hash, a `conversation.opened`); KeyError if one is missing."""
-        return cls(**{name: fields[name] for name in cls.__dataclass_fields__})
 
 
 class Worker(abc.ABC):
@@ -472,7 +454,7 @@ class Worker(abc.ABC):
         if not fields:
             return None
         try:
-            return Route.of({k.decode(): v.decode() for k, v in fields.items()})
+            return Route.of({k.decode(): v.decode() for k, v in fields.items()}, conversation_id)
         except (KeyError, UnicodeDecodeError) as exc:
             log.warning("conversation routing is incomplete or not UTF-8 (%s): treated as not connected", type(exc).__name__)
             return None

@@ -318,14 +318,14 @@ async def test_a_client_that_does_not_read_is_closed_1008_and_counted(redis_url,
     settings = make_settings(redis_url, max_outbound_bytes=1000)
     async with run_stack(settings, transcriber=transcriber, voice=voice, llm_base_url=fake_llm.base_url) as stack:
         ws, started = await connect(stack.ws_url)
-        session = stack.gateway.sessions[started["conversation_id"]]
+        websocket = stack.gateway.conversations[started["conversation_id"]].wire.socket.websocket
         stuck = asyncio.Event()
 
         async def never_writes(*args, **kwargs):
             await stuck.wait()
 
-        session.websocket.send_text = never_writes  # what a full TCP window looks like from here
-        session.websocket.send_bytes = never_writes
+        websocket.send_text = never_writes  # what a full TCP window looks like from here
+        websocket.send_bytes = never_writes
         for _ in range(90):  # within the rate; 90 pongs are 1440 bytes
             await ws.send(json.dumps({"type": "ping"}))
         code = await wait_closed(ws)
@@ -352,7 +352,7 @@ async def test_a_client_that_pings_without_reading_is_dropped(stack):
                 await writer.drain()
     writer.transport.abort()
     async with asyncio.timeout(10):
-        while stack.gateway.sessions:
+        while stack.gateway.conversations:
             await asyncio.sleep(0.01)
     # in-process, the flood kept the one event loop busy long enough for the test workers' 2 s
     # heartbeats to lapse: wait until they are live again, then everyone else is served as before

@@ -156,7 +156,7 @@ async def _missed_event(stack, fake_llm, redis_client, settings):
     assert (await next_event(ws))["type"] == "response.text.delta"
     # what the gateway does just before publishing, once it is ending the socket (it no longer
     # keeps the lease then; a lease gone under a live socket is written again: gateway/recovery.py)
-    stack.gateway.sessions[cid]._ended.set()
+    stack.gateway.conversations[cid]._ended.set()
     await redis_client.delete(f"{settings.namespace}:conv:{cid}")
     async with asyncio.timeout(llm.sweep_interval_s + 1):
         while cid in llm.conversation_ids():

@@ -151,7 +151,7 @@ async def test_a_restart_between_turns_keeps_the_conversation(own_redis, fake_ll
             probe = create_redis(own_redis.url)
             try:  # the routing lost with Redis was written again, as it was
                 route = await probe.hgetall(names.conversation(started["conversation_id"]))
-                assert route[b"connection_id"].decode() == stack.gateway.sessions[started["conversation_id"]].route["connection_id"]
+                assert route[b"connection_id"].decode() == stack.gateway.conversations[started["conversation_id"]].route.connection_id
                 assert {route[stage.encode()].decode() for stage in STAGES} == {w.worker_id for w in stack.workers.values()}
             finally:
                 await probe.aclose()

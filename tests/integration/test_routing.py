@@ -11,7 +11,8 @@ from types import SimpleNamespace
 from gateway.admin import workers as admin_workers
 from gateway.hub import Gateway
 from shared.bus import create_redis
-from shared.channels import STAGES
+from shared.route import Route
+from shared.stages import STAGES
 from workers.llm_orchestrator.handler import LlmWorker
 from workers.tts.handler import TtsWorker
 from workers.vad_stt.handler import VadSttWorker
@@ -49,13 +50,14 @@ async def replicas(settings, per_stage: int = 2, gateways: int = 2):
             await c.aclose()
 
 
-async def open_many(hubs, n: int) -> list[dict[str, str]]:
+async def open_many(hubs, n: int) -> list[Route]:
     """n conversations opened at once over the gateways, each after a random pause of up to 0.5 s
     (several heartbeats), so the gateways see each other's assignments only through heartbeats."""
 
-    async def one(i: int) -> dict[str, str]:
+    async def one(i: int) -> Route:
         await asyncio.sleep(random.uniform(0, 0.5))
-        return await hubs[i % len(hubs)].open_conversation(str(uuid.uuid4()), "corr-routing")
+        route, _token = await hubs[i % len(hubs)].open_conversation(str(uuid.uuid4()), "corr-routing")
+        return route
 
     return list(await asyncio.gather(*(one(i) for i in range(n))))
 
@@ -69,7 +71,7 @@ async def test_40_conversations_split_over_2_replicas_within_20_percent(settings
         for stage in STAGES:
             held = [len(w.conversation_ids()) for w in workers[stage]]
             assert sum(held) == 40 and all(16 <= n <= 24 for n in held), (stage, held)
-            given = [sum(1 for r in routes if r[stage] == w.worker_id) for w in workers[stage]]
+            given = [sum(1 for r in routes if r.worker(stage) == w.worker_id) for w in workers[stage]]
             assert given == held, (stage, given, held)
 
 
@@ -91,7 +93,7 @@ async def test_a_draining_replica_gets_no_new_conversation_but_keeps_its_own(set
                 await asyncio.sleep(0.05)
         assert hub.directory.live("llm") == {draining.worker_id, other.worker_id}
         after = await open_many([hub], 10)
-        assert {r["llm"] for r in after} == {other.worker_id}
+        assert {r.llm for r in after} == {other.worker_id}
         assert set(draining.conversation_ids()) == kept
         assert all(hub.directory.pick("llm").worker_id == other.worker_id for _ in range(5))
         # operators see it: /admin/workers says which worker drains
@@ -106,12 +108,12 @@ async def test_workers_follow_a_reroute_the_old_owner_lets_go_and_takes_it_back_
     other stages address it, the old owner drops the conversation and refuses its messages; moved
     back, the old owner takes it again."""
     from gateway.reroute import REROUTE
-    from shared.messages import ConversationOpened, TextInput
+    from shared.messages import TextInput
 
     settings = settings.model_copy(update={"stale_timeout_s": 3.0})  # workers sweep every second
     async with replicas(settings, gateways=1) as (workers, [hub]):
         cid = str(uuid.uuid4())
-        route = await hub.open_conversation(cid, "corr-reroute")
+        route, _token = await hub.open_conversation(cid, "corr-reroute")
 
         async def keep_lease() -> None:  # what the socket's session does while it lives
             while True:
@@ -120,22 +122,17 @@ async def test_workers_follow_a_reroute_the_old_owner_lets_go_and_takes_it_back_
 
         lease = asyncio.create_task(keep_lease())
         by_id = {w.worker_id: w for found in workers.values() for w in found}
-        old = by_id[route["llm"]]
+        old = by_id[route.llm]
         new = next(w for w in workers["llm"] if w is not old)
-        vad, tts = by_id[route["vad_stt"]], by_id[route["tts"]]
+        vad, tts = by_id[route.vad_stt], by_id[route.tts]
         async with asyncio.timeout(5):
             while not all(cid in w.conversation_ids() for w in (old, vad, tts)):
                 await asyncio.sleep(0.02)
         reroute = redis_client.register_script(REROUTE)
 
         async def move_llm_to(worker) -> None:
-            moved = {**route, "llm": worker.worker_id}
-            opened = ConversationOpened(
-                conversation_id=cid, correlation_id="corr-reroute",
-                **{k: moved[k] for k in ("vad_stt", "llm", "tts", "gateway", "connection_id")},
-            )
-            inboxes = [hub.names.inbox(s, moved[s]) for s in STAGES]
-            args = [route["connection_id"], "llm", worker.worker_id, *inboxes, hub.bus.encode(opened)]
+            moved = route.moved("llm", worker.worker_id)
+            args = [route.connection_id, "llm", worker.worker_id, *moved.inboxes(hub.names), hub.bus.encode(moved.opened())]
             assert await reroute(keys=[hub.names.conversation(cid)], args=args) == 1
 
         await move_llm_to(new)
@@ -143,7 +140,7 @@ async def test_workers_follow_a_reroute_the_old_owner_lets_go_and_takes_it_back_
             while cid not in new.conversation_ids() or cid in old.conversation_ids():
                 await asyncio.sleep(0.02)
         assert vad.conversations[cid].route.llm == new.worker_id and tts.conversations[cid].route.llm == new.worker_id
-        assert new.conversations[cid].route.connection_id == route["connection_id"]
+        assert new.conversations[cid].route.connection_id == route.connection_id
         # a message still reaching the old owner is refused: it does not serve the conversation again
         late = TextInput(conversation_id=cid, correlation_id="corr-reroute", turn_id="late-turn", text="hello")
         assert not await old.admit(late) and cid not in old.conversation_ids()
@@ -155,7 +152,7 @@ async def test_workers_follow_a_reroute_the_old_owner_lets_go_and_takes_it_back_
         assert vad.conversations[cid].route.llm == old.worker_id
 
         lease.cancel()
-        await hub.end_conversation(cid, "corr-reroute", "client_disconnect", connection_id=route["connection_id"])
+        await hub.end_conversation(cid, "corr-reroute", "client_disconnect", connection_id=route.connection_id)
         async with asyncio.timeout(5):
             while any(cid in w.conversation_ids() for found in workers.values() for w in found):
                 await asyncio.sleep(0.02)

@@ -18,7 +18,7 @@ async def test_a_turn_queued_while_the_speaker_clears_its_mark_is_spoken(setting
     worker = TtsWorker(settings, client)
     await worker.load()
     cid = str(uuid.uuid4())
-    route = Route(gateway="g-test", vad_stt="v-test", llm="l-test", tts=worker.worker_id, correlation_id="c", connection_id="s")
+    route = Route(conversation_id=cid, gateway="g-test", vad_stt="v-test", llm="l-test", tts=worker.worker_id, correlation_id="c", connection_id="s")
     await worker.prepare(cid, route)
     gateway = redis_client.pubsub(ignore_subscribe_messages=True)
     await gateway.subscribe(worker.names.inbox("gateway", "g-test"))

@@ -206,8 +206,8 @@ async def test_turn_bookkeeping_stays_bounded(stack, fake_llm):
             await ws.send(json.dumps({"type": "ping"}))
             while (await next_event(ws, timeout=30))["type"] != "pong":
                 pass
-        session = stack.gateway.sessions[cid]
-        assert len(session.turns) <= 8
+        conversation = stack.gateway.conversations[cid]
+        assert len(conversation.turns) <= 8
         tts = stack.workers["tts"].conversations[cid]
         assert len(tts.stopped_turns) <= 16
         state = await admin_get(stack, f"/admin/conversations/{cid}")

@@ -7,11 +7,12 @@ from types import SimpleNamespace
 from gateway.directory import WorkerInfo
 from gateway.recovery import Recovery, waits_on
 from gateway.turns import Turn, TurnTable
+from shared.route import Route
 
 
-class FakeSession:
-    def __init__(self, route: dict[str, str]) -> None:
-        self.route = route
+class FakeConversation:
+    def __init__(self, workers: dict[str, str]) -> None:
+        self.route = Route(conversation_id="c", correlation_id="k", connection_id="s", gateway="g", **workers)
         self.conversation_id = "c"
         self.correlation_id = "k"
         self.turns = TurnTable()
@@ -25,10 +26,10 @@ class FakeSession:
         return len(picked)
 
 
-def gateway_with(session: FakeSession):
+def gateway_with(session: FakeConversation):
     directory = SimpleNamespace(workers={"vad_stt": [], "llm": [], "tts": []})
     redis = SimpleNamespace(register_script=lambda script: None)
-    return SimpleNamespace(redis=redis, directory=directory, sessions={"c": session})
+    return SimpleNamespace(redis=redis, directory=directory, conversations={"c": session})
 
 
 def beat(gateway, stage: str, worker_id: str, subscribed_ms: int) -> None:
@@ -48,7 +49,7 @@ def test_waits_on_follows_what_a_turn_still_needs():
 
 
 def test_a_resubscribed_worker_ends_only_the_earlier_turns_that_wait_for_it():
-    session = FakeSession({"vad_stt": "v1", "llm": "l1", "tts": "t1"})
+    session = FakeConversation({"vad_stt": "v1", "llm": "l1", "tts": "t1"})
     gateway = gateway_with(session)
     recovery = Recovery(gateway)
     beat(gateway, "llm", "l1", 1000)
@@ -71,7 +72,7 @@ def test_a_resubscribed_worker_ends_only_the_earlier_turns_that_wait_for_it():
 
 def test_a_worker_missing_from_one_refresh_is_still_compared_when_it_comes_back():
     """After a Redis restart a worker's heartbeat is gone until it beats into the new Redis."""
-    session = FakeSession({"vad_stt": "v1", "llm": "l1", "tts": "t1"})
+    session = FakeConversation({"vad_stt": "v1", "llm": "l1", "tts": "t1"})
     gateway = gateway_with(session)
     recovery = Recovery(gateway)
     beat(gateway, "tts", "t1", 1000)
