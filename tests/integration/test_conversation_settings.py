@@ -223,7 +223,8 @@ async def test_clear_mid_utterance_leaves_no_transcript_and_nothing_held(redis_u
         await gw.handled_so_far()
         before = worker.holds("cleared")
         # the whole question, then a pause long enough for an early transcript, not for the end
-        await gw.audio("cleared", [SILENCE] * 10 + SPEECH_FRAMES + [SILENCE] * 8)
+        # (220 ms of silence: part of the recording's own, and one frame more)
+        await gw.audio("cleared", [SILENCE] * 10 + SPEECH_FRAMES[:-4] + [SILENCE])
         await gw.handled_so_far()
         assert worker.conversations["cleared"].speculation is not None  # whisper got it early
         assert worker.holds("cleared")["buffered_audio_bytes"] > 0
