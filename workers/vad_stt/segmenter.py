@@ -62,7 +62,7 @@ class SpeechResumed:
 
 @dataclass(frozen=True)
 class SpeechEnd:
-    audio: bytes  # the utterance, pre-roll included; empty when too short to transcribe
+    audio: bytes  # the utterance, pre-roll included; empty when too short to transcribe, or cleared
     speech_end_ms: float
     decided_ms: float
 
