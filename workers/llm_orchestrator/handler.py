@@ -5,7 +5,18 @@ guard has decided it, and a block closes the upstream stream at once. A user tur
 a reply is generating waits for it (at most `MAX_PENDING_TURNS`); a barge-in or `response.cancel`
 reaches the orchestrator as `ResponseCancel` naming its turn, which stops that reply (upstream stream
 closed, TTS told) only if it is still the current or a waiting one, and cuts the history's copy of
-the reply to what the client was sent audio of."""
+the reply to what the client was sent audio of.
+
+`ResponseCancel` with reason `truncated` (the client says how much of a reply it played) acts the
+same on the current or a waiting reply. On the reply that finished most recently, whose messages
+are still the last two of the history, it only cuts the history's copy to what was heard, as a
+barge-in does, and tells no one: that reply is over everywhere else. Only that one reply is kept
+for it (`ChatConversation.finished`); a truncate of anything older is ignored.
+
+The client may replace the system prompt for its conversation (`conversation.configured`
+`instructions`): kept with the conversation's state, never in the history, and sent as the system
+message of its next replies. A new owner after a hand-off starts from the setting until the gateway
+sends the instructions again, which it does whenever the route changes."""
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +30,7 @@ from redis.exceptions import RedisError
 
 from shared.messages import (
     BusMessage,
+    ConversationConfigured,
     ResponseBlocked,
     ResponseCancel,
     ResponseTextDelta,
@@ -77,8 +89,13 @@ class ChatConversation:
         self.tasks = TaskSet(f"llm:{conversation_id}")
         self.fence = Fence()
         self.current: ReplyTurn | None = None  # the latest turn replied to (its audio may still play)
+        self.finished: ReplyTurn | None = None  # the turn whose messages are the last two of `history`
         self.pending: deque[ReplyTurn] = deque()
+        self.instructions: str | None = None  # the client's system prompt (None: the setting)
         self.upstream_streams = 0  # open HTTP streams to the LLM server
+        # one write to the stored history at a time, in the order made: a truncate of the last reply
+        # may come while the next reply is written (each write reads, changes and stores the list)
+        self.writing = asyncio.Lock()
 
     @property
     def replying(self) -> bool:
@@ -232,8 +249,19 @@ class LlmWorker(Worker):
                 await self._queue(conv, ReplyTurn(message.turn_id, message.text))
         elif isinstance(message, ResponseCancel):
             conv = self.conversations.get(message.conversation_id)
-            if conv is not None:
+            if conv is None:
+                return
+            if message.reason == "truncated" and not self._replying_to(conv, message.turn_id):
+                await self._truncate(conv, message)
+            else:
                 await self._cancel(conv, message)
+        elif isinstance(message, ConversationConfigured):
+            conv = self.conversations.get(message.conversation_id)
+            if conv is None:
+                if not await self.admit(message):
+                    return
+                conv = self.conversations[message.conversation_id]
+            conv.instructions = message.instructions  # turn detection is the VAD's business
         else:
             log.warning("unexpected %s on %s", message.type, channel)
 
@@ -279,14 +307,48 @@ class LlmWorker(Worker):
             {"role": "user", "content": turn.user_text},
             {"role": "assistant", "content": turn.heard_text(message.heard), "note": "interrupted"},
         ]
-        await self._remember(conv, cut, replace_last=2 if turn.in_history else 0)
+        await self._remember(conv, cut, turn, replace_last=2 if turn.in_history else 0)
         self._start_next(conv)
 
-    async def _remember(self, conv: ChatConversation, messages: list[Message], replace_last: int = 0) -> None:
+    @staticmethod
+    def _replying_to(conv: ChatConversation, turn_id: str | None) -> bool:
+        """Whether `turn_id` is the current reply (not already stopped) or a waiting one."""
+        current = conv.current
+        if current is not None and current.turn_id == turn_id and not current.cancelled:
+            return True
+        return any(t.turn_id == turn_id for t in conv.pending)
+
+    async def _truncate(self, conv: ChatConversation, message: ResponseCancel) -> None:
+        """Cut the history's copy of the reply that finished most recently to the `heard` pieces the
+        client played. Nothing is published: that reply is over everywhere else."""
+        turn = conv.finished
+        history = conv.history
+        if (
+            turn is None
+            or turn.turn_id != message.turn_id
+            or len(history) < 2
+            or [m.get("role") for m in history[-2:]] != ["user", "assistant"]
+        ):
+            log.debug("ignored a truncate for turn %s: not the last reply", message.turn_id)
+            return
+        log.info("reply for turn %s truncated: %.2f of %d pieces heard", turn.turn_id, message.heard, len(turn.pieces))
+        cut: list[Message] = [
+            {"role": "user", "content": turn.user_text},
+            {"role": "assistant", "content": turn.heard_text(message.heard), "note": "interrupted"},
+        ]
+        await self._remember(conv, cut, turn, replace_last=2)
+
+    async def _remember(
+        self, conv: ChatConversation, messages: list[Message], turn: ReplyTurn, replace_last: int = 0
+    ) -> None:
+        """Write `turn`'s user and assistant messages at the end of the history (replacing the last
+        `replace_last`), and remember the turn as the one a truncate can still cut."""
         s = self.settings
         kept = conv.history[: len(conv.history) - replace_last] if replace_last else conv.history
         conv.history = trim(kept + messages, s.history_max_messages, s.history_max_chars)
-        await self.history.append(conv.conversation_id, *messages, replace_last=replace_last)
+        conv.finished = turn
+        async with conv.writing:
+            await self.history.append(conv.conversation_id, *messages, replace_last=replace_last)
 
     async def _fail_turn(self, conv: ChatConversation, turn: ReplyTurn, code: str, message: str) -> None:
         """End a turn that gets no reply: `error` then an empty `ResponseTextDone`, so the client's
@@ -323,7 +385,8 @@ class LlmWorker(Worker):
         gateway = self.names.inbox("gateway", conv.route.gateway)
         tts: str | None = None  # read at the first piece: a TTS hand-off before it is followed at once
         user: Message = {"role": "user", "content": turn.user_text}
-        messages = [{"role": "system", "content": self.settings.system_prompt}, *for_llm(conv.history), user]
+        system = self.settings.system_prompt if conv.instructions is None else conv.instructions
+        messages = [{"role": "system", "content": system}, *for_llm(conv.history), user]
         splitter = SentenceSplitter(self.settings.first_clause_min_words, self.settings.first_piece_max_words)
         guard = OutputGuard(self.guard_check)
         released: list[str] = []
@@ -413,4 +476,4 @@ class LlmWorker(Worker):
             if blocked is not None:
                 reply["note"] = "blocked"
             turn.in_history = True
-            await self._remember(conv, [user, reply])
+            await self._remember(conv, [user, reply], turn)

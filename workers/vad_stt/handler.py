@@ -11,7 +11,15 @@ What one conversation may queue is bounded too:
 - an early transcript of a pause (speculation) is one job, withdrawn if speech resumes;
 - an interim transcript starts only when none is under way, and one that has not started yet is
   withdrawn when the utterance ends (it could only delay the final one).
-Final transcripts leave in utterance order (`AudioConversation.order`)."""
+Final transcripts leave in utterance order (`AudioConversation.order`).
+
+Each conversation's client chooses its turn detection (`conversation.configured`): another end
+silence, or manual turns ended only by `audio.commit` (workers/vad_stt/segmenter.py). The settings
+live in the conversation's segmenter, so they go with it; a new owner after a hand-off starts from
+the defaults until the gateway sends them again, which it does whenever the route changes.
+`audio.clear` drops the utterance under way unanswered; a turn already announced to the gateway
+(`speech.started`) ends as one too short to transcribe does, with `speech.stopped` and an empty
+final transcript, so the gateway never waits for it."""
 from __future__ import annotations
 
 import asyncio
@@ -28,9 +36,11 @@ from shared.clock import now_ms_float
 from shared.fair import FairScheduler, Job
 from shared.logging import log_content
 from shared.messages import (
+    AudioClear,
     AudioCommit,
     AudioIn,
     BusMessage,
+    ConversationConfigured,
     RequestCancel,
     SpeechStarted,
     SpeechStopped,
@@ -221,12 +231,28 @@ class VadSttWorker(Worker):
             conv = await self._conversation(message)
             if conv is not None:
                 await self._emit(conv, conv.segmenter.commit(message.received_ms))
+        elif isinstance(message, AudioClear):
+            conv = await self._conversation(message)
+            if conv is not None:  # an utterance under way ends empty: its turn ends at the gateway too
+                await self._emit(conv, conv.segmenter.clear())
+        elif isinstance(message, ConversationConfigured):
+            conv = await self._conversation(message)
+            if conv is not None:
+                self._configure(conv, message)
         elif isinstance(message, TranscriptionRequest):
             await self._transcription(message)
         elif isinstance(message, RequestCancel):
             self.requests.cancel(message.conversation_id)
         else:
             log.warning("unexpected %s on %s", message.type, channel)
+
+    def _configure(self, conv: AudioConversation, message: ConversationConfigured) -> None:
+        """The client's turn detection, from the conversation's next utterance on (the one under way,
+        if any, ends by the rule it started with)."""
+        end_silence_ms = self.settings.vad_end_silence_ms if message.end_silence_ms is None else message.end_silence_ms
+        manual = message.turn_detection == "manual"
+        conv.segmenter.configure(end_silence_ms=end_silence_ms, manual=manual)
+        log.info("turn detection: %s", "manual" if manual else f"server VAD, {end_silence_ms} ms of silence")
 
     async def _transcription(self, request: TranscriptionRequest) -> None:
         """A one-shot transcription (POST /v1/audio/transcriptions): the whole clip, through the fair

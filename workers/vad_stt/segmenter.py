@@ -12,7 +12,19 @@ which a short noise burst never reaches however long its trailing silence.
 
 With `speculate_after_ms` set, a `SpeechPaused` event offers the utterance as soon as silence
 begins, so transcription can overlap the end-of-speech wait; the final utterance then differs from
-it only by trailing silence, unless `SpeechResumed` came in between."""
+it only by trailing silence, unless `SpeechResumed` came in between. Speculation only pays off when
+it starts before the end is decided, so it is off whenever it is not shorter than the end silence.
+
+Each conversation's client may choose its turn detection (`configure`): another end silence, or
+manual turns, where only the client decides. In manual mode silence never ends an utterance and
+nothing short of a commit (or `max_utterance_ms`) does; the utterance is all audio since the last
+commit or clear, so it starts with the first frame after one, voiced or not, and it is transcribed
+whole however little speech it holds (the client asked for it). No `SpeechSustained` either: in
+manual mode speech alone never interrupts a reply. A new setting applies at once when no utterance
+is under way, else from the next one: an utterance is segmented by one rule from start to end.
+
+`clear` drops the utterance under way and everything buffered. An utterance already started ends
+with empty audio, as one too short to transcribe does, so its turn ends wherever it was announced."""
 from __future__ import annotations
 
 from collections import deque
@@ -50,7 +62,7 @@ class SpeechResumed:
 
 @dataclass(frozen=True)
 class SpeechEnd:
-    audio: bytes  # the utterance, pre-roll included; empty when too short to transcribe
+    audio: bytes  # the utterance, pre-roll included; empty when too short to transcribe, or cleared
     speech_end_ms: float
     decided_ms: float
 
@@ -76,11 +88,12 @@ class Segmenter:
         self.frame_ms = frame_ms
         self._frame_bytes = frame_ms * BYTES_PER_MS
         self._start_frames = max(1, start_ms // frame_ms)
-        self._end_frames = max(1, end_silence_ms // frame_ms)
         self._min_frames = -(-min_utterance_ms // frame_ms)  # ceiling: a 100 ms minimum needs 5 frames of 20 ms
         self._sustain_frames = -(-sustain_ms // frame_ms) if sustain_ms > 0 else 0
         self._max_bytes = max_utterance_ms * BYTES_PER_MS
-        self._speculate_frames = speculate_after_ms // frame_ms if 0 < speculate_after_ms < end_silence_ms else 0
+        self._speculate_after_ms = speculate_after_ms
+        self._next: tuple[int, bool] | None = (end_silence_ms, False)  # settings for the next utterance
+        self._apply_next()  # sets _manual, _end_frames, _speculate_frames
         self._paused = False
         self._pending = bytearray()
         self._preroll: deque[bytes] = deque(maxlen=max(1, preroll_ms // frame_ms) + self._start_frames)
@@ -89,17 +102,49 @@ class Segmenter:
         self._utterance = bytearray()
         self._silent_frames = 0
         self._last_voiced_ms = 0.0
+        self._last_frame_ms = 0.0  # receive time of the last whole frame
         self._onset_frame = 0  # frame number of the first voiced frame of the utterance
         self._run_started_ms = 0.0  # receive time of the first frame of the current voiced run
         self._onset_ms = 0.0
         self._last_voiced_frame = 0
-        self._voiced_frames = 0  # voiced frames since the onset
+        self._voiced_frames = 0  # voiced frames since the onset (in manual mode: in the utterance)
         self._sustained = False
         self.frames_seen = 0
 
     @property
     def speaking(self) -> bool:
         return self._speaking
+
+    @property
+    def manual(self) -> bool:
+        """Only a commit ends an utterance (for the utterance under way, not a setting still to apply)."""
+        return self._manual
+
+    @property
+    def end_silence_ms(self) -> int:
+        return self._end_frames * self.frame_ms
+
+    @property
+    def speculate_after_ms(self) -> int:
+        """Silence after which the utterance is offered early (0: speculation is off)."""
+        return self._speculate_frames * self.frame_ms
+
+    def configure(self, *, end_silence_ms: int, manual: bool) -> None:
+        """Turn detection from now on: `end_silence_ms` of silence ends an utterance, or (`manual`)
+        only a commit does. Applied at once when no utterance is under way, else when it ends."""
+        self._next = (end_silence_ms, manual)
+        if not self._speaking:
+            self._apply_next()
+
+    def _apply_next(self) -> None:
+        if self._next is None:
+            return
+        end_silence_ms, self._manual = self._next
+        self._next = None
+        self._end_frames = max(1, end_silence_ms // self.frame_ms)
+        speculate = self._speculate_after_ms // self.frame_ms
+        # an early transcript must start before the end is decided, or it only costs whisper time
+        self._speculate_frames = speculate if not self._manual and 0 < speculate < self._end_frames else 0
 
     @property
     def utterance(self) -> bytes:
@@ -122,37 +167,45 @@ class Segmenter:
         return events
 
     def commit(self, received_ms: float) -> list[Event]:
-        """End the current utterance now; nothing happens when no speech is under way."""
+        """End the current utterance now; nothing happens when no speech is under way (in manual
+        mode, less than a frame of audio since the last commit is dropped: the next utterance
+        starts after the commit)."""
         if not self._speaking:
+            if self._manual:
+                self._pending.clear()
             return []
         self._utterance += self._pending
         self._pending.clear()
         return [self._end(received_ms)]
 
+    def clear(self) -> list[Event]:
+        """Drop the utterance under way and everything buffered (pending bytes, pre-roll, the start
+        of a voiced run, a pause offered). An utterance already started ends with empty audio."""
+        events: list[Event] = []
+        if self._speaking:
+            events.append(SpeechEnd(audio=b"", speech_end_ms=self._speech_end_ms(), decided_ms=self._last_frame_ms))
+        self._pending.clear()
+        self._preroll.clear()
+        self._reset()
+        return events
+
     def _frame(self, frame: bytes, received_ms: float) -> list[Event]:
         self.frames_seen += 1
+        self._last_frame_ms = received_ms
         voiced = self._is_speech(frame)
         if not self._speaking:
             self._preroll.append(frame)
             self._voiced_run = self._voiced_run + 1 if voiced else 0
             if self._voiced_run == 1:
                 self._run_started_ms = received_ms
-            if self._voiced_run >= self._start_frames:
-                self._speaking = True
-                self._utterance = bytearray(b"".join(self._preroll))
-                self._preroll.clear()
-                self._silent_frames = 0
-                self._last_voiced_ms = received_ms
-                self._onset_frame = self.frames_seen - self._voiced_run + 1
-                self._onset_ms = self._run_started_ms
-                self._last_voiced_frame = self.frames_seen
-                self._voiced_frames = self._voiced_run
-                self._sustained = False
-                return [SpeechStart(), *self._sustain()]
+            if self._manual or self._voiced_run >= self._start_frames:
+                return self._start(received_ms)
             return []
         self._utterance += frame
         events: list[Event] = []
         if voiced:
+            if not self._voiced_frames:  # manual mode: the first speech of an utterance begun silent
+                self._onset_frame, self._onset_ms = self.frames_seen, received_ms
             self._silent_frames = 0
             self._last_voiced_ms = received_ms
             self._last_voiced_frame = self.frames_seen
@@ -163,14 +216,32 @@ class Segmenter:
                 events.append(SpeechResumed())
         else:
             self._silent_frames += 1
-        if self._silent_frames >= self._end_frames or len(self._utterance) >= self._max_bytes:
+        if (not self._manual and self._silent_frames >= self._end_frames) or len(self._utterance) >= self._max_bytes:
             return [*events, self._end(received_ms)]
         if self._speculate_frames and self._silent_frames == self._speculate_frames and self._long_enough():
             self._paused = True
             events.append(SpeechPaused(bytes(self._utterance)))
         return events
 
+    def _start(self, received_ms: float) -> list[Event]:
+        """Speech starts with this frame: on `start_ms` of voiced audio, or in manual mode on any frame."""
+        self._speaking = True
+        self._utterance = bytearray(b"".join(self._preroll))
+        self._preroll.clear()
+        self._silent_frames = 0
+        self._voiced_frames = self._voiced_run
+        self._voiced_run = 0
+        self._sustained = False
+        if self._voiced_frames:
+            self._last_voiced_ms = received_ms
+            self._onset_frame = self.frames_seen - self._voiced_frames + 1
+            self._onset_ms = self._run_started_ms
+            self._last_voiced_frame = self.frames_seen
+        return [SpeechStart(), *self._sustain()]
+
     def _sustain(self) -> list[Event]:
+        if self._manual:  # only the client interrupts a reply
+            return []
         if self._sustain_frames and not self._sustained and self._voiced_frames >= self._sustain_frames:
             self._sustained = True
             return [SpeechSustained(self._onset_ms)]
@@ -180,12 +251,24 @@ class Segmenter:
         """Onset to last voiced frame spans at least `min_utterance_ms`."""
         return self._last_voiced_frame - self._onset_frame + 1 >= self._min_frames
 
+    def _speech_end_ms(self) -> float:
+        """Receive time of the utterance's last voiced frame (of its last frame when none was voiced,
+        which only a manual utterance can be)."""
+        return self._last_voiced_ms if self._voiced_frames else self._last_frame_ms
+
     def _end(self, decided_ms: float) -> SpeechEnd:
-        audio = bytes(self._utterance) if self._long_enough() else b""
-        event = SpeechEnd(audio=audio, speech_end_ms=self._last_voiced_ms, decided_ms=decided_ms)
+        # a manual utterance is the client's choice: transcribed whole, however little speech it holds
+        audio = bytes(self._utterance) if self._manual or self._long_enough() else b""
+        event = SpeechEnd(audio=audio, speech_end_ms=self._speech_end_ms(), decided_ms=decided_ms)
+        self._reset()
+        return event
+
+    def _reset(self) -> None:
+        """Back to idle, and the settings configured meanwhile apply from here."""
         self._speaking = False
         self._paused = False
         self._utterance = bytearray()
         self._voiced_run = 0
+        self._voiced_frames = 0
         self._silent_frames = 0
-        return event
+        self._apply_next()
