@@ -13,6 +13,7 @@ BENCHMARKS = [
     ("gateway capacity", ["bench.gateway_load", "--clients", "50,100,200", "--seconds", "10"]),
     ("rolling restart", ["bench.rolling_restart"]),
     ("audio api", ["bench.audio_api"]),
+    ("realtime vs /v1/ws", ["bench.realtime_latency"]),
     ("concurrent spoken conversations", ["bench.concurrent_voice"]),
     ("scaling out", ["bench.scaling"]),
 ]

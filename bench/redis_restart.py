@@ -30,7 +30,7 @@ import httpx
 import websockets
 
 from bench.stack import percentile
-from shared.channels import STAGES
+from shared.stages import STAGES
 from tests.support.cluster import Cluster
 from tests.support.fake_llm import FakeLlm, FakeLlmServer
 from tests.support.redis_server import RedisProcess

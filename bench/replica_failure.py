@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared.channels import STAGES
 from shared.percentiles import percentile
+from shared.stages import STAGES
+from tests.support.cluster import Cluster
 from tests.support.fake_llm import FakeLlm, FakeLlmServer
 from tests.support.redis_server import TestRedis
-from tests.support.cluster import Cluster
 from tests.support.replicas import REPLICA_SETTINGS, Conversation
 
 TURN_TIMEOUT_S = 30.0

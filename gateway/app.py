@@ -21,6 +21,7 @@ from gateway.voicepipe_ws import serve_client
 from shared.bus import create_redis
 from shared.config import Settings
 from shared.logging import log_context
+from shared.stages import Stage
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("voicepipe.gateway")
@@ -87,7 +88,7 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> Fast
             return JSONResponse({"status": "not_ready", "missing": ["redis"]}, status_code=503)
         workers = {stage: len(found) for stage, found in gateway.directory.workers.items()}
         missing = gateway.directory.missing()
-        orchestrators = gateway.directory.workers["llm"]
+        orchestrators = gateway.directory.workers[Stage.LLM]
         if orchestrators and all(w.llm_ok is False for w in orchestrators):
             missing.append("llm_server")  # no live orchestrator reaches its LLM server
         if missing:

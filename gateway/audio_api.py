@@ -43,6 +43,7 @@ from shared.messages import (
     TranscriptionResult,
 )
 from shared.resample import Resampler
+from shared.stages import Stage
 
 log = logging.getLogger("voicepipe.gateway.audio_api")
 
@@ -141,7 +142,7 @@ async def transcriptions(request: Request) -> Response:
     request_id = requests.new_id()
     with log_context(request_id):
         try:
-            async with requests.open("vad_stt", request_id) as pending:
+            async with requests.open(Stage.VAD_STT, request_id) as pending:
                 message = TranscriptionRequest(
                     conversation_id=request_id, correlation_id=correlation_id_var.get(), gateway=gateway.gateway_id, pcm=pcm
                 )
@@ -240,7 +241,7 @@ async def speech(request: Request) -> Response:
     release = AsyncExitStack()
     try:
         with log_context(request_id):
-            pending = await release.enter_async_context(requests.open("tts", request_id))
+            pending = await release.enter_async_context(requests.open(Stage.TTS, request_id))
             message = SpeechRequest(
                 conversation_id=request_id, correlation_id=correlation_id_var.get(), gateway=gateway.gateway_id, text=body.input
             )

@@ -255,7 +255,7 @@ class Conversation:
             self.fail_turn(turn_id, "bus_unavailable", "the message bus is down; try again in a moment")
             return turn_id
         if not receivers:  # the orchestrator is gone: the turn ends now, not in silence
-            await gateway.rerouter.unreached(self, "llm", turn)
+            await gateway.rerouter.unreached(self, Stage.LLM, turn)
         return turn_id
 
     async def cancel(self) -> str | None:

@@ -25,8 +25,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.channels import STAGES, Names
+from shared.channels import Names
 from shared.clock import now_ms
+from shared.stages import STAGES, Stage
 
 log = logging.getLogger("voicepipe.gateway.directory")
 
@@ -190,5 +191,5 @@ class WorkerDirectory:
         return chosen
 
     def output_sample_rate(self) -> int | None:
-        rates = [w.sample_rate for w in self.workers["tts"] if w.sample_rate]
+        rates = [w.sample_rate for w in self.workers[Stage.TTS] if w.sample_rate]
         return rates[0] if rates else None

@@ -11,7 +11,7 @@ Why it is built this way:
 - What the admin API also reports (`gateway.stats`, the Redis pool) is read at scrape time by a
   collector, so `/metrics` and `/admin/resources/stats` cannot disagree and nothing is counted twice;
   what exists only as an event (a turn's latencies, an `error` sent) is a real Counter or Histogram,
-  observed by a hook in session.py.
+  observed by a hook in gateway/conversation.py.
 - Base units (seconds), `_total` on counters, no `_peak` gauges (`max_over_time` gives peaks), and
   no gauge named like a counter's base (`voicepipe_connections` vs `voicepipe_connections_accepted`)."""
 from __future__ import annotations
@@ -20,13 +20,24 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from shared.bus import pool_stats
-from shared.channels import STAGES
 from shared.metrics import CONTENT_TYPE, pool_families
+from shared.stages import STAGES
 
 if TYPE_CHECKING:
     from gateway.hub import Gateway

@@ -9,7 +9,9 @@ cleanup on disconnect, the limits and the metrics unchanged.
 What the adapter adds is the translation:
 - audio is PCM16 mono 24 kHz, base64 in JSON, both ways; it is resampled with soxr
   (shared/resample.py) to the pipeline's 16 kHz on the way in and from the voice's rate on the way
-  out, one filter per stream so chunk boundaries are inaudible;
+  out, one filter per stream so chunk boundaries are inaudible; the way in starts with as much
+  silence as its filter holds back, so the VAD's frames still end where the client's chunks end
+  and the end of speech is heard one filter delay (6 ms) later than on `/v1/ws`, not a chunk more;
 - a voicepipe turn becomes a user item and a response with its assistant item (`RealtimeTurns`);
 - typed input is two steps in the Realtime API (`conversation.item.create`, then
   `response.create`); the core's typed turn is taken at the second;
@@ -81,7 +83,10 @@ class RealtimeWire:
         self.session = Session(model=model, silence_duration_ms=settings.vad_end_silence_ms)
         self.turns = RealtimeTurns(self.session)
         self.conversation: Conversation | None = None
-        self._uplink = Resampler(WIRE_RATE, PIPELINE_RATE)
+        # "LQ" (still band-limited, 16-bit precision like the samples) holds back 6 ms where "HQ"
+        # holds back 21 ms: for the VAD and whisper, ending the turn sooner is worth more
+        self._uplink = Resampler(WIRE_RATE, PIPELINE_RATE, quality="LQ")
+        self._lead_in: bytes | None = self._uplink.lead_in()  # once, before the first audio
         self._downlink: dict[str, Resampler] = {}  # per turn: the voice's rate -> 24 kHz
         self._input_ms = 0.0  # audio appended so far (the Realtime input buffer's clock)
         self._uncommitted_ms = 0.0  # audio appended since the last commit or clear
@@ -200,7 +205,10 @@ class RealtimeWire:
                 ms = len(pcm) / WIRE_BYTES_PER_MS
                 self._input_ms += ms
                 self._uncommitted_ms += ms
-                await conversation.audio(self._uplink.convert(pcm))
+                pcm16k = self._uplink.convert(pcm)
+                if self._lead_in is not None:  # VAD frames end where the client's chunks do
+                    pcm16k, self._lead_in = self._lead_in + pcm16k, None
+                await conversation.audio(pcm16k)
             case InputAudioCommit():
                 if self._uncommitted_ms < 100:
                     raise RealtimeError(

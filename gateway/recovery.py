@@ -44,7 +44,7 @@ from shared.clock import now_ms
 from shared.logging import log_context
 from shared.messages import BusMessage
 from shared.route import LEASE_EXTRA
-from shared.stages import STAGES
+from shared.stages import STAGES, Stage
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -89,9 +89,9 @@ return 1
 
 def waits_on(turn: Turn, stage: str) -> bool:
     """Whether the turn still needs a message from a worker of `stage` (so lost one if it missed it)."""
-    if stage == "vad_stt":
+    if stage == Stage.VAD_STT:
         return not turn.typed and turn.transcript_ms is None
-    if stage == "llm":
+    if stage == Stage.LLM:
         return turn.text is None
     return not turn.audio_done
 

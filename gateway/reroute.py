@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 
 from gateway.turns import Turn
 from shared.logging import log_context
-from shared.stages import STAGES
+from shared.stages import STAGES, Stage
 
 if TYPE_CHECKING:
     from gateway.conversation import Conversation
@@ -63,9 +63,9 @@ def in_flight_at(turn: Turn, stage: str) -> bool:
     """Whether the turn is waiting for work of that stage (so a death there loses it)."""
     if turn.done:
         return False
-    if stage == "vad_stt":
+    if stage == Stage.VAD_STT:
         return not turn.typed and turn.transcript_ms is None
-    if stage == "llm":
+    if stage == Stage.LLM:
         return turn.replying and turn.text is None
     return turn.replying  # tts: a reply not done may still need audio
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.config import Settings
-from shared.stages import GATEWAY, STAGES  # noqa: F401  (re-exported: the names most callers need with these)
 
 
 @dataclass(frozen=True)

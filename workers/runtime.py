@@ -61,7 +61,13 @@ from shared.clock import now_ms, now_ms_float
 from shared.config import Settings
 from shared.logging import log_context, redact_url
 from shared.memory import trim_loop
-from shared.messages import BusMessage, ConnectionDisconnected, ConversationOpened, IntrospectReply, IntrospectRequest
+from shared.messages import (
+    BusMessage,
+    ConnectionDisconnected,
+    ConversationOpened,
+    IntrospectReply,
+    IntrospectRequest,
+)
 from shared.route import Route
 from shared.tasks import keep_running
 from workers.handoff import reroute
@@ -76,7 +82,7 @@ FORWARD_GRACE_S = 1.0  # a draining worker exits once nothing came to forward fo
 
 
 class Worker(abc.ABC):
-    stage: ClassVar[str]
+    stage: ClassVar[Stage]
     conversations: dict[str, Any]  # every stage's state per conversation; each value has a `route`
 
     def __init__(self, settings: Settings, client: aioredis.Redis) -> None:

@@ -16,7 +16,12 @@ from shared.messages.control import (
     StageError,
 )
 from shared.messages.envelope import Envelope
-from shared.messages.llm import ResponseBlocked, ResponseCancel, ResponseTextDelta, ResponseTextDone
+from shared.messages.llm import (
+    ResponseBlocked,
+    ResponseCancel,
+    ResponseTextDelta,
+    ResponseTextDone,
+)
 from shared.messages.requests import (
     RequestCancel,
     SpeechAudio,
@@ -33,7 +38,14 @@ from shared.messages.transcript import (
     TranscriptFinal,
     TranscriptPartial,
 )
-from shared.messages.tts import TtsAudio, TtsAudioDone, TtsAudioStarted, TtsEnd, TtsSpeak, TtsStop
+from shared.messages.tts import (
+    TtsAudio,
+    TtsAudioDone,
+    TtsAudioStarted,
+    TtsEnd,
+    TtsSpeak,
+    TtsStop,
+)
 
 BusMessage = Annotated[
     Union[

@@ -12,9 +12,9 @@ import re
 
 import pytest
 
-from shared.channels import STAGES
-from tests.support.fake_llm import FakeLlm, FakeLlmServer
+from shared.stages import STAGES
 from tests.support.cluster import Cluster
+from tests.support.fake_llm import FakeLlm, FakeLlmServer
 from tests.support.replicas import REPLICA_SETTINGS, TURN_ENDING_ERRORS, Conversation
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import websockets
 
-from shared.channels import STAGES
+from shared.stages import STAGES
 from tests.conftest import make_settings
 from tests.support.stack import run_stack
 from tests.support.ws import connect, next_event, refused_status, wait_closed

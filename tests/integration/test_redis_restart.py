@@ -15,9 +15,10 @@ import pytest
 import websockets
 
 from shared.bus import create_redis, run_subscriber
-from shared.channels import STAGES, Names
+from shared.channels import Names
 from shared.messages import TextInput
 from shared.messages.codec import encode
+from shared.stages import STAGES
 from tests.conftest import make_settings
 from tests.support.cluster import Cluster
 from tests.support.fake_llm import FakeLlm, FakeLlmServer

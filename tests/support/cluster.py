@@ -22,7 +22,8 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 
-from shared.channels import STAGES, Names
+from shared.channels import Names
+from shared.stages import STAGES
 from voicepipe.embedded import free_port
 
 ADMIN_KEY = "cluster-" + uuid.uuid4().hex

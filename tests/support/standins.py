@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 
-from shared.channels import STAGES, Names
+from shared.channels import Names
 from shared.clock import now_ms
+from shared.stages import STAGES
 
 
 @contextlib.asynccontextmanager

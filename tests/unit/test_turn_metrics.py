@@ -1,4 +1,6 @@
 """response.done metrics (docs/protocol.md §1.1), all on the gateway's clock."""
+import pytest
+
 from gateway.turns import Turn
 
 
@@ -75,3 +77,16 @@ def test_the_current_reply_is_generating_or_still_playing():
     typed = table.open("c", replying=True, transcript_ms=6000)
     assert table.current_reply(6100) is typed
     assert table.current_reply(6100, asked_by_ms=5990) is None  # speech that began before it was asked
+
+
+def test_heard_at_maps_played_audio_to_pieces_of_the_reply():
+    """conversation.item.truncate names milliseconds of audio; the history is cut in TTS pieces."""
+    turn = Turn("t", sample_rate=16000)
+    turn.audio_sent(0.0, 16000, 0, 0.5)  # 500 ms: half of the first piece
+    turn.audio_sent(0.0, 16000, 0, 1.0)  # 500 ms more: the whole first piece
+    turn.audio_sent(0.0, 32000, 1, 1.0)  # 1 s: the whole second piece
+    assert turn.heard_at(0) == 0.0
+    assert turn.heard_at(250) == pytest.approx(0.25)
+    assert turn.heard_at(1000) == pytest.approx(1.0)
+    assert turn.heard_at(1500) == pytest.approx(1.5)
+    assert turn.heard_at(60_000) == turn.heard == 2.0  # past the end: all of it

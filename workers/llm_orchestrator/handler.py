@@ -43,10 +43,16 @@ from shared.messages import (
     TtsStop,
 )
 from shared.sentences import SentenceSplitter
+from shared.stages import GATEWAY, Stage
 from shared.tasks import Fence, TaskSet, keep_running, stop_tasks
 from workers.llm_orchestrator.guard import Blocked, OutputGuard, term_check
 from workers.llm_orchestrator.history import HistoryStore, Message, for_llm, trim
-from workers.llm_orchestrator.llm_client import ChatClient, LlmFailure, LlmTimeout, LlmUnavailable
+from workers.llm_orchestrator.llm_client import (
+    ChatClient,
+    LlmFailure,
+    LlmTimeout,
+    LlmUnavailable,
+)
 from workers.llm_orchestrator.readiness import LlmReadiness
 from workers.runtime import Route, Worker
 
@@ -103,7 +109,7 @@ class ChatConversation:
 
 
 class LlmWorker(Worker):
-    stage = "llm"
+    stage = Stage.LLM
 
     def __init__(self, settings, client, chat: ChatClient | None = None) -> None:
         super().__init__(settings, client)
@@ -354,7 +360,7 @@ class LlmWorker(Worker):
         """End a turn that gets no reply: `error` then an empty `ResponseTextDone`, so the client's
         turn ends with `response.done` instead of waiting."""
         envelope = self._envelope(conv, turn)
-        gateway = self.names.inbox("gateway", conv.route.gateway)
+        gateway = conv.route.inbox(GATEWAY, self.names)
         error = StageError(code=code, message=message, **envelope)
         await self.bus.publish_many([(gateway, error), (gateway, ResponseTextDone(text="", sentences=0, **envelope))])
 
@@ -382,7 +388,7 @@ class LlmWorker(Worker):
 
     async def _generate(self, conv: ChatConversation, turn: ReplyTurn) -> None:
         envelope = self._envelope(conv, turn)
-        gateway = self.names.inbox("gateway", conv.route.gateway)
+        gateway = conv.route.inbox(GATEWAY, self.names)
         tts: str | None = None  # read at the first piece: a TTS hand-off before it is followed at once
         user: Message = {"role": "user", "content": turn.user_text}
         system = self.settings.system_prompt if conv.instructions is None else conv.instructions
@@ -412,7 +418,7 @@ class LlmWorker(Worker):
         def to_tts(pieces: list[str]) -> list[tuple[str, BusMessage]]:
             nonlocal first_sentence_ms, tts
             if pieces and tts is None:
-                tts = self.names.inbox("tts", conv.route.tts)
+                tts = conv.route.inbox(Stage.TTS, self.names)
             if pieces and first_sentence_ms is None:
                 first_sentence_ms = round((time.perf_counter() - started) * 1000, 1)
             first_seq = len(turn.pieces)

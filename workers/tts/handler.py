@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
-from shared.channels import GATEWAY
 from shared.fair import FairScheduler
 from shared.messages import (
     BusMessage,
@@ -35,6 +34,7 @@ from shared.messages import (
 )
 from shared.recent import RecentIds
 from shared.sentences import SentenceSplitter
+from shared.stages import GATEWAY, Stage
 from shared.tasks import Fence, TaskSet, stop_tasks
 from workers.requests import OneShotRequests
 from workers.runtime import Route, Worker
@@ -88,7 +88,7 @@ class SpeechConversation:
 
 
 class TtsWorker(Worker):
-    stage = "tts"
+    stage = Stage.TTS
 
     def __init__(self, settings, client, voice: Voice | None = None) -> None:
         super().__init__(settings, client)
@@ -152,7 +152,7 @@ class TtsWorker(Worker):
             return
         conv.fence.close()
         await conv.stop_speaker()
-        gateway = self.names.inbox("gateway", conv.route.gateway)
+        gateway = conv.route.inbox(GATEWAY, self.names)
         turns = dict.fromkeys([*conv.turns, *(item.turn_id for item in conv.queue)])
         messages: list[tuple[str, BusMessage]] = []
         for turn_id in turns:
@@ -324,7 +324,7 @@ class TtsWorker(Worker):
         await self.redis.delete(self.names.tts_active(conv.conversation_id))
 
     async def _speak_queued(self, conv: SpeechConversation) -> None:
-        gateway = self.names.inbox("gateway", conv.route.gateway)
+        gateway = conv.route.inbox(GATEWAY, self.names)
         while conv.queue:
             item = conv.queue[0]
             envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": item.turn_id}

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import webrtcvad
 
-from shared.channels import GATEWAY
 from shared.clock import now_ms_float
 from shared.fair import FairScheduler, Job
 from shared.logging import log_content
@@ -51,6 +50,7 @@ from shared.messages import (
     TranscriptionResult,
     TranscriptPartial,
 )
+from shared.stages import GATEWAY, Stage
 from shared.tasks import Fence, TaskSet
 from workers.requests import OneShotRequests
 from workers.runtime import Route, Worker
@@ -112,7 +112,7 @@ class AudioConversation:
 
 
 class VadSttWorker(Worker):
-    stage = "vad_stt"
+    stage = Stage.VAD_STT
 
     def __init__(self, settings, client, transcriber: Transcriber | None = None) -> None:
         super().__init__(settings, client)
@@ -176,7 +176,7 @@ class VadSttWorker(Worker):
             return
         await conv.aclose()
         envelope = {"conversation_id": conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": conv.turn_id}
-        gateway = self.names.inbox("gateway", conv.route.gateway)
+        gateway = conv.route.inbox(GATEWAY, self.names)
         error = StageError(code="stage_failed", message="the speech recognizer serving this turn shut down", **envelope)
         await self.bus.publish_many([(gateway, error), (gateway, TranscriptFinal(text="", stt_ms=0, **envelope))])
 
@@ -286,7 +286,7 @@ class VadSttWorker(Worker):
         await self.bus.publish(reply_to, refusal)
 
     async def _emit(self, conv: AudioConversation, events: list[Event]) -> None:
-        gateway_inbox = self.names.inbox("gateway", conv.route.gateway)
+        gateway_inbox = conv.route.inbox(GATEWAY, self.names)
         envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id}
         for event in events:
             if isinstance(event, seg.SpeechStart):
@@ -352,7 +352,7 @@ class VadSttWorker(Worker):
             partial = TranscriptPartial(
                 conversation_id=conv.conversation_id, correlation_id=conv.route.correlation_id, turn_id=turn_id, text=text
             )
-            await self.bus.publish(self.names.inbox("gateway", conv.route.gateway), partial)
+            await self.bus.publish(conv.route.inbox(GATEWAY, self.names), partial)
 
     def _transcribe(self, conv: AudioConversation, utterance: Utterance, label: str) -> Utterance:
         """Queue the utterance for whisper; the audio is read when the job starts, so merges count."""
@@ -377,9 +377,9 @@ class VadSttWorker(Worker):
                 stt_ms=round(stt_ms, 1),
                 stt_wait_ms=round(wait_ms, 1),
             )
-            to_gateway = (self.names.inbox("gateway", conv.route.gateway), final)
+            to_gateway = (conv.route.inbox(GATEWAY, self.names), final)
             if text:  # one round trip, the orchestrator first: the reply is the critical path
-                reached, _ = await self.bus.publish_many([(self.names.inbox("llm", conv.route.llm), final), to_gateway])
+                reached, _ = await self.bus.publish_many([(conv.route.inbox(Stage.LLM, self.names), final), to_gateway])
                 if not reached:  # the orchestrator is gone: the gateway ends the turn and re-routes
                     lost = StageError(
                         conversation_id=conv.conversation_id,
