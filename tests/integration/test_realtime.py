@@ -54,6 +54,14 @@ async def stream(conn, pcm: bytes, trailing_silence_s: float = 1.0) -> None:
             await asyncio.sleep(ahead)
 
 
+async def ask(conn, text: str) -> None:
+    """A typed user message, then the request for its answer (the Realtime API's two steps)."""
+    await conn.conversation.item.create(item={
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}],
+    })
+    await conn.response.create()
+
+
 class Events:
     """Every server event of a connection, read in the background, as the SDK's typed models."""
 
@@ -198,10 +206,7 @@ async def test_response_cancel_mid_audio(stack, fake_llm):
     async with sdk(stack) as client, client.realtime.connect(model="gpt-realtime") as conn:
         events = Events(conn)
         try:
-            await conn.conversation.item.create(item={
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me about Paris."}],
-            })
-            await conn.response.create()
+            await ask(conn, "Tell me about Paris.")
             await events.wait("response.output_audio.delta")
             await conn.response.cancel()
             done = await events.wait("response.done")
@@ -224,10 +229,7 @@ async def test_barge_in_cancels_the_reply_with_turn_detected(stack, fake_llm):
     async with sdk(stack) as client, client.realtime.connect(model="gpt-realtime") as conn:
         events = Events(conn)
         try:
-            await conn.conversation.item.create(item={
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me about Paris."}],
-            })
-            await conn.response.create()
+            await ask(conn, "Tell me about Paris.")
             first = await events.wait("response.created")
             await events.wait("response.output_audio.delta")
             await stream(conn, speech_24k())
@@ -251,10 +253,7 @@ async def test_truncate_cuts_the_reply_in_the_history(stack, fake_llm, redis_cli
     async with sdk(stack) as client, client.realtime.connect(model="gpt-realtime") as conn:
         events = Events(conn)
         try:
-            await conn.conversation.item.create(item={
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me about Paris."}],
-            })
-            await conn.response.create()
+            await ask(conn, "Tell me about Paris.")
             done = await events.wait("response.done")
             item = done.response.output[0]
             cid = conversation_of(stack)
@@ -301,10 +300,7 @@ async def test_a_disconnect_mid_response_leaves_every_worker_clean(stack, fake_l
     async with sdk(stack) as client:
         async with client.realtime.connect(model="gpt-realtime") as conn:
             events = Events(conn)
-            await conn.conversation.item.create(item={
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me about Paris."}],
-            })
-            await conn.response.create()
+            await ask(conn, "Tell me about Paris.")
             await events.wait("response.output_audio.delta")
             cid = conversation_of(stack)
             await events.aclose()
