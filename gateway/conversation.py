@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("voicepipe.gateway.conversation")
 
+RESUMED_EARLY_MS = 1000.0  # speech this soon after a reply's first audio: the user had not finished
+
 
 class Wire(Protocol):
     """What a wire protocol gives the core: where the conversation's events go."""
@@ -347,6 +349,8 @@ class Conversation:
         now = now_ms_float()
         match message:
             case SpeechStarted():
+                if self.turns.replied_within(now, RESUMED_EARLY_MS, besides=turn_id):
+                    self.gateway.metrics.turns_resumed_early.inc()
                 self.emit("speech.started", turn_id)
             case SpeechSustained():
                 reply = self.turns.current_reply(now, turn_id, message.onset_ms) if self.barge_in else None

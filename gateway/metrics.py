@@ -57,7 +57,7 @@ TURN_STAGES = (
 # from a few ms (a typed turn's first token) to a long reply's whole synthesis
 TURN_STAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 DISCONNECT_REASONS = ("client_disconnect", "server_error", "timeout")  # §2: always exported, 0 or not
-INTERRUPT_REASONS = ("barge_in", "cancelled")
+INTERRUPT_REASONS = ("barge_in", "cancelled", "truncated")
 REJECT_REASONS = ("token", "origin", "limit", "bus_unavailable")
 
 
@@ -91,6 +91,12 @@ class GatewayMetrics:
             "voicepipe_errors",
             "error events sent to clients, by the process family that produced them (stage) and code.",
             ["stage", "code"],
+            registry=self.registry,
+        )
+        self.turns_resumed_early = Counter(
+            "voicepipe_turns_resumed_early",
+            "Spoken turns that began within 1 s after the previous reply's first audio: the user had not "
+            "finished, so the end of their turn was decided too early (adaptive end of turn).",
             registry=self.registry,
         )
         self.registry.register(_GatewayCollector(gateway))

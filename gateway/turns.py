@@ -159,6 +159,14 @@ class TurnTable:
         self._live.pop(turn_id, None)
         self._fenced.add(turn_id)
 
+    def replied_within(self, now_ms: float, window_ms: float, besides: str | None = None) -> bool:
+        """Whether a reply's first audio reached the client less than `window_ms` ago."""
+        return any(
+            t.first_audio_ms is not None and 0 <= now_ms - t.first_audio_ms < window_ms
+            for t in self._live.values()
+            if t.turn_id != besides
+        )
+
     def current_reply(self, now_ms: float, besides: str | None = None, asked_by_ms: float | None = None) -> Turn | None:
         """The oldest turn whose reply is generating or playing (the one the user hears); with
         `asked_by_ms`, only a reply asked for by then (speech that began earlier is no barge-in)."""

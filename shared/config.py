@@ -7,7 +7,7 @@ import ipaddress
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -84,7 +84,11 @@ class Settings(BaseSettings):
     vad_aggressiveness: int = Field(default=2, ge=0, le=3)
     vad_frame_ms: Literal[10, 20, 30] = 20
     vad_start_ms: int = 60  # voiced audio needed before speech counts as started
-    vad_end_silence_ms: int = 300  # unvoiced audio that ends an utterance
+    vad_end_silence_ms: int = 300  # unvoiced audio that ends an utterance (when its text says nothing either way)
+    # adaptive end of turn (workers/vad_stt/turn_end.py): the silence that ends an utterance moves
+    # between these by what its early transcript says; both equal to VAD_END_SILENCE_MS turns it off
+    vad_end_silence_min_ms: int = Field(default=150, ge=20)
+    vad_end_silence_max_ms: int = Field(default=700, ge=20)
     vad_preroll_ms: int = 200  # audio kept from before the start, so the first word is whole
     vad_min_utterance_ms: int = 200  # voiced speech an utterance needs to be transcribed
     barge_in_min_speech_ms: int = 200  # voiced speech that interrupts a reply under way (0: only response.cancel)
@@ -140,6 +144,15 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"{entry!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
         return value
+
+    @model_validator(mode="after")
+    def _end_silence_bounds(self) -> "Settings":
+        if not self.vad_end_silence_min_ms <= self.vad_end_silence_ms <= self.vad_end_silence_max_ms:
+            raise ValueError(
+                "VAD_END_SILENCE_MIN_MS <= VAD_END_SILENCE_MS <= VAD_END_SILENCE_MAX_MS must hold "
+                f"(got {self.vad_end_silence_min_ms}, {self.vad_end_silence_ms}, {self.vad_end_silence_max_ms})"
+            )
+        return self
 
     @property
     def redis_url_or_default(self) -> str:

@@ -191,7 +191,8 @@ async def test_a_manual_conversation_ends_its_utterance_on_commit_only_with_all_
 
 
 async def test_a_longer_end_silence_waits_longer_than_the_default(redis_url, transcriber):
-    settings = make_settings(redis_url)
+    # the default's end silence fixed at 300 ms (no adaptive end of turn), whatever whisper says
+    settings = make_settings(redis_url, vad_end_silence_min_ms=300, vad_end_silence_max_ms=300)
     assert settings.vad_end_silence_ms == 300
     async with driving(settings, lambda client: VadSttWorker(settings, client, transcriber=transcriber)) as gw:
         for cid in ("default", "patient"):
@@ -349,3 +350,45 @@ async def test_a_truncate_of_the_last_finished_reply_cuts_its_history(redis_url,
         await gw.send(ResponseCancel(conversation_id="c", turn_id="a", reason="truncated", heard=0))
         await gw.handled_so_far()
         assert await gw.history("c") == stored
+
+
+def trimmed_frames(name: str) -> list[bytes]:
+    """A recording's 20 ms frames up to its last voiced one (its own trailing silence cut off), so
+    the silence a test sends is all the silence the VAD hears."""
+    import webrtcvad
+
+    vad = webrtcvad.Vad(make_settings("redis://unused").vad_aggressiveness)
+    pcm = read_audio_16k_mono(FIXTURES / name)
+    frames = [pcm[i : i + FRAME].ljust(FRAME, b"\0") for i in range(0, len(pcm), FRAME)]
+    last = max(i for i, frame in enumerate(frames) if vad.is_speech(frame, 16000))
+    return frames[: last + 1]
+
+
+async def test_a_finished_question_ends_sooner_and_a_trailing_and_waits_longer(redis_url, transcriber):
+    """Adaptive end of turn with the real VAD and whisper: the early transcript of the pause moves
+    the end silence (default 300 ms) down for "What is the capital ...?" and up for "... and"."""
+    settings = make_settings(redis_url)
+    assert (settings.vad_end_silence_min_ms, settings.vad_end_silence_ms, settings.vad_end_silence_max_ms) == (150, 300, 700)
+    async with driving(settings, lambda client: VadSttWorker(settings, client, transcriber=transcriber)) as gw:
+        worker: VadSttWorker = gw.worker
+        for cid in ("question", "open"):
+            await gw.open(cid)
+        # 240 ms of silence after the question: the setting's 300 ms would never end it
+        await gw.audio("question", [SILENCE] * 10 + trimmed_frames("capital.wav") + [SILENCE] * 12)
+        await until(lambda: gw.of("question", TranscriptFinal))
+        (stopped,) = gw.of("question", SpeechStopped)
+        assert stopped.decided_ms - stopped.speech_end_ms <= 240
+        assert "capital" in gw.of("question", TranscriptFinal)[0].text.lower()
+        assert worker.end_adjusted["shortened"] == 1
+        # "... and": 400 ms of silence end nothing, once the early transcript has been heard
+        await gw.audio("open", [SILENCE] * 10 + trimmed_frames("trailing_and.wav") + [SILENCE] * 10)
+        await until(lambda: worker.end_adjusted["extended"] == 1)
+        await gw.audio("open", [SILENCE] * 10)
+        await gw.handled_so_far()
+        assert gw.of("open", SpeechStopped) == []
+        await gw.audio("open", [SILENCE] * 20)  # 800 ms in all
+        await gw.handled_so_far()
+        (stopped,) = gw.of("open", SpeechStopped)
+        assert 600 <= stopped.decided_ms - stopped.speech_end_ms <= 700
+        await until(lambda: gw.of("open", TranscriptFinal))
+        assert gw.of("open", TranscriptFinal)[0].text.lower().rstrip(". ").endswith("and")

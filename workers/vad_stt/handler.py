@@ -17,6 +17,10 @@ Each conversation's client chooses its turn detection (`conversation.configured`
 silence, or manual turns ended only by `audio.commit` (workers/vad_stt/segmenter.py). The settings
 live in the conversation's segmenter, so they go with it; a new owner after a hand-off starts from
 the defaults until the gateway sends them again, which it does whenever the route changes.
+The end of an utterance adapts to what was said (workers/vad_stt/turn_end.py): when a pause's early
+transcript is ready, a finished sentence or question ends the utterance sooner
+(`VAD_END_SILENCE_MIN_MS`), a clause left open ("... and") waits longer (`VAD_END_SILENCE_MAX_MS`).
+A conversation whose client chose its own end silence keeps exactly that.
 `audio.clear` drops the utterance under way unanswered; a turn already announced to the gateway
 (`speech.started`) ends as one too short to transcribe does, with `speech.stopped` and an empty
 final transcript, so the gateway never waits for it."""
@@ -55,6 +59,7 @@ from shared.tasks import Fence, TaskSet
 from workers.requests import OneShotRequests
 from workers.runtime import Route, Worker
 from workers.vad_stt import segmenter as seg
+from workers.vad_stt import turn_end
 from workers.vad_stt.segmenter import BYTES_PER_MS, SAMPLE_RATE, Event, Segmenter
 from workers.vad_stt.stt import MAX_WINDOW_S, Transcriber
 
@@ -89,10 +94,11 @@ class Utterance:
 class AudioConversation:
     """Everything the worker holds for one conversation; `aclose` releases all of it."""
 
-    def __init__(self, conversation_id: str, route: Route, segmenter: Segmenter) -> None:
+    def __init__(self, conversation_id: str, route: Route, segmenter: Segmenter, adaptive: bool = False) -> None:
         self.conversation_id = conversation_id
         self.route = route
         self.segmenter = segmenter
+        self.adaptive = adaptive  # the end silence follows the early transcript (off once the client chose one)
         self.turn_id: str | None = None
         self.tasks = TaskSet(f"vad_stt:{conversation_id}")
         self.fence = Fence()
@@ -118,6 +124,8 @@ class VadSttWorker(Worker):
         super().__init__(settings, client)
         self.transcriber = transcriber
         self.conversations: dict[str, AudioConversation] = {}
+        self.completion: turn_end.Completion = turn_end.punctuation_rule  # text so far -> P(turn complete)
+        self.end_adjusted = {"shortened": 0, "extended": 0}  # pauses whose end silence the transcript moved
         self.scheduler = FairScheduler("whisper")  # whisper shared round-robin between conversations
         self.requests = OneShotRequests("transcriptions", settings.max_requests_per_worker)
 
@@ -208,7 +216,9 @@ class VadSttWorker(Worker):
 
     async def prepare(self, conversation_id: str, route: Route) -> None:
         if conversation_id not in self.conversations:
-            self.conversations[conversation_id] = AudioConversation(conversation_id, route, self._new_segmenter())
+            s = self.settings
+            adaptive = s.stt_speculate_after_ms > 0 and s.vad_end_silence_min_ms < s.vad_end_silence_max_ms
+            self.conversations[conversation_id] = AudioConversation(conversation_id, route, self._new_segmenter(), adaptive)
             log.info("audio processor opened")
 
     async def _conversation(self, message: BusMessage) -> AudioConversation | None:
@@ -252,6 +262,7 @@ class VadSttWorker(Worker):
         end_silence_ms = self.settings.vad_end_silence_ms if message.end_silence_ms is None else message.end_silence_ms
         manual = message.turn_detection == "manual"
         conv.segmenter.configure(end_silence_ms=end_silence_ms, manual=manual)
+        conv.adaptive = False  # the client's own choice of end silence is kept as it is
         log.info("turn detection: %s", "manual" if manual else f"server VAD, {end_silence_ms} ms of silence")
 
     async def _transcription(self, request: TranscriptionRequest) -> None:
@@ -300,6 +311,8 @@ class VadSttWorker(Worker):
                 continue
             if isinstance(event, seg.SpeechPaused):
                 conv.speculation = self._transcribe(conv, Utterance(conv.turn_id, bytearray(event.audio)), "speculate")
+                if conv.adaptive:
+                    conv.tasks.spawn(self._adapt_end(conv, conv.speculation), name="adapt-end")
                 continue
             speculation, conv.speculation = conv.speculation, None
             if isinstance(event, seg.SpeechResumed):
@@ -333,6 +346,25 @@ class VadSttWorker(Worker):
             utterance.turn_id, utterance.decided = turn_id, decided
             conv.pending = utterance
             conv.tasks.spawn(self._finish(conv, utterance), name=f"transcript:{turn_id}")
+
+    async def _adapt_end(self, conv: AudioConversation, utterance: Utterance) -> None:
+        """Adaptive end of turn: once the pause's early transcript exists, it sets how much silence
+        ends the utterance; it may end it at once. Between two bus messages, like one of them."""
+        future = utterance.job.future
+        await asyncio.wait([future])
+        if future.cancelled() or future.exception() is not None:
+            return  # the user went on speaking, or whisper failed (the final transcript says so)
+        text = future.result()
+        async with self._handling:
+            if conv.speculation is not utterance or not conv.segmenter.speaking:
+                return  # decided meanwhile, or speech resumed
+            s = self.settings
+            base = conv.segmenter.end_silence_ms
+            silence = turn_end.end_silence_ms(self.completion(text), base, s.vad_end_silence_min_ms, s.vad_end_silence_max_ms)
+            if silence != base:
+                self.end_adjusted["shortened" if silence < base else "extended"] += 1
+            log.debug("end of this pause after %d ms of silence (from the early transcript)", silence)
+            await self._emit(conv, conv.segmenter.end_after(silence))
 
     def _maybe_partial(self, conv: AudioConversation) -> None:
         """Start an interim transcript when enough new speech arrived and none is queued or running."""

@@ -23,6 +23,10 @@ whole however little speech it holds (the client asked for it). No `SpeechSustai
 manual mode speech alone never interrupts a reply. A new setting applies at once when no utterance
 is under way, else from the next one: an utterance is segmented by one rule from start to end.
 
+`end_after` changes the silence that ends the utterance under way, from what its early transcript
+says (adaptive end of turn, workers/vad_stt/turn_end.py): it holds for that pause only (speech
+resuming drops it) and ends the utterance at once when that much silence has passed already.
+
 `clear` drops the utterance under way and everything buffered. An utterance already started ends
 with empty audio, as one too short to transcribe does, so its turn ends wherever it was announced."""
 from __future__ import annotations
@@ -95,6 +99,7 @@ class Segmenter:
         self._next: tuple[int, bool] | None = (end_silence_ms, False)  # settings for the next utterance
         self._apply_next()  # sets _manual, _end_frames, _speculate_frames
         self._paused = False
+        self._end_frames_now: int | None = None  # this pause's end silence (`end_after`), in frames
         self._pending = bytearray()
         self._preroll: deque[bytes] = deque(maxlen=max(1, preroll_ms // frame_ms) + self._start_frames)
         self._voiced_run = 0
@@ -178,6 +183,16 @@ class Segmenter:
         self._pending.clear()
         return [self._end(received_ms)]
 
+    def end_after(self, silence_ms: int) -> list[Event]:
+        """This pause of the utterance under way ends it after `silence_ms` of silence instead; at
+        once when that much silence has passed already. Nothing in manual mode or when idle."""
+        if not self._speaking or self._manual:
+            return []
+        self._end_frames_now = max(1, silence_ms // self.frame_ms)
+        if self._silent_frames >= self._end_frames_now:
+            return [self._end(self._last_frame_ms)]
+        return []
+
     def clear(self) -> list[Event]:
         """Drop the utterance under way and everything buffered (pending bytes, pre-roll, the start
         of a voiced run, a pause offered). An utterance already started ends with empty audio."""
@@ -207,6 +222,7 @@ class Segmenter:
             if not self._voiced_frames:  # manual mode: the first speech of an utterance begun silent
                 self._onset_frame, self._onset_ms = self.frames_seen, received_ms
             self._silent_frames = 0
+            self._end_frames_now = None  # a pause's own end silence goes with the pause
             self._last_voiced_ms = received_ms
             self._last_voiced_frame = self.frames_seen
             self._voiced_frames += 1
@@ -216,7 +232,8 @@ class Segmenter:
                 events.append(SpeechResumed())
         else:
             self._silent_frames += 1
-        if (not self._manual and self._silent_frames >= self._end_frames) or len(self._utterance) >= self._max_bytes:
+        end_frames = self._end_frames_now or self._end_frames
+        if (not self._manual and self._silent_frames >= end_frames) or len(self._utterance) >= self._max_bytes:
             return [*events, self._end(received_ms)]
         if self._speculate_frames and self._silent_frames == self._speculate_frames and self._long_enough():
             self._paused = True
@@ -267,6 +284,7 @@ class Segmenter:
         """Back to idle, and the settings configured meanwhile apply from here."""
         self._speaking = False
         self._paused = False
+        self._end_frames_now = None
         self._utterance = bytearray()
         self._voiced_run = 0
         self._voiced_frames = 0
