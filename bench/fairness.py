@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 from pathlib import Path
 
-import websockets
 
 from bench.stack import percentile, running_stack
 from tests.support.fake_llm import FakeLlm, FakeLlmServer
@@ -72,28 +70,27 @@ class Loader:
         self.errors: dict[str, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with websockets.connect(self.ws_url, compression=None, max_size=2**22) as ws:
-            reader = asyncio.create_task(self._read(ws))
+        async with VoiceClient(self.ws_url, compression=None) as client:
+            reader = asyncio.create_task(self._read(client))
             try:
                 loop = asyncio.get_running_loop()
                 while not stop.is_set():
                     start = loop.time()
                     for i, offset in enumerate(range(0, len(self.pcm), FRAME_BYTES)):
-                        await ws.send(self.pcm[offset : offset + FRAME_BYTES])
+                        await client.ws.send(self.pcm[offset : offset + FRAME_BYTES])
                         ahead = start + (i + 1) * 0.02 / LOADER_PACE - loop.time()
                         if ahead > 0:
                             await asyncio.sleep(ahead)
-                    await ws.send(json.dumps({"type": "input_audio.commit"}))
+                    await client.commit()
                     self.commits += 1
             finally:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
 
-    async def _read(self, ws) -> None:
-        async for frame in ws:
-            if isinstance(frame, bytes):
+    async def _read(self, client: VoiceClient) -> None:
+        async for event in client.frames():
+            if isinstance(event, bytes):
                 continue
-            event = json.loads(frame)
             if event["type"] == "transcript.final" and event.get("text"):
                 self.transcripts += 1
             elif event["type"] == "error":

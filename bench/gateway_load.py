@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import time
@@ -42,7 +41,7 @@ import psutil
 import websockets
 
 from bench.stack import running_stack
-from voicepipe.client import FRAME_BYTES
+from voicepipe.client import FRAME_BYTES, SessionRefused, VoiceClient
 from voicepipe.wavio import read_audio_16k_mono
 
 API_KEY = "bench-admin-key"
@@ -64,16 +63,15 @@ class Load:
 
 
 async def one_client(ws_url: str, load: Load, halt: asyncio.Event, offset: int, connected: asyncio.Event, audio: bytes) -> None:
-    async with websockets.connect(ws_url, compression=None, max_size=2**20, ping_interval=None) as ws:
-        json.loads(await ws.recv())  # session.started
+    async with VoiceClient(ws_url, compression=None, ping_interval=None) as client:
+        ws = client.ws
         connected.set()
 
         async def read() -> None:
-            async for frame in ws:
-                if isinstance(frame, bytes):
-                    load.audio_bytes += len(frame)
+            async for event in client.frames():
+                if isinstance(event, bytes):
+                    load.audio_bytes += len(event)
                     continue
-                event = json.loads(frame)
                 if event["type"] == "response.done":
                     load.turns += 1
                 elif event["type"] == "error":
@@ -105,7 +103,7 @@ async def run_clients(ws_url: str, offsets: list[int], ready, stop, silence: boo
     async def guarded(offset: int, event: asyncio.Event) -> None:
         try:
             await one_client(ws_url, load, halt, offset, event, bytes(len(LOOP)) if silence else LOOP)
-        except (OSError, websockets.WebSocketException):
+        except (OSError, websockets.WebSocketException, SessionRefused):
             load.failed_clients += 1
             event.set()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -163,6 +163,16 @@ class VoiceClient:
     async def say(self, text: str) -> None:
         """A typed turn (`text.input`)."""
         await self.send_json({"type": "text.input", "text": text})
+
+    async def commit(self) -> None:
+        """End the utterance under way now (`input_audio.commit`)."""
+        await self.send_json({"type": "input_audio.commit"})
+
+    async def frames(self) -> AsyncIterator[dict[str, Any] | bytes]:
+        """Everything the server sends, as it comes: events as dicts, reply audio as bytes; ends
+        when the socket closes."""
+        async for frame in self.ws:
+            yield frame if isinstance(frame, bytes) else json.loads(frame)
 
     async def next_event(self, timeout: float = 10.0) -> dict[str, Any]:
         return await next_event(self.ws, timeout)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
-# words a finished turn rarely ends on: conjunctions, articles, prepositions, fillers
-OPEN_ENDINGS = frozenset(
-    """and or but so because if then that which who the a an to of for with about from in on at by
-    my your our their his her its um uh er erm hmm like well also plus than as when while until""".split()
-)
+# words a finished turn does not end on: conjunctions, articles, fillers
+OPEN_ENDINGS = frozenset("and or but so because the a an um uh er erm hmm".split())
+# words a turn seldom ends on unless it is a question ("Where are you from?"): whisper's full stop
+# or question mark after them says the sentence is whole, their absence that it may go on
+LEANING_ENDINGS = frozenset("""to of for with about from in on at by into than as if then that which who
+    my your our their his her its like well also plus when while until""".split())
 _WORD = re.compile(r"[a-z']+")
 
 
@@ -33,12 +34,14 @@ def punctuation_rule(text: str) -> float:
     words = _WORD.findall(stripped.lower())
     if not words:
         return 0.5
-    if words[-1] in OPEN_ENDINGS or stripped.endswith((",", "...", "-", "—", ":")):
+    if words[-1] in OPEN_ENDINGS or stripped.endswith((",", "...", "…", "-", "—", ":")):
         return 0.1
     if stripped.endswith("?"):
         return 0.95
     if stripped.endswith((".", "!")):
         return 0.85
+    if words[-1] in LEANING_ENDINGS:
+        return 0.25
     return 0.5
 
 
