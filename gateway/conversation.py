@@ -54,6 +54,7 @@ from shared.messages import (
     TtsAudioDone,
     TtsAudioStarted,
 )
+from shared.messages.audio import InputRate
 from shared.route import Route
 from shared.stages import Stage
 from shared.tasks import TaskSet
@@ -165,8 +166,8 @@ class Conversation:
             self._tasks.spawn(self._publish_settings(), name="settings")
 
     # ---- in from the client
-    async def audio(self, pcm: bytes) -> None:
-        """Client audio, PCM s16le mono 16 kHz, any whole number of samples."""
+    async def audio(self, pcm: bytes, sample_rate: InputRate = 16000) -> None:
+        """Client audio, PCM s16le mono at `sample_rate` (16 or 24 kHz), any whole number of samples."""
         if len(pcm) % 2:
             self.emit("error", code="bad_audio", message=f"audio frame of {len(pcm)} bytes is not whole 16-bit samples")
             return
@@ -185,7 +186,7 @@ class Conversation:
         if pcm and self.unavailable:
             self.gateway.rerouter.refuse_audio(self)
         elif pcm:
-            self._uplink(AudioIn(received_ms=now_ms_float(), pcm=pcm, **self.envelope))
+            self._uplink(AudioIn(received_ms=now_ms_float(), pcm=pcm, sample_rate=sample_rate, **self.envelope))
 
     def commit(self) -> None:
         """End the utterance under way now (behind the audio sent before it, on the same uplink)."""

@@ -7,11 +7,11 @@ GA event vocabulary (gateway/realtime_events.py) and drives the same conversatio
 cleanup on disconnect, the limits and the metrics unchanged.
 
 What the adapter adds is the translation:
-- audio is PCM16 mono 24 kHz, base64 in JSON, both ways; it is resampled with soxr
-  (shared/resample.py) to the pipeline's 16 kHz on the way in and from the voice's rate on the way
-  out, one filter per stream so chunk boundaries are inaudible; the way in starts with as much
-  silence as its filter holds back, so the VAD's frames still end where the client's chunks end
-  and the end of speech is heard one filter delay (6 ms) later than on `/v1/ws`, not a chunk more;
+- audio is PCM16 mono 24 kHz, base64 in JSON, both ways. The way in goes to the VAD/STT worker at
+  24 kHz as it came (`AudioIn.sample_rate`): the worker segments it at that rate and brings each
+  utterance to whisper's 16 kHz whole, so no streaming filter's group delay postpones the end of
+  speech. The way out is resampled with soxr (shared/resample.py) from the voice's rate, one
+  filter per reply so chunk boundaries are inaudible;
 - a voicepipe turn becomes a user item and a response with its assistant item (`RealtimeTurns`);
 - typed input is two steps in the Realtime API (`conversation.item.create`, then
   `response.create`); the core's typed turn is taken at the second;
@@ -66,7 +66,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("voicepipe.gateway.realtime")
 
 SUBPROTOCOL = "realtime"  # what browsers offer beside `openai-insecure-api-key.<token>`
-PIPELINE_RATE = 16000  # what the VAD and the recognizer hear
 WIRE_BYTES_PER_MS = WIRE_RATE * 2 // 1000
 CANCEL_REASONS = {"barge_in": "turn_detected", "cancelled": "client_cancelled", "truncated": "client_cancelled"}
 MAX_PENDING_ITEMS = 32  # user messages created and not answered yet
@@ -83,10 +82,6 @@ class RealtimeWire:
         self.session = Session(model=model, silence_duration_ms=settings.vad_end_silence_ms)
         self.turns = RealtimeTurns(self.session)
         self.conversation: Conversation | None = None
-        # "LQ" (still band-limited, 16-bit precision like the samples) holds back 6 ms where "HQ"
-        # holds back 21 ms: for the VAD and whisper, ending the turn sooner is worth more
-        self._uplink = Resampler(WIRE_RATE, PIPELINE_RATE, quality="LQ")
-        self._lead_in: bytes | None = self._uplink.lead_in()  # once, before the first audio
         self._downlink: dict[str, Resampler] = {}  # per turn: the voice's rate -> 24 kHz
         self._input_ms = 0.0  # audio appended so far (the Realtime input buffer's clock)
         self._uncommitted_ms = 0.0  # audio appended since the last commit or clear
@@ -205,10 +200,7 @@ class RealtimeWire:
                 ms = len(pcm) / WIRE_BYTES_PER_MS
                 self._input_ms += ms
                 self._uncommitted_ms += ms
-                pcm16k = self._uplink.convert(pcm)
-                if self._lead_in is not None:  # VAD frames end where the client's chunks do
-                    pcm16k, self._lead_in = self._lead_in + pcm16k, None
-                await conversation.audio(pcm16k)
+                await conversation.audio(pcm, WIRE_RATE)
             case InputAudioCommit():
                 if self._uncommitted_ms < 100:
                     raise RealtimeError(

@@ -4,29 +4,11 @@ The pipeline hears at 16 kHz (VAD and whisper), piper speaks at its voice's rate
 the shipped voice), and OpenAI-compatible clients send and expect 24 kHz. Linear interpolation
 between those rates aliases audibly; soxr's "HQ" filter does not, and costs microseconds per
 20 ms chunk. `Resampler` keeps the filter's state between chunks of one stream, so a stream cut
-into chunks sounds exactly like the whole converted at once.
-
-A streaming filter holds back the last few output samples until more input arrives (its group
-delay: `held_back`, from 24 to 16 kHz 21 ms for "HQ", 15 ms for "MQ", 6 ms for "LQ"). Where audio feeds a
-decision made on whole frames (the VAD's 20 ms frames), that delay also shifts every frame boundary
-past the end of the chunk that completes it, so each frame waits a whole extra chunk; prepending
-`held_back` samples of silence once (`lead_in`) puts the boundaries back where the chunks end."""
+into chunks sounds exactly like the whole converted at once."""
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 import soxr
-
-
-@functools.lru_cache(maxsize=32)
-def held_back(in_rate: int, out_rate: int, quality: str = "HQ") -> int:
-    """How many output samples a stream from `in_rate` to `out_rate` keeps back (measured once)."""
-    if in_rate == out_rate:
-        return 0
-    stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality=quality)
-    produced = len(stream.resample_chunk(np.zeros(in_rate, dtype="<i2")))  # one second in
-    return max(0, out_rate - produced)
 
 
 class Resampler:
@@ -37,10 +19,6 @@ class Resampler:
         self._stream = (
             None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality=quality)
         )
-
-    def lead_in(self) -> bytes:
-        """Silence as long as what the filter holds back (see the module's docstring)."""
-        return bytes(2 * held_back(self.in_rate, self.out_rate, self.quality))
 
     def convert(self, pcm: bytes) -> bytes:
         """The converted audio of `pcm` available so far (the filter holds back a few samples)."""

@@ -69,6 +69,7 @@ from shared.messages import (
     IntrospectRequest,
 )
 from shared.route import Route
+from shared.stages import Stage
 from shared.tasks import keep_running
 from workers.handoff import reroute
 from workers.metrics import WorkerMetrics

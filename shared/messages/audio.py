@@ -7,14 +7,21 @@ from pydantic import Field
 
 from shared.messages.envelope import Envelope
 
+InputRate = Literal[16000, 24000]  # `/v1/ws` clients send 16 kHz; OpenAI Realtime clients 24 kHz
+
 
 class AudioIn(Envelope):
-    """Gateway -> the conversation's VAD/STT worker: one client frame, PCM s16le mono 16 kHz.
+    """Gateway -> the conversation's VAD/STT worker: one client frame, PCM s16le mono at
+    `sample_rate`, as the client sent it.
 
-    `received_ms` is the gateway's clock when the frame arrived; speech timings are measured on it."""
+    `received_ms` is the gateway's clock when the frame arrived; speech timings are measured on it.
+    The worker, not the gateway, brings 24 kHz audio to whisper's 16 kHz: it segments the stream at
+    the client's own rate (workers/vad_stt/segmenter.py), so no resampling filter delays the end of
+    speech by its group delay."""
 
     type: Literal["audio.in"] = "audio.in"
     received_ms: float
+    sample_rate: InputRate = 16000
     pcm: bytes = Field(default=b"", exclude=True, repr=False)
 
 

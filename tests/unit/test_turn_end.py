@@ -73,3 +73,17 @@ def test_manual_turns_are_never_ended_by_it():
     seg.configure(end_silence_ms=300, manual=True)
     feed(seg, [VOICED] * 10 + [SILENT] * 10, 0)
     assert seg.end_after(20) == [] and seg.speaking
+
+
+def test_a_24_khz_stream_is_cut_into_frames_at_its_own_rate():
+    """OpenAI Realtime clients send 24 kHz: 20 ms is 960 bytes, and the timing is the same."""
+    seg = Segmenter(lambda frame: frame[0] == 1, end_silence_ms=300, sample_rate=24000)
+    voiced, silent = b"\x01" * 960, b"\x00" * 960
+    events = feed(seg, [voiced] * 10 + [silent] * 15, 0)
+    (end,) = [e for e in events if isinstance(e, SpeechEnd)]
+    assert end.decided_ms - end.speech_end_ms == 300 and len(end.audio) % 960 == 0
+    # a rate change starts the stream over: what was buffered at the old rate is dropped
+    assert feed(seg, [voiced] * 5, 1000) and seg.speaking
+    (dropped,) = seg.set_rate(16000)
+    assert isinstance(dropped, SpeechEnd) and dropped.audio == b"" and not seg.speaking
+    assert seg.set_rate(16000) == []

@@ -33,6 +33,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import webrtcvad
 
 from shared.clock import now_ms_float
@@ -54,6 +55,7 @@ from shared.messages import (
     TranscriptionResult,
     TranscriptPartial,
 )
+from shared.resample import resample
 from shared.stages import GATEWAY, Stage
 from shared.tasks import Fence, TaskSet
 from workers.requests import OneShotRequests
@@ -67,6 +69,21 @@ log = logging.getLogger("voicepipe.vad_stt")
 
 MERGE_GAP = bytes(300 * BYTES_PER_MS)  # silence between two merged utterances, so words do not run together
 MERGED_MAX_BYTES = MAX_WINDOW_S * 1000 * BYTES_PER_MS  # a merged transcription keeps its newest 30 s
+
+
+def is_speech(vad: webrtcvad.Vad, frame: bytes, sample_rate: int) -> bool:
+    """webrtcvad's verdict on one frame. It takes 8, 16, 32 or 48 kHz; a 24 kHz frame is heard at
+    48 kHz with each sample doubled: no filter, so no delay, and webrtcvad's own decimation to
+    8 kHz removes what the doubling adds above 12 kHz."""
+    if sample_rate == 24000:
+        frame = np.repeat(np.frombuffer(frame, dtype="<i2"), 2).tobytes()
+        sample_rate = 48000
+    return vad.is_speech(frame, sample_rate)
+
+
+def to_pipeline_rate(pcm: bytes, sample_rate: int) -> bytes:
+    """An utterance at whisper's 16 kHz, converted whole (soxr, off a stream: no delay)."""
+    return pcm if sample_rate == SAMPLE_RATE or not pcm else resample(pcm, sample_rate, SAMPLE_RATE)
 
 
 @dataclass(eq=False)
@@ -197,8 +214,8 @@ class VadSttWorker(Worker):
     def _new_segmenter(self) -> Segmenter:
         s = self.settings
         vad = webrtcvad.Vad(s.vad_aggressiveness)
-        return Segmenter(
-            lambda frame: vad.is_speech(frame, SAMPLE_RATE),
+        segmenter = Segmenter(
+            lambda frame: is_speech(vad, frame, segmenter.sample_rate),
             frame_ms=s.vad_frame_ms,
             start_ms=s.vad_start_ms,
             end_silence_ms=s.vad_end_silence_ms,
@@ -208,6 +225,7 @@ class VadSttWorker(Worker):
             speculate_after_ms=s.stt_speculate_after_ms,
             sustain_ms=s.barge_in_min_speech_ms,
         )
+        return segmenter
 
     def follow_route(self, conversation_id: str, route: Route) -> None:
         conv = self.conversations.get(conversation_id)
@@ -234,6 +252,8 @@ class VadSttWorker(Worker):
         if isinstance(message, AudioIn):
             conv = await self._conversation(message)
             if conv is not None:
+                if message.sample_rate != conv.segmenter.sample_rate:  # the first frame of a 24 kHz client
+                    await self._emit(conv, conv.segmenter.set_rate(message.sample_rate))
                 await self._emit(conv, conv.segmenter.feed(message.pcm, message.received_ms))
                 if self.settings.stt_partials:
                     self._maybe_partial(conv)
@@ -310,7 +330,8 @@ class VadSttWorker(Worker):
                 await self.bus.publish(gateway_inbox, sustained)
                 continue
             if isinstance(event, seg.SpeechPaused):
-                conv.speculation = self._transcribe(conv, Utterance(conv.turn_id, bytearray(event.audio)), "speculate")
+                audio = to_pipeline_rate(event.audio, conv.segmenter.sample_rate)
+                conv.speculation = self._transcribe(conv, Utterance(conv.turn_id, bytearray(audio)), "speculate")
                 if conv.adaptive:
                     conv.tasks.spawn(self._adapt_end(conv, conv.speculation), name="adapt-end")
                 continue
@@ -329,7 +350,8 @@ class VadSttWorker(Worker):
             )
             if conv.partial is not None and not conv.partial.started:
                 conv.partial.future.cancel()  # an interim transcript that has not started would only delay the final
-            if not event.audio:
+            audio = to_pipeline_rate(event.audio, conv.segmenter.sample_rate)
+            if not audio:
                 if speculation is not None:
                     speculation.job.future.cancel()
                 await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=turn_id, text="", stt_ms=0, **envelope))
@@ -338,11 +360,11 @@ class VadSttWorker(Worker):
             if waiting is not None and waiting.mergeable:  # the model is busy: one job for both utterances
                 if speculation is not None:
                     speculation.job.future.cancel()
-                superseded = waiting.merge(event.audio, turn_id, decided)
+                superseded = waiting.merge(audio, turn_id, decided)
                 log.info("utterance merged into the previous one's transcription, which had not started yet")
                 await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=superseded, text="", stt_ms=0, **envelope))
                 continue
-            utterance = speculation or self._transcribe(conv, Utterance(turn_id, bytearray(event.audio)), "transcribe")
+            utterance = speculation or self._transcribe(conv, Utterance(turn_id, bytearray(audio)), "transcribe")
             utterance.turn_id, utterance.decided = turn_id, decided
             conv.pending = utterance
             conv.tasks.spawn(self._finish(conv, utterance), name=f"transcript:{turn_id}")
@@ -369,11 +391,12 @@ class VadSttWorker(Worker):
     def _maybe_partial(self, conv: AudioConversation) -> None:
         """Start an interim transcript when enough new speech arrived and none is queued or running."""
         audio = conv.segmenter.utterance
-        step = self.settings.stt_partial_interval_ms * 32  # bytes of 16 kHz PCM16
+        step = self.settings.stt_partial_interval_ms * conv.segmenter.sample_rate * 2 // 1000  # bytes at its rate
         if not audio or len(audio) - conv.partial_at_bytes < step or (conv.partial and not conv.partial.future.done()):
             return
         conv.partial_at_bytes = len(audio)
-        transcribe = functools.partial(self.transcriber.transcribe, audio)
+        rate = conv.segmenter.sample_rate
+        transcribe = functools.partial(lambda pcm: self.transcriber.transcribe(to_pipeline_rate(pcm, rate)), audio)
         conv.partial = self.scheduler.submit(conv.conversation_id, transcribe, "partial")
         conv.tasks.spawn(self._send_partial(conv, conv.turn_id, conv.partial), name="partial")
 

@@ -1,5 +1,9 @@
 """Turns a stream of PCM frames into utterances. Pure logic: the VAD decision is injected.
 
+It cuts frames at the stream's own rate (`sample_rate`: 16 kHz from `/v1/ws`, 24 kHz from OpenAI
+Realtime clients), so a frame ends exactly where the client's audio does; utterances come out at
+that rate too, and the worker brings them to whisper's 16 kHz whole.
+
 Idle, it keeps a short pre-roll; `start_ms` of voiced audio starts speech; `end_silence_ms` of
 unvoiced audio (or a commit, or `max_utterance_ms`) ends it. Every frame carries the gateway's
 receive time, so "speech end" is the arrival of the last voiced frame.
@@ -35,7 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = 16000  # the pipeline's rate (whisper's); a segmenter may run at its client's rate
 BYTES_PER_MS = SAMPLE_RATE * 2 // 1000
 
 
@@ -87,14 +91,18 @@ class Segmenter:
         max_utterance_ms: int = 15000,
         speculate_after_ms: int = 0,
         sustain_ms: int = 0,
+        sample_rate: int = SAMPLE_RATE,
     ) -> None:
         self._is_speech = is_speech
         self.frame_ms = frame_ms
-        self._frame_bytes = frame_ms * BYTES_PER_MS
+        self.sample_rate = sample_rate
+        self._bytes_per_ms = sample_rate * 2 // 1000
+        self._frame_bytes = frame_ms * self._bytes_per_ms
+        self._max_utterance_ms = max_utterance_ms
         self._start_frames = max(1, start_ms // frame_ms)
         self._min_frames = -(-min_utterance_ms // frame_ms)  # ceiling: a 100 ms minimum needs 5 frames of 20 ms
         self._sustain_frames = -(-sustain_ms // frame_ms) if sustain_ms > 0 else 0
-        self._max_bytes = max_utterance_ms * BYTES_PER_MS
+        self._max_bytes = max_utterance_ms * self._bytes_per_ms
         self._speculate_after_ms = speculate_after_ms
         self._next: tuple[int, bool] | None = (end_silence_ms, False)  # settings for the next utterance
         self._apply_next()  # sets _manual, _end_frames, _speculate_frames
@@ -182,6 +190,18 @@ class Segmenter:
         self._utterance += self._pending
         self._pending.clear()
         return [self._end(received_ms)]
+
+    def set_rate(self, sample_rate: int) -> list[Event]:
+        """The stream goes on at another rate: what is buffered at the old one is dropped (as by
+        `clear`), and frames are cut at the new one from here on."""
+        if sample_rate == self.sample_rate:
+            return []
+        events = self.clear()
+        self.sample_rate = sample_rate
+        self._bytes_per_ms = sample_rate * 2 // 1000
+        self._frame_bytes = self.frame_ms * self._bytes_per_ms
+        self._max_bytes = self._max_utterance_ms * self._bytes_per_ms
+        return events
 
     def end_after(self, silence_ms: int) -> list[Event]:
         """This pause of the utterance under way ends it after `silence_ms` of silence instead; at
