@@ -15,6 +15,14 @@ both were heard as the same words) shows what the protocol costs without the spr
 lengths. Turns heard differently (whisper is sensitive to a few milliseconds of shift at the
 utterance's edges) count in the per-protocol figures only.
 
+Since the reply's first piece takes the models a different time on every run (±100 ms on two
+shared cores), the figure that isolates the protocol is the edge: the client's voice-to-voice
+minus the gateway's own `speech_end_to_first_audio_ms` of the same turn (on `/v1/ws` in
+`response.done.metrics`, on `/v1/realtime` in `response.voicepipe.metrics`). It holds the way in
+(client to gateway to the VAD's frames: where the end of speech is stamped) and the way out (the
+gateway's first audio to the client), and none of the models' time. The clients run at a lower
+CPU priority than the stack they start (`nice 10`), as if on machines of their own.
+
     python -m bench.realtime_latency [--url http://127.0.0.1:8000] [--rounds 2]
 """
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import os
 import time
 from pathlib import Path
 
@@ -38,7 +47,7 @@ CHUNK = RATE * 2 // 50  # 20 ms
 TRAILING_SILENCE_S = 1.5
 
 
-Turn = tuple[float, str]  # voice-to-voice ms, and the transcript the pipeline heard
+Turn = tuple[float, str, float]  # voice-to-voice ms, the transcript heard, the gateway's speech_end_to_first_audio_ms
 
 
 async def ws_turn(http_url: str, pcm16: bytes) -> Turn | None:
@@ -48,7 +57,7 @@ async def ws_turn(http_url: str, pcm16: bytes) -> Turn | None:
         speech_end = await sender
     if turn.done is None or turn.first_audio_at is None:
         return None
-    return (turn.first_audio_at - speech_end) * 1000, turn.transcript
+    return (turn.first_audio_at - speech_end) * 1000, turn.transcript, turn.done["metrics"]["speech_end_to_first_audio_ms"]
 
 
 async def _stream(conn, pcm: bytes) -> float:
@@ -69,7 +78,7 @@ async def _stream(conn, pcm: bytes) -> float:
 
 async def realtime_turn(http_url: str, pcm16: bytes) -> Turn | None:
     pcm = resample(pcm16, 16000, RATE)
-    first_audio, transcript, status = None, "", None
+    first_audio, transcript, status, server_ms = None, "", None, 0.0
     async with openai.AsyncOpenAI(base_url=f"{http_url}/v1", api_key="bench", max_retries=0) as client:
         async with client.realtime.connect(model="voicepipe") as conn:
             await conn.recv()  # session.created
@@ -82,20 +91,22 @@ async def realtime_turn(http_url: str, pcm16: bytes) -> Turn | None:
                         transcript = event.transcript
                     elif event.type == "response.done":
                         status = event.response.status
+                        timings = (event.response.model_extra or {}).get("voicepipe", {})
+                        server_ms = timings.get("metrics", {}).get("speech_end_to_first_audio_ms", 0.0)
                         break
             speech_end = await sender
     if first_audio is None or status != "completed":
         return None
-    return (first_audio - speech_end) * 1000, transcript
+    return (first_audio - speech_end) * 1000, transcript, server_ms
 
 
-async def run(http_url: str, rounds: int) -> tuple[dict[str, list[float]], list[float]]:
+async def run(http_url: str, rounds: int) -> tuple[dict[str, list[float]], list[float], dict[str, list[float]]]:
     questions = [line.split("\t")[0] for line in (AUDIO / "questions.tsv").read_text().splitlines() if line]
     warm = read_audio_16k_mono(AUDIO / questions[0])
     await ws_turn(http_url, warm)  # warm every stage and both paths once
     await realtime_turn(http_url, warm)
     results: dict[str, list[float]] = {"ws": [], "realtime": []}
-    paired: list[float] = []
+    edges: dict[str, list[float]] = {"ws": [], "realtime": []}  # client voice-to-voice minus the gateway's own
     turns = {"ws": ws_turn, "realtime": realtime_turn}
     by_question: dict[tuple[str, int], dict[str, Turn]] = {}
     for round_ in range(rounds):
@@ -106,13 +117,14 @@ async def run(http_url: str, rounds: int) -> tuple[dict[str, list[float]], list[
                     print(f"  round {round_ + 1} {protocol} {name}: no reply", flush=True)
                     continue
                 results[protocol].append(turn[0])
+                edges[protocol].append(turn[0] - turn[2])
                 by_question.setdefault((name, round_), {})[protocol] = turn
                 print(f"  round {round_ + 1} {protocol} {name}: {turn[0]:.0f} ms  heard {turn[1]!r}", flush=True)
     # the same turn: the same words heard, so (at temperature 0) the same reply to wait for
     paired = [
         p["realtime"][0] - p["ws"][0] for p in by_question.values() if len(p) == 2 and same(p["realtime"][1], p["ws"][1])
     ]
-    return results, paired
+    return results, paired, edges
 
 
 def same(a: str, b: str) -> bool:
@@ -122,7 +134,7 @@ def same(a: str, b: str) -> bool:
     return words(a) == words(b)
 
 
-def report(results: dict[str, list[float]], paired: list[float]) -> None:
+def report(results: dict[str, list[float]], paired: list[float], edges: dict[str, list[float]]) -> None:
     print("\nclient voice-to-voice (ms): first reply audio minus the end of the speech")
     print(f"{'protocol':12} {'turns':>6} {'p50':>8} {'p90':>8}")
     for protocol, values in results.items():
@@ -135,6 +147,13 @@ def report(results: dict[str, list[float]], paired: list[float]) -> None:
             f"paired, Realtime minus /v1/ws on the same question heard as the same words: "
             f"p50 {percentile(paired, 50):+.0f} ms over {len(paired)} pairs"
         )
+    if edges["ws"] and edges["realtime"]:
+        print("\nthe edge: client voice-to-voice minus the gateway's own speech_end_to_first_audio_ms")
+        print("(the way in to the VAD's frames and the way out to the client; the models' spread cancels)")
+        for protocol, values in edges.items():
+            print(f"{'/v1/' + protocol:12} {len(values):6d} {percentile(values, 50):8.0f} {percentile(values, 90):8.0f}")
+        gap = percentile(edges["realtime"], 50) - percentile(edges["ws"], 50)
+        print(f"/v1/realtime edge minus /v1/ws edge at p50: {gap:+.0f} ms (target: within 20 ms)")
 
 
 def main() -> None:
@@ -143,8 +162,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with running_stack(args.url, env={"VOICEPIPE_LLM_TEMPERATURE": "0"}) as http_url:
-        results, paired = asyncio.run(run(http_url, args.rounds))
-    report(results, paired)
+        # the clients stand in for other machines: on two shared cores they yield to the stack, so
+        # the SDK's own CPU (it validates every event) does not slow the models of its own turns
+        os.nice(10)
+        results, paired, edges = asyncio.run(run(http_url, args.rounds))
+    report(results, paired, edges)
 
 
 if __name__ == "__main__":

@@ -145,16 +145,17 @@ class RealtimeWire:
                 elif turn_id in self._blocked:
                     self._close_response(turn_id, "incomplete", "content_filter")
                 else:
-                    self._close_response(turn_id, "completed", None, text=fields.get("text"))
+                    timings = {key: fields[key] for key in ("metrics", "diagnostics") if key in fields}
+                    self._close_response(turn_id, "completed", None, text=fields.get("text"), timings=timings)
             case _:
                 pass  # transcript.partial: not part of this protocol
 
     def _close_response(self, turn_id: str, status: str, reason: str | None, text: str | None = None,
-                        error: dict[str, str] | None = None) -> None:
+                        error: dict[str, str] | None = None, timings: dict[str, Any] | None = None) -> None:
         self._finished.add(turn_id)
         self._downlink.pop(turn_id, None)
         self._blocked.discard(turn_id)
-        self._send(self.turns.response_done(turn_id, status, reason, text=text, error=error))
+        self._send(self.turns.response_done(turn_id, status, reason, text=text, error=error, timings=timings))
 
     def audio(self, turn_id: str, pcm: bytes) -> None:
         if turn_id in self._finished:

@@ -377,9 +377,11 @@ class RealtimeTurns:
 
     def response_done(
         self, turn_id: str, status: Status = "completed", reason: str | None = None, text: str | None = None,
-        error: dict[str, str] | None = None,
+        error: dict[str, str] | None = None, timings: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
-        """Close the turn's response (once): the content part, the item, then `response.done`."""
+        """Close the turn's response (once): the content part, the item, then `response.done`.
+        `timings` (voicepipe's `metrics` and `diagnostics` of the turn, docs/protocol.md §1.1) ride
+        on the response as `voicepipe`, a field the API does not define and its SDKs keep."""
         if self._turns.get(turn_id) is not None and self._turns[turn_id].closed:
             return []
         out = self.response_started(turn_id)
@@ -408,7 +410,10 @@ class RealtimeTurns:
                 details["reason"] = reason
             if error is not None:
                 details["error"] = error
-        out.append(self._event("response.done", response=self._response(turn, status, [item], details)))
+        response = self._response(turn, status, [item], details)
+        if timings:
+            response["voicepipe"] = timings
+        out.append(self._event("response.done", response=response))
         return out
 
     def truncated(self, item_id: str, audio_end_ms: int) -> dict[str, Any]:

@@ -129,6 +129,8 @@ async def test_a_spoken_turn_with_server_vad(stack, fake_llm):
             assert "capital" in transcript.transcript.lower() and transcript.item_id == started.item_id
             done = await events.wait("response.done")
             assert done.response.status == "completed"
+            timings = done.response.model_extra["voicepipe"]  # the turn's §1.1 figures, as on /v1/ws
+            assert timings["metrics"]["speech_end_to_first_audio_ms"] > 0 and "endpointing_ms" in timings["diagnostics"]
             [item] = done.response.output
             assert item.role == "assistant" and item.content[0].transcript == fake_llm.reply
             deltas = events.of("response.output_audio.delta")
