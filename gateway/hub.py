@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -69,6 +70,7 @@ from shared.tasks import TaskSet, keep_running
 log = logging.getLogger("voicepipe.gateway")
 
 RESUME_TOKEN_FIELD = "resume_token_sha256"  # in the history hash; the token itself is never stored
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9-]{1,64}")  # what a resume may name (ours are UUID4s)
 TAKEOVER_WAIT_S = 5.0  # how long a resume waits for the old socket's cleanup before replacing it anyway
 
 # KEYS[1] the history hash; ARGV[1] the token field, ARGV[2] SHA-256 of the presented token,
@@ -326,13 +328,31 @@ class Gateway:
         wire: Wire,
         run: Callable[[Conversation], Awaitable[str]],
         correlation_id: str,
-        conversation_id: str | None = None,
+        resume_id: str | None = None,
         resume_token: str | None = None,
     ) -> None:
-        """The whole life of one conversation on an accepted socket: open it (a new one, or the
-        resumed `conversation_id` whose token `resume` rotated to `resume_token`), serve it with
-        the protocol's `run` (which returns the disconnect reason), and end it exactly once."""
-        conversation_id = conversation_id or str(uuid.uuid4())
+        """The whole life of one conversation on an accepted socket: open it (a new one, or, with
+        `resume_id` and `resume_token`, that conversation taken up again; its token rotates),
+        serve it with the protocol's `run` (which returns the disconnect reason), and end it
+        exactly once. A resume that cannot be taken is refused before anything is opened."""
+        new_token = None
+        if resume_id or resume_token:
+            try:
+                new_token = await self._claim(resume_id, resume_token)
+            except ResumeRefused as exc:
+                log.info("resume refused: %s", exc)
+                await wire.refuse("unknown_conversation", str(exc), 4404, "unknown or expired conversation")
+                return
+            except NotReady as exc:  # nothing was opened or claimed: no disconnect event to publish
+                log.warning("refusing the resume: %s", exc)
+                await wire.refuse("not_ready", str(exc), 1011, "pipeline not ready")
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("resume failed: %s", exc)
+                await wire.refuse("bus_unavailable", "the server cannot resume conversations now", 1011, "bus unavailable")
+                return
+        conversation_id = resume_id if new_token else str(uuid.uuid4())
+        resume_token = new_token
         with log_context(conversation_id=conversation_id):
             reason, detail, connection_id, conversation = "client_disconnect", None, None, None
             try:
@@ -376,6 +396,15 @@ class Gateway:
                     # leave the registry only once the event is out: shutdown waits on the registry
                     if self.conversations.get(conversation_id) is conversation:
                         self.conversations.pop(conversation_id, None)
+
+    async def _claim(self, conversation_id: str | None, token: str | None) -> str:
+        """Check a resume request and claim the conversation; its rotated token."""
+        if not (conversation_id and token):
+            raise ResumeRefused("resuming needs both conversation_id and resume_token")
+        if not CONVERSATION_ID.fullmatch(conversation_id):
+            raise ResumeRefused("unknown or expired conversation_id and resume_token")
+        await self.ensure_ready()  # first: a resume that cannot be served keeps its token
+        return await self.resume(conversation_id, token)
 
     async def open_conversation(
         self, conversation_id: str, correlation_id: str, resume_token: str | None = None

@@ -177,7 +177,15 @@ class RealtimeWire:
     # ---- the client's side (Frames)
     async def run(self, conversation: Conversation) -> str:
         self.conversation = conversation
-        self._send(self.turns.session_created())
+        created = self.turns.session_created()
+        # how to take the conversation up again on a new socket (`?conversation_id=&resume_token=`,
+        # as on /v1/ws): a field the API does not define, which the SDKs keep
+        created["voicepipe"] = {
+            "conversation_id": conversation.conversation_id,
+            "resume_token": conversation.resume_token,
+            "resumed": conversation.resumed,
+        }
+        self._send(created)
         return await self.socket.run(self)
 
     def rate_limited(self, message: str) -> None:
@@ -272,7 +280,10 @@ async def serve_realtime(gateway: Gateway, websocket: WebSocket) -> None:
                 return
             model = (websocket.query_params.get("model") or gateway.settings.llm_model)[:64]
             wire = RealtimeWire(gateway, ClientSocket(gateway, websocket, "realtime"), model)
-            await gateway.serve_conversation(wire, wire.run, correlation_id)
+            params = websocket.query_params
+            await gateway.serve_conversation(
+                wire, wire.run, correlation_id, params.get("conversation_id"), params.get("resume_token")
+            )
         finally:
             if admission.slot is not None:
                 await asyncio.shield(gateway.limits.release(admission.slot))

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
@@ -21,7 +19,6 @@ from gateway import handshake
 from gateway.auth import SUBPROTOCOL
 from gateway.client_socket import ClientSocket
 from gateway.correlation import correlation_id as correlation_id_of
-from gateway.hub import NotReady, ResumeRefused
 from shared.logging import log_context
 from shared.messages.client import (
     INPUT_AUDIO,
@@ -40,8 +37,6 @@ if TYPE_CHECKING:
     from gateway.hub import Gateway
 
 log = logging.getLogger("voicepipe.gateway.ws")
-
-CONVERSATION_ID = re.compile(r"[A-Za-z0-9-]{1,64}")  # what a resume may name (ours are UUID4s)
 
 
 class VoicepipeWire:
@@ -141,25 +136,4 @@ async def _serve_admitted(
     params = websocket.query_params
     conversation_id, token = params.get("conversation_id"), params.get("resume_token")
     wire = VoicepipeWire(gateway, ClientSocket(gateway, websocket, conversation_id or "new"))
-    new_token = None
-    if conversation_id or token:
-        try:
-            if not (conversation_id and token):
-                raise ResumeRefused("resuming needs both conversation_id and resume_token")
-            if not CONVERSATION_ID.fullmatch(conversation_id):
-                raise ResumeRefused("unknown or expired conversation_id and resume_token")
-            await gateway.ensure_ready()  # first: a resume that cannot be served keeps its token
-            new_token = await gateway.resume(conversation_id, token)
-        except ResumeRefused as exc:
-            log.info("resume refused: %s", exc)
-            await wire.refuse("unknown_conversation", str(exc), 4404, "unknown or expired conversation")
-            return
-        except NotReady as exc:  # nothing was opened or claimed: no disconnect event to publish
-            log.warning("refusing the resume: %s", exc)
-            await wire.refuse("not_ready", str(exc), 1011, "pipeline not ready")
-            return
-        except (RedisError, OSError) as exc:
-            log.warning("resume failed: %s", exc)
-            await wire.refuse("bus_unavailable", "the server cannot resume conversations now", 1011, "bus unavailable")
-            return
-    await gateway.serve_conversation(wire, wire.run, correlation_id, conversation_id, new_token)
+    await gateway.serve_conversation(wire, wire.run, correlation_id, conversation_id, token)

@@ -327,3 +327,30 @@ async def test_tokens_as_bearer_and_as_the_browser_subprotocol(redis_url, redis_
         async with websockets.connect(url, subprotocols=["realtime", "openai-insecure-api-key.s3cret"]) as ws:
             assert ws.subprotocol == "realtime"
             assert json.loads(await ws.recv())["type"] == "session.created"
+
+
+async def test_a_realtime_conversation_is_taken_up_again_on_a_new_socket(stack, fake_llm):
+    """Resume, as on /v1/ws: session.created says how (`voicepipe`), the token rotates, and the
+    history goes on; a wrong token is refused before anything is opened."""
+    async with sdk(stack) as client:
+        async with client.realtime.connect(model="gpt-realtime") as conn:
+            created = await conn.recv()
+            first = created.model_extra["voicepipe"]
+            assert first["resumed"] is False and first["resume_token"]
+            await ask(conn, "Remember the word lantern.")
+            while (event := await conn.recv()).type != "response.done":
+                pass
+        query = {"conversation_id": first["conversation_id"], "resume_token": first["resume_token"]}
+        async with client.realtime.connect(model="gpt-realtime", extra_query=query) as conn:
+            again = (await conn.recv()).model_extra["voicepipe"]
+            assert again["resumed"] is True and again["conversation_id"] == first["conversation_id"]
+            assert again["resume_token"] != first["resume_token"]  # rotated: the old one is spent
+            await ask(conn, "Which word?")
+            while (event := await conn.recv()).type != "response.done":
+                pass
+        assert [m["content"] for m in fake_llm.streams[-1].messages if m["role"] == "user"] == [
+            "Remember the word lantern.", "Which word?"
+        ]
+        async with client.realtime.connect(model="gpt-realtime", extra_query=query) as conn:
+            refused = await conn.recv()
+            assert refused.type == "error" and refused.error.code == "unknown_conversation"
