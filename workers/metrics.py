@@ -187,6 +187,17 @@ class _WorkerCollector(Collector):
             restarts.add_metric([*values, loop], w.loop_restarts.get(loop, 0))
         yield restarts
         yield from pool_families(w.pools(), labels)
+        adjusted = getattr(w, "end_adjusted", None)  # the VAD/STT worker's adaptive end of turn
+        if adjusted is not None:
+            family = CounterMetricFamily(
+                "voicepipe_vad_end_adjusted",
+                "Pauses whose end-of-utterance silence the early transcript moved: shortened (a finished "
+                "sentence or question) or extended (a clause left open).",
+                labels=[*names, "direction"],
+            )
+            for direction in ("shortened", "extended"):
+                family.add_metric([*values, direction], adjusted.get(direction, 0))
+            yield family
         chat = getattr(w, "chat", None)  # the orchestrator's LLM client (None before it loads)
         if isinstance(chat, ChatClient):
             yield gauge("voicepipe_llm_open_streams", "LLM responses open now.", chat.open_streams)

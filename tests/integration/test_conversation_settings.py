@@ -12,6 +12,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from shared.bus import Bus, create_redis
 from shared.channels import Names
 from shared.config import Settings
@@ -380,6 +382,9 @@ async def test_a_finished_question_ends_sooner_and_a_trailing_and_waits_longer(r
         assert stopped.decided_ms - stopped.speech_end_ms <= 240
         assert "capital" in gw.of("question", TranscriptFinal)[0].text.lower()
         assert worker.end_adjusted["shortened"] == 1
+        page = {(s.name, s.labels.get("direction")): s.value for f in text_string_to_metric_families(worker.metrics.render().decode())
+                for s in f.samples}
+        assert page[("voicepipe_vad_end_adjusted_total", "shortened")] == 1  # on the worker's /metrics
         # "... and": 400 ms of silence end nothing, once the early transcript has been heard
         await gw.audio("open", [SILENCE] * 10 + trimmed_frames("trailing_and.wav") + [SILENCE] * 10)
         await until(lambda: worker.end_adjusted["extended"] == 1)
