@@ -1,4 +1,4 @@
-"""The OpenAI Realtime API, `GET /v1/realtime` (docs/protocol.md §7), over the conversation core.
+"""The OpenAI Realtime API, `GET /v1/realtime` (docs/protocol.md §6), over the conversation core.
 
 A client written for the Realtime API (the `openai` SDKs' `realtime.connect`, and the agents and
 plugins built on it) talks to voicepipe by changing only its base URL. This adapter speaks the
