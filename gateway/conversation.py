@@ -104,6 +104,7 @@ class Conversation:
         self._tasks = TaskSet(f"conversation:{self.conversation_id}")
         self._ended = asyncio.Event()
         self._told_bus_down = False  # the client was told its audio is dropped while Redis is down
+        self._envelope = route.envelope  # the same for every route the conversation will have
 
     @property
     def ended(self) -> bool:
@@ -111,7 +112,7 @@ class Conversation:
 
     @property
     def envelope(self) -> dict[str, str]:
-        return self.route.envelope
+        return self._envelope
 
     def inbox(self, stage: Stage) -> str:
         return self.route.inbox(stage, self.gateway.names)
@@ -186,7 +187,8 @@ class Conversation:
         if pcm and self.unavailable:
             self.gateway.rerouter.refuse_audio(self)
         elif pcm:
-            self._uplink(AudioIn(received_ms=now_ms_float(), pcm=pcm, sample_rate=sample_rate, **self.envelope))
+            rate = None if sample_rate == 16000 else sample_rate
+            self._uplink(AudioIn(received_ms=now_ms_float(), pcm=pcm, sample_rate=rate, **self.envelope))
 
     def commit(self) -> None:
         """End the utterance under way now (behind the audio sent before it, on the same uplink)."""

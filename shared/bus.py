@@ -76,18 +76,20 @@ def create_redis(url: str, max_connections: int = 64, name: str | None = None) -
     """A client over a bounded pool: callers wait up to 5 s for a free connection instead of failing.
 
     Commands that meet a dropped or stale connection are retried (`command_retry`, see above);
-    a connection idle for 10 s is checked with PING before use; TCP keepalive finds dead peers.
+    a connection idle for 10 s is checked with PING before use; TCP keepalive finds dead peers
+    (a `unix://` URL, a Unix socket on this machine, has no TCP to keep alive).
     `name` is set as CLIENT SETNAME on every connection, so operators can tell processes apart."""
+    tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=5,
         socket_connect_timeout=5,
-        socket_keepalive=True,
         health_check_interval=10,
         retry=command_retry(),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         client_name=name,
+        **tcp,
     )
     return aioredis.Redis(connection_pool=pool)
 

@@ -17,6 +17,7 @@ from shared.stages import GATEWAY, STAGES, Stage
 
 # what the lease hash holds besides the route itself (written by the gateway, read by nobody else)
 LEASE_EXTRA = ("created_ms",)
+_ADDRESSABLE = frozenset((*STAGES, GATEWAY))
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,11 @@ class Route:
         return tuple(f.name for f in dataclasses.fields(Route))
 
     def worker(self, stage: Stage | str) -> str:
-        """The id of the process serving `stage` (or the gateway, for GATEWAY)."""
-        return getattr(self, Stage(stage).value if stage != GATEWAY else GATEWAY)
+        """The id of the process serving `stage` (or the gateway, for GATEWAY). A `Stage` is the
+        field's name itself (a StrEnum), so this is one attribute read: it runs for every frame."""
+        if stage not in _ADDRESSABLE:
+            raise ValueError(f"no such stage: {stage!r}")
+        return getattr(self, stage)
 
     def inbox(self, stage: Stage | str, names: Names) -> str:
         """The channel of the process serving `stage` for this conversation."""

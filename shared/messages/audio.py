@@ -21,7 +21,7 @@ class AudioIn(Envelope):
 
     type: Literal["audio.in"] = "audio.in"
     received_ms: float
-    sample_rate: InputRate = 16000
+    sample_rate: InputRate | None = None  # None: 16 kHz (left out of every /v1/ws frame's header)
     pcm: bytes = Field(default=b"", exclude=True, repr=False)
 
 

@@ -117,3 +117,17 @@ def test_odd_input_is_a_message_or_a_decode_error_never_anything_else(data):
         decode(data)
     except DecodeError:
         pass
+
+
+def test_a_unix_socket_url_makes_a_working_pool():
+    """`VOICEPIPE_REDIS_URL=unix:///path/redis.sock` (Redis on the same machine): no TCP-only option
+    reaches the connection (redis-py refuses `socket_keepalive` there)."""
+    from redis.asyncio.connection import UnixDomainSocketConnection
+
+    from shared.bus import create_redis
+
+    client = create_redis("unix:///tmp/voicepipe-test.sock?db=0", name="t")
+    pool = client.connection_pool
+    assert pool.connection_class is UnixDomainSocketConnection
+    connection = pool.make_connection()  # raised TypeError before
+    assert connection.path == "/tmp/voicepipe-test.sock"

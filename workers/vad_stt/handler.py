@@ -252,8 +252,9 @@ class VadSttWorker(Worker):
         if isinstance(message, AudioIn):
             conv = await self._conversation(message)
             if conv is not None:
-                if message.sample_rate != conv.segmenter.sample_rate:  # the first frame of a 24 kHz client
-                    await self._emit(conv, conv.segmenter.set_rate(message.sample_rate))
+                rate = message.sample_rate or SAMPLE_RATE
+                if rate != conv.segmenter.sample_rate:  # the first frame of a 24 kHz client
+                    await self._emit(conv, conv.segmenter.set_rate(rate))
                 await self._emit(conv, conv.segmenter.feed(message.pcm, message.received_ms))
                 if self.settings.stt_partials:
                     self._maybe_partial(conv)
