@@ -90,3 +90,16 @@ def test_heard_at_maps_played_audio_to_pieces_of_the_reply():
     assert turn.heard_at(1000) == pytest.approx(1.0)
     assert turn.heard_at(1500) == pytest.approx(1.5)
     assert turn.heard_at(60_000) == turn.heard == 2.0  # past the end: all of it
+
+
+def test_replied_within_finds_a_reply_that_just_started():
+    """A turn resumed this soon after a reply's first audio counts as cut too early (gateway metric)."""
+    from gateway.turns import TurnTable
+
+    table = TurnTable()
+    reply = table.open("r", replying=True)
+    assert not table.replied_within(1000.0, 1000.0)  # no audio yet
+    reply.first_audio_ms = 500.0
+    assert table.replied_within(1400.0, 1000.0)
+    assert not table.replied_within(1500.0, 1000.0)  # a whole second later: the user waited for it
+    assert not table.replied_within(1400.0, 1000.0, besides="r")
