@@ -351,8 +351,7 @@ class VadSttWorker(Worker):
             )
             if conv.partial is not None and not conv.partial.started:
                 conv.partial.future.cancel()  # an interim transcript that has not started would only delay the final
-            audio = to_pipeline_rate(event.audio, conv.segmenter.sample_rate)
-            if not audio:
+            if not event.audio:
                 if speculation is not None:
                     speculation.job.future.cancel()
                 await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=turn_id, text="", stt_ms=0, **envelope))
@@ -361,11 +360,14 @@ class VadSttWorker(Worker):
             if waiting is not None and waiting.mergeable:  # the model is busy: one job for both utterances
                 if speculation is not None:
                     speculation.job.future.cancel()
-                superseded = waiting.merge(audio, turn_id, decided)
+                superseded = waiting.merge(to_pipeline_rate(event.audio, conv.segmenter.sample_rate), turn_id, decided)
                 log.info("utterance merged into the previous one's transcription, which had not started yet")
                 await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=superseded, text="", stt_ms=0, **envelope))
                 continue
-            utterance = speculation or self._transcribe(conv, Utterance(turn_id, bytearray(audio)), "transcribe")
+            utterance = speculation  # the early transcript is the final one: the utterance only gained silence
+            if utterance is None:  # converted only when transcribed from scratch
+                audio = to_pipeline_rate(event.audio, conv.segmenter.sample_rate)
+                utterance = self._transcribe(conv, Utterance(turn_id, bytearray(audio)), "transcribe")
             utterance.turn_id, utterance.decided = turn_id, decided
             conv.pending = utterance
             conv.tasks.spawn(self._finish(conv, utterance), name=f"transcript:{turn_id}")
@@ -397,7 +399,9 @@ class VadSttWorker(Worker):
             return
         conv.partial_at_bytes = len(audio)
         rate = conv.segmenter.sample_rate
-        transcribe = functools.partial(lambda pcm: self.transcriber.transcribe(to_pipeline_rate(pcm, rate)), audio)
+        def transcribe() -> str:  # converted in whisper's thread, like the rest of its work
+            return self.transcriber.transcribe(to_pipeline_rate(audio, rate))
+
         conv.partial = self.scheduler.submit(conv.conversation_id, transcribe, "partial")
         conv.tasks.spawn(self._send_partial(conv, conv.turn_id, conv.partial), name="partial")
 

@@ -95,14 +95,11 @@ class Segmenter:
     ) -> None:
         self._is_speech = is_speech
         self.frame_ms = frame_ms
-        self.sample_rate = sample_rate
-        self._bytes_per_ms = sample_rate * 2 // 1000
-        self._frame_bytes = frame_ms * self._bytes_per_ms
         self._max_utterance_ms = max_utterance_ms
+        self._use_rate(sample_rate)
         self._start_frames = max(1, start_ms // frame_ms)
         self._min_frames = -(-min_utterance_ms // frame_ms)  # ceiling: a 100 ms minimum needs 5 frames of 20 ms
         self._sustain_frames = -(-sustain_ms // frame_ms) if sustain_ms > 0 else 0
-        self._max_bytes = max_utterance_ms * self._bytes_per_ms
         self._speculate_after_ms = speculate_after_ms
         self._next: tuple[int, bool] | None = (end_silence_ms, False)  # settings for the next utterance
         self._apply_next()  # sets _manual, _end_frames, _speculate_frames
@@ -197,11 +194,14 @@ class Segmenter:
         if sample_rate == self.sample_rate:
             return []
         events = self.clear()
-        self.sample_rate = sample_rate
-        self._bytes_per_ms = sample_rate * 2 // 1000
-        self._frame_bytes = self.frame_ms * self._bytes_per_ms
-        self._max_bytes = self._max_utterance_ms * self._bytes_per_ms
+        self._use_rate(sample_rate)
         return events
+
+    def _use_rate(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+        bytes_per_ms = sample_rate * 2 // 1000
+        self._frame_bytes = self.frame_ms * bytes_per_ms
+        self._max_bytes = self._max_utterance_ms * bytes_per_ms
 
     def end_after(self, silence_ms: int) -> list[Event]:
         """This pause of the utterance under way ends it after `silence_ms` of silence instead; at
