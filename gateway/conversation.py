@@ -154,10 +154,11 @@ class Conversation:
             except (RedisError, OSError) as exc:
                 log.warning("could not refresh the routing lease: %s", exc)
 
-    def moved(self, stage: str, worker_id: str) -> None:
-        """A stage of the conversation is served by another worker from now on: the route follows,
-        and the new worker hears the client's settings."""
-        self.route = self.route.moved(stage, worker_id)
+    def follow(self, route: Route) -> None:
+        """The conversation is served by this route from now on (a stage moved to another worker:
+        re-routed here, or handed off by a draining worker), and a new worker hears the client's
+        settings."""
+        self.route = route
         self.announce_settings()
 
     def announce_settings(self) -> None:
@@ -340,8 +341,7 @@ class Conversation:
             return
         if isinstance(message, ConversationOpened):  # a stage moved to another worker (workers/handoff.py)
             if message.connection_id == self.route.connection_id:
-                self.route = Route.of(message.model_dump())
-                self.announce_settings()
+                self.follow(Route.of(message.model_dump()))
                 with log_context(self.conversation_id, self.correlation_id):
                     log.info("route now: vad_stt=%s llm=%s tts=%s", message.vad_stt, message.llm, message.tts)
             return

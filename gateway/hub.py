@@ -352,17 +352,16 @@ class Gateway:
                 await wire.refuse("bus_unavailable", "the server cannot resume conversations now", 1011, "bus unavailable")
                 return
         conversation_id = resume_id if new_token else str(uuid.uuid4())
-        resume_token = new_token
         with log_context(conversation_id=conversation_id):
             reason, detail, connection_id, conversation = "client_disconnect", None, None, None
             try:
-                route, token = await self.open_conversation(conversation_id, correlation_id, resume_token)
+                route, token = await self.open_conversation(conversation_id, correlation_id, new_token)
                 connection_id = route.connection_id
                 log.info(
                     "conversation %s: vad_stt=%s llm=%s tts=%s",
-                    "resumed" if resume_token else "opened", route.vad_stt, route.llm, route.tts,
+                    "resumed" if new_token else "opened", route.vad_stt, route.llm, route.tts,
                 )
-                conversation = Conversation(self, route, token, wire, resumed=resume_token is not None)
+                conversation = Conversation(self, route, token, wire, resumed=new_token is not None)
                 self.conversations[conversation_id] = conversation
                 reason = await conversation.serve(run)
                 if conversation.shutting_down:
@@ -423,7 +422,7 @@ class Gateway:
         conv_key, history_key = self.names.conversation(conversation_id), self.names.history(conversation_id)
         opened = self.bus.encode(route.opened())
         async with self.redis.pipeline(transaction=True) as pipe:  # the lease, then the announcement
-            pipe.hset(conv_key, mapping={**route.lease(), "created_ms": str(now_ms())})
+            pipe.hset(conv_key, mapping=route.lease_to_write())
             pipe.expire(conv_key, self._lease_s)
             pipe.hset(history_key, RESUME_TOKEN_FIELD, token_digest(token))
             pipe.expire(history_key, self.settings.resume_window_s + self._lease_s)

@@ -56,7 +56,6 @@ from gateway.realtime_events import (
 )
 from shared.logging import log_context
 from shared.messages.client import JsonLimits
-from shared.recent import RecentIds
 from shared.resample import Resampler
 
 if TYPE_CHECKING:
@@ -89,7 +88,6 @@ class RealtimeWire:
         self._pending: list[tuple[str, str]] = []  # (item id, text) created and not answered yet
         self._failed: dict[str, dict[str, str]] = {}  # turn -> the error that ended it
         self._blocked: set[str] = set()  # turns whose reply the output guard blocked
-        self._finished = RecentIds(256)  # turns whose `response.done` was sent
 
     # ---- out to the client
     def _send(self, events: list[dict[str, Any]] | dict[str, Any]) -> None:
@@ -108,7 +106,7 @@ class RealtimeWire:
             if kind == "error":
                 self._send(turns.error(fields.get("code", "server_error"), fields.get("message", ""), kind="server_error"))
             return
-        if turn_id in self._finished and kind != "error":
+        if turns.closed(turn_id) and kind != "error":
             return  # its response was closed already (interrupted, then its late events)
         match kind:
             case "speech.started":
@@ -152,13 +150,12 @@ class RealtimeWire:
 
     def _close_response(self, turn_id: str, status: str, reason: str | None, text: str | None = None,
                         error: dict[str, str] | None = None, timings: dict[str, Any] | None = None) -> None:
-        self._finished.add(turn_id)
         self._downlink.pop(turn_id, None)
         self._blocked.discard(turn_id)
         self._send(self.turns.response_done(turn_id, status, reason, text=text, error=error, timings=timings))
 
     def audio(self, turn_id: str, pcm: bytes) -> None:
-        if turn_id in self._finished:
+        if self.turns.closed(turn_id):
             return
         resampler = self._downlink.get(turn_id)
         if resampler is not None:

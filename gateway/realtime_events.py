@@ -261,6 +261,11 @@ class RealtimeTurns:
                 self._turns.pop(next(iter(self._turns)))
         return turn
 
+    def closed(self, turn_id: str) -> bool:
+        """Whether the turn's `response.done` was produced (nothing more of it goes out)."""
+        turn = self._turns.get(turn_id)
+        return turn is not None and turn.closed
+
     def rekey(self, key: str, turn_id: str) -> None:
         """What was kept under `key` (a typed message, before the turn that answers it had an id)
         belongs to `turn_id` from now on."""
@@ -382,7 +387,7 @@ class RealtimeTurns:
         """Close the turn's response (once): the content part, the item, then `response.done`.
         `timings` (voicepipe's `metrics` and `diagnostics` of the turn, docs/protocol.md §1.1) ride
         on the response as `voicepipe`, a field the API does not define and its SDKs keep."""
-        if self._turns.get(turn_id) is not None and self._turns[turn_id].closed:
+        if self.closed(turn_id):
             return []
         out = self.response_started(turn_id)
         turn = self._turns[turn_id]

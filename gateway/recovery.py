@@ -43,7 +43,6 @@ from redis.exceptions import RedisError
 from shared.clock import now_ms
 from shared.logging import log_context
 from shared.messages import BusMessage
-from shared.route import LEASE_EXTRA
 from shared.stages import STAGES, Stage
 
 if TYPE_CHECKING:
@@ -208,8 +207,7 @@ class Recovery:
         names, lease_s = gateway.names, max(1, int(gateway.settings.stale_timeout_s))
         opened = gateway.bus.encode(route.opened())
         inboxes = route.inboxes(names)
-        lease = {**route.lease(), **dict.fromkeys(LEASE_EXTRA, str(now_ms()))}
-        fields = [item for pair in lease.items() for item in pair]
+        fields = [item for pair in route.lease_to_write().items() for item in pair]
         return int(
             await self._script(
                 keys=[names.conversation(cid), names.live, names.history(cid)],

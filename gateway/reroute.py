@@ -116,7 +116,7 @@ class Rerouter:
         if not moved:
             log.info("not re-routed: the conversation's lease is gone or belongs to another connection")
             return
-        conversation.moved(stage, chosen.worker_id)
+        conversation.follow(route)
         self.stats["rerouted"] += 1
         if stage in conversation.unavailable:
             conversation.unavailable.discard(stage)

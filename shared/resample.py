@@ -14,11 +14,9 @@ import soxr
 class Resampler:
     """A streaming converter from `in_rate` to `out_rate` for one audio stream."""
 
-    def __init__(self, in_rate: int, out_rate: int, quality: str = "HQ") -> None:
-        self.in_rate, self.out_rate, self.quality = in_rate, out_rate, quality
-        self._stream = (
-            None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality=quality)
-        )
+    def __init__(self, in_rate: int, out_rate: int) -> None:
+        self.in_rate, self.out_rate = in_rate, out_rate
+        self._stream = None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16")
 
     def convert(self, pcm: bytes) -> bytes:
         """The converted audio of `pcm` available so far (the filter holds back a few samples)."""

@@ -12,11 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared.channels import Names
+from shared.clock import now_ms
 from shared.messages import ConversationOpened
 from shared.stages import GATEWAY, STAGES, Stage
 
-# what the lease hash holds besides the route itself (written by the gateway, read by nobody else)
-LEASE_EXTRA = ("created_ms",)
 _ADDRESSABLE = frozenset((*STAGES, GATEWAY))
 
 
@@ -67,6 +66,11 @@ class Route:
     def lease(self) -> dict[str, str]:
         """The routing lease's fields (the hash under `Names.conversation`)."""
         return {name: getattr(self, name) for name in self.field_names() if name != "conversation_id"}
+
+    def lease_to_write(self) -> dict[str, str]:
+        """The lease as the gateway writes it: the route, and when it was written (`created_ms`,
+        which nobody reads back)."""
+        return {**self.lease(), "created_ms": str(now_ms())}
 
     def opened(self) -> ConversationOpened:
         """The announcement of this route to its workers."""

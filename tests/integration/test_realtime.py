@@ -62,6 +62,12 @@ async def ask(conn, text: str) -> None:
     await conn.response.create()
 
 
+async def until_done(conn) -> None:
+    """Read events until the next `response.done`."""
+    while (await conn.recv()).type != "response.done":
+        pass
+
+
 class Events:
     """Every server event of a connection, read in the background, as the SDK's typed models."""
 
@@ -98,6 +104,12 @@ class Events:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
 
+    async def __aenter__(self) -> "Events":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
 
 async def workers_clean(stack, conversation_id: str, timeout: float = 10.0) -> dict:
     async with asyncio.timeout(timeout):
@@ -115,8 +127,7 @@ def conversation_of(stack) -> str:
 
 async def test_a_spoken_turn_with_server_vad(stack, fake_llm):
     async with sdk(stack) as client, client.realtime.connect(model="gpt-realtime") as conn:
-        events = Events(conn)
-        try:
+        async with Events(conn) as events:
             created = await events.wait("session.created")
             assert created.session.audio.input.format.rate == RATE
             await stream(conn, speech_24k())
@@ -148,16 +159,13 @@ async def test_a_spoken_turn_with_server_vad(stack, fake_llm):
             ]:
                 assert order.index(earlier) < order.index(later), (earlier, later)
             assert len({e.event_id for e in events.all}) == len(events.all)  # every event has its own id
-        finally:
-            await events.aclose()
     # the user's words reached the LLM as the pipeline transcribed them
     assert "capital" in fake_llm.streams[-1].messages[-1]["content"].lower()
 
 
 async def test_a_typed_turn_with_manual_turn_detection_and_instructions(stack, fake_llm):
     async with sdk(stack) as client, client.realtime.connect(model="gpt-realtime") as conn:
-        events = Events(conn)
-        try:
+        async with Events(conn) as events:
             await conn.session.update(session={
                 "type": "realtime", "instructions": "Answer like a pirate.",
                 "audio": {"input": {"turn_detection": None}},
@@ -174,8 +182,6 @@ async def test_a_typed_turn_with_manual_turn_detection_and_instructions(stack, f
             assert done.response.status == "completed"
             assert done.response.output[0].content[0].transcript == fake_llm.reply
             assert events.of("response.output_audio.delta")
-        finally:
-            await events.aclose()
     sent = fake_llm.streams[-1].messages
     assert sent[0] == {"role": "system", "content": "Answer like a pirate."}
     assert sent[-1] == {"role": "user", "content": "What is the capital of France?"}
@@ -183,8 +189,7 @@ async def test_a_typed_turn_with_manual_turn_detection_and_instructions(stack, f
 
 async def test_a_manual_audio_turn_ends_only_at_the_commit(stack, fake_llm):
     async with sdk(stack) as client, client.realtime.connect(model="gpt-realtime") as conn:
-        events = Events(conn)
-        try:
+        async with Events(conn) as events:
             await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
             await events.wait("session.updated")
             await stream(conn, speech_24k(), trailing_silence_s=1.5)
@@ -199,15 +204,12 @@ async def test_a_manual_audio_turn_ends_only_at_the_commit(stack, fake_llm):
             done = await events.wait("response.done")
             assert done.response.status == "completed"
             assert not events.of("input_audio_buffer.speech_started")  # no VAD events in manual mode
-        finally:
-            await events.aclose()
 
 
 async def test_response_cancel_mid_audio(stack, fake_llm):
     fake_llm.reply, fake_llm.token_delay_s = LONG_REPLY, 0.05
     async with sdk(stack) as client, client.realtime.connect(model="gpt-realtime") as conn:
-        events = Events(conn)
-        try:
+        async with Events(conn) as events:
             await ask(conn, "Tell me about Paris.")
             await events.wait("response.output_audio.delta")
             await conn.response.cancel()
@@ -222,15 +224,12 @@ async def test_response_cancel_mid_audio(stack, fake_llm):
             assert error.error.code == "response_cancel_not_active"
             later = events.after(done)
             assert [e.type for e in later] == ["error"]
-        finally:
-            await events.aclose()
 
 
 async def test_barge_in_cancels_the_reply_with_turn_detected(stack, fake_llm):
     fake_llm.reply, fake_llm.token_delay_s = LONG_REPLY, 0.12
     async with sdk(stack) as client, client.realtime.connect(model="gpt-realtime") as conn:
-        events = Events(conn)
-        try:
+        async with Events(conn) as events:
             await ask(conn, "Tell me about Paris.")
             first = await events.wait("response.created")
             await events.wait("response.output_audio.delta")
@@ -246,15 +245,12 @@ async def test_barge_in_cancels_the_reply_with_turn_detected(stack, fake_llm):
             assert not any(
                 getattr(e, "response_id", None) == first.response.id for e in events.after(cancelled)
             )  # not one delta of the interrupted reply after its response.done
-        finally:
-            await events.aclose()
 
 
 async def test_truncate_cuts_the_reply_in_the_history(stack, fake_llm, redis_client, settings):
     fake_llm.reply, fake_llm.token_delay_s = LONG_REPLY, 0.001
     async with sdk(stack) as client, client.realtime.connect(model="gpt-realtime") as conn:
-        events = Events(conn)
-        try:
+        async with Events(conn) as events:
             await ask(conn, "Tell me about Paris.")
             done = await events.wait("response.done")
             item = done.response.output[0]
@@ -272,14 +268,11 @@ async def test_truncate_cuts_the_reply_in_the_history(stack, fake_llm, redis_cli
             assert LONG_REPLY.startswith(stored[-1]["content"]) and 0 < len(stored[-1]["content"]) < len(LONG_REPLY) // 2
             await conn.conversation.item.truncate(item_id="item_unknown", content_index=0, audio_end_ms=10)
             assert (await events.wait("error")).error.code == "item_not_found"
-        finally:
-            await events.aclose()
 
 
 async def test_bad_events_get_an_error_and_the_socket_stays(stack):
     async with sdk(stack) as client, client.realtime.connect(model="gpt-realtime") as conn:
-        events = Events(conn)
-        try:
+        async with Events(conn) as events:
             await events.wait("session.created")
             await conn.send_raw("{not json")
             await conn.send_raw(json.dumps({"type": "output_audio_buffer.clear", "event_id": "evt_1"}))
@@ -293,8 +286,6 @@ async def test_bad_events_get_an_error_and_the_socket_stays(stack):
                 "invalid_event", "unsupported_event", "invalid_event", "unsupported_format", "input_audio_buffer_commit_empty",
             ]
             assert errors[1].event_id == "evt_1" and "output_audio_buffer.clear" in errors[1].message
-        finally:
-            await events.aclose()
 
 
 async def test_a_disconnect_mid_response_leaves_every_worker_clean(stack, fake_llm):
@@ -338,16 +329,14 @@ async def test_a_realtime_conversation_is_taken_up_again_on_a_new_socket(stack, 
             first = created.model_extra["voicepipe"]
             assert first["resumed"] is False and first["resume_token"]
             await ask(conn, "Remember the word lantern.")
-            while (event := await conn.recv()).type != "response.done":
-                pass
+            await until_done(conn)
         query = {"conversation_id": first["conversation_id"], "resume_token": first["resume_token"]}
         async with client.realtime.connect(model="gpt-realtime", extra_query=query) as conn:
             again = (await conn.recv()).model_extra["voicepipe"]
             assert again["resumed"] is True and again["conversation_id"] == first["conversation_id"]
             assert again["resume_token"] != first["resume_token"]  # rotated: the old one is spent
             await ask(conn, "Which word?")
-            while (event := await conn.recv()).type != "response.done":
-                pass
+            await until_done(conn)
         assert [m["content"] for m in fake_llm.streams[-1].messages if m["role"] == "user"] == [
             "Remember the word lantern.", "Which word?"
         ]

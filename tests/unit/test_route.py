@@ -14,6 +14,7 @@ ROUTE = Route(conversation_id="c1", correlation_id="k1", connection_id="s1", gat
 
 def test_a_lease_hash_and_an_announcement_give_back_the_same_route():
     assert Route.of({**ROUTE.lease(), "created_ms": "5"}, "c1") == ROUTE
+    assert Route.of(ROUTE.lease_to_write(), "c1") == ROUTE and "created_ms" in ROUTE.lease_to_write()
     assert Route.of(ROUTE.opened().model_dump()) == ROUTE
     assert "conversation_id" not in ROUTE.lease()  # the lease's key holds it
     with pytest.raises(KeyError):
