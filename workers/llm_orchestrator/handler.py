@@ -84,6 +84,14 @@ class ReplyTurn:
             parts.append(" ".join(words[: round(len(words) * (heard - whole))]))
         return " ".join(p for p in parts if p)
 
+    def as_heard(self, heard: float) -> list[Message]:
+        """The turn as the history keeps a reply the client heard only `heard` pieces of (a
+        barge-in, a cancel, a truncation): its text up to there, marked interrupted."""
+        return [
+            {"role": "user", "content": self.user_text},
+            {"role": "assistant", "content": self.heard_text(heard), "note": "interrupted"},
+        ]
+
 
 class ChatConversation:
     """What the orchestrator holds for one conversation: the current turn and the turns waiting."""
@@ -244,14 +252,18 @@ class LlmWorker(Worker):
             history = await self.history.load(conversation_id)
             self.conversations[conversation_id] = ChatConversation(conversation_id, route, history)
 
+    async def _admitted(self, message: BusMessage) -> ChatConversation | None:
+        """The conversation's state, prepared from its live routing if not held yet (None: the
+        message is not for this worker, or the conversation is over)."""
+        conv = self.conversations.get(message.conversation_id)
+        if conv is None and await self.admit(message):
+            conv = self.conversations[message.conversation_id]
+        return conv
+
     async def handle(self, channel: str, message: BusMessage) -> None:
         if isinstance(message, (TranscriptFinal, TextInput)):
-            conv = self.conversations.get(message.conversation_id)
-            if conv is None:
-                if not await self.admit(message):
-                    return
-                conv = self.conversations[message.conversation_id]
-            if message.text.strip():
+            conv = await self._admitted(message)
+            if conv is not None and message.text.strip():
                 await self._queue(conv, ReplyTurn(message.turn_id, message.text))
         elif isinstance(message, ResponseCancel):
             conv = self.conversations.get(message.conversation_id)
@@ -262,12 +274,9 @@ class LlmWorker(Worker):
             else:
                 await self._cancel(conv, message)
         elif isinstance(message, ConversationConfigured):
-            conv = self.conversations.get(message.conversation_id)
-            if conv is None:
-                if not await self.admit(message):
-                    return
-                conv = self.conversations[message.conversation_id]
-            conv.instructions = message.instructions  # turn detection is the VAD's business
+            conv = await self._admitted(message)
+            if conv is not None:
+                conv.instructions = message.instructions  # turn detection is the VAD's business
         else:
             log.warning("unexpected %s on %s", message.type, channel)
 
@@ -309,11 +318,7 @@ class LlmWorker(Worker):
         envelope = self._envelope(conv, turn)
         await self.bus.publish(self.names.tts_control, TtsStop(**envelope))
         log.info("reply for turn %s stopped (%s); %.2f of %d pieces sent", turn.turn_id, message.reason, message.heard, len(turn.pieces))
-        cut: list[Message] = [
-            {"role": "user", "content": turn.user_text},
-            {"role": "assistant", "content": turn.heard_text(message.heard), "note": "interrupted"},
-        ]
-        await self._remember(conv, cut, turn, replace_last=2 if turn.in_history else 0)
+        await self._remember(conv, turn.as_heard(message.heard), turn, replace_last=2 if turn.in_history else 0)
         self._start_next(conv)
 
     @staticmethod
@@ -338,11 +343,7 @@ class LlmWorker(Worker):
             log.debug("ignored a truncate for turn %s: not the last reply", message.turn_id)
             return
         log.info("reply for turn %s truncated: %.2f of %d pieces heard", turn.turn_id, message.heard, len(turn.pieces))
-        cut: list[Message] = [
-            {"role": "user", "content": turn.user_text},
-            {"role": "assistant", "content": turn.heard_text(message.heard), "note": "interrupted"},
-        ]
-        await self._remember(conv, cut, turn, replace_last=2)
+        await self._remember(conv, turn.as_heard(message.heard), turn, replace_last=2)
 
     async def _remember(
         self, conv: ChatConversation, messages: list[Message], turn: ReplyTurn, replace_last: int = 0
