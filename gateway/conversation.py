@@ -378,11 +378,12 @@ class Conversation:
             case ResponseTextDone():
                 turn.text, turn.pieces = message.text, message.sentences
                 turn.llm_ms, turn.llm_first_piece_ms = message.llm_ms, message.first_sentence_ms
+                turn.speculative = message.speculative
             case ResponseBlocked():
                 turn.blocked = True
                 self.emit("response.blocked", turn_id, reason=message.reason)
             case TtsAudioStarted():
-                turn.sample_rate = message.sample_rate
+                turn.sample_rate, turn.audio_held_ms = message.sample_rate, message.held_ms
                 if not turn.blocked:
                     self.emit("response.audio.started", turn_id, sample_rate=message.sample_rate)
             case TtsAudio():

@@ -44,6 +44,8 @@ class Turn:
     pieces: int = 0
     audio_done: bool = False
     blocked: bool = False  # the output guard blocked the reply: no more audio of it is sent
+    speculative: bool = False  # the reply was started on the early transcript, before the turn ended
+    audio_held_ms: float | None = None  # a speculative reply: how long its first audio waited for the turn's end
     replying: bool = False  # a reply was asked for (a non-empty transcript, or typed text)
     done: bool = False  # `response.done` was sent
     sample_rate: int = 0
@@ -97,12 +99,17 @@ class Turn:
         m["tts_ms"] = self.tts_ms if self.pieces else None
         return _rounded(m)
 
-    def diagnostics(self) -> dict[str, float]:
-        """Where the rest of the time went: the end-of-speech silence wait and the pipeline's overhead."""
+    def diagnostics(self) -> dict[str, float | bool]:
+        """Where the rest of the time went: the end-of-speech silence wait and the pipeline's
+        overhead; and whether the reply was speculative (and then how long its audio was held)."""
         d: dict[str, float | None] = {"pipeline_overhead_ms": self._overhead()}
         if not self.typed:
             d["endpointing_ms"] = _gap(self.speech_end_ms, self.decided_ms)
-        return _rounded(d)
+        d["audio_held_ms"] = self.audio_held_ms
+        diagnostics: dict[str, float | bool] = dict(_rounded(d))
+        if self.text is not None:  # a reply was made
+            diagnostics["speculative"] = self.speculative
+        return diagnostics
 
     def _overhead(self) -> float | None:
         """Time to first audio not spent in a model or waiting for silence: bus hops, queues, gateway."""

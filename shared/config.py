@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     barge_in_min_speech_ms: int = 200  # voiced speech that interrupts a reply under way (0: only response.cancel)
     vad_max_utterance_ms: int = 15000
     stt_speculate_after_ms: int = 100  # start transcribing after this much silence (0: only at the end)
+    # start the reply on that early transcript, held back until the end of the turn confirms it
+    # (needs STT_SPECULATE_AFTER_MS > 0); the VAD/STT worker and the orchestrator both read it
+    speculative_reply: bool = True
     stt_partials: bool = False  # interim transcripts while the user speaks (costs whisper time)
     stt_partial_interval_ms: int = 1000  # new speech between two interim transcripts
     stt_beam_size: int = 1

@@ -198,6 +198,30 @@ class _WorkerCollector(Collector):
             for direction in ("shortened", "extended"):
                 family.add_metric([*values, direction], adjusted.get(direction, 0))
             yield family
+        speculations = getattr(w, "speculations", None)  # the orchestrator's speculative replies
+        if speculations is not None:
+            yield counter(
+                "voicepipe_speculative_replies_started",
+                "Replies started on an early transcript, before the end of the user's turn was decided.",
+                speculations.get("started", 0),
+            )
+            family = CounterMetricFamily(
+                "voicepipe_speculative_replies",
+                "Speculative replies by outcome: confirmed (the turn ended with the same words; sent) or "
+                "wasted (discarded unheard: the user spoke on, or the final transcript differed).",
+                labels=[*names, "outcome"],
+            )
+            for outcome in ("confirmed", "wasted"):
+                family.add_metric([*values, outcome], speculations.get(outcome, 0))
+            yield family
+        wasted = getattr(w, "speculation_wasted_s", None)  # orchestrator (LLM stream time) and TTS (synthesis)
+        if wasted is not None:
+            yield counter(
+                "voicepipe_speculation_wasted_seconds",
+                "Model time spent on speculative replies that were discarded: the LLM stream open (orchestrator) "
+                "or speech synthesized (TTS).",
+                wasted,
+            )
         chat = getattr(w, "chat", None)  # the orchestrator's LLM client (None before it loads)
         if isinstance(chat, ChatClient):
             yield gauge("voicepipe_llm_open_streams", "LLM responses open now.", chat.open_streams)

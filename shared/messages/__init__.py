@@ -35,14 +35,17 @@ from shared.messages.transcript import (
     SpeechStopped,
     SpeechSustained,
     TextInput,
+    TranscriptEarly,
     TranscriptFinal,
     TranscriptPartial,
+    TranscriptWithdrawn,
 )
 from shared.messages.tts import (
     TtsAudio,
     TtsAudioDone,
     TtsAudioStarted,
     TtsEnd,
+    TtsRelease,
     TtsSpeak,
     TtsStop,
 )
@@ -50,9 +53,9 @@ from shared.messages.tts import (
 BusMessage = Annotated[
     Union[
         AudioIn, AudioCommit, AudioClear, ConversationConfigured,
-        SpeechStarted, SpeechSustained, SpeechStopped, TranscriptPartial, TranscriptFinal, TextInput,
+        SpeechStarted, SpeechSustained, SpeechStopped, TranscriptPartial, TranscriptEarly, TranscriptWithdrawn, TranscriptFinal, TextInput,
         ResponseTextDelta, ResponseTextDone, ResponseCancel, ResponseBlocked,
-        TtsSpeak, TtsEnd, TtsStop, TtsAudioStarted, TtsAudio, TtsAudioDone,
+        TtsSpeak, TtsRelease, TtsEnd, TtsStop, TtsAudioStarted, TtsAudio, TtsAudioDone,
         ConversationOpened, ConnectionDisconnected, StageError, IntrospectRequest, IntrospectReply, SessionTakeover,
         TranscriptionRequest, TranscriptionResult, SpeechRequest, SpeechAudio, SpeechDone, RequestCancel,
     ],
@@ -64,6 +67,6 @@ __all__ = [
     "AudioClear", "AudioCommit", "AudioIn", "ConversationConfigured", "RequestCancel", "SpeechAudio", "SpeechDone", "SpeechRequest",
     "TranscriptionRequest", "TranscriptionResult", "BusMessage", "ConnectionDisconnected", "ConversationOpened", "Envelope", "IntrospectReply", "IntrospectRequest", "ResponseBlocked", "ResponseCancel", "SessionTakeover",
     "ResponseTextDelta", "ResponseTextDone", "SpeechStarted", "SpeechStopped", "SpeechSustained", "StageError", "TextInput",
-    "TranscriptFinal", "TranscriptPartial", "TtsAudio", "TtsAudioDone", "TtsAudioStarted", "TtsEnd",
-    "TtsSpeak", "TtsStop", "bus_message_adapter",
+    "TranscriptEarly", "TranscriptFinal", "TranscriptPartial", "TranscriptWithdrawn", "TtsAudio", "TtsAudioDone", "TtsAudioStarted", "TtsEnd",
+    "TtsRelease", "TtsSpeak", "TtsStop", "bus_message_adapter",
 ]

@@ -19,13 +19,16 @@ class ResponseTextDone(Envelope):
     """Orchestrator -> gateway: the text of the turn is complete.
 
     `sentences` tells how many pieces went to TTS; with 0 no audio follows. Durations in ms:
-    `llm_ms` request to last token, `first_sentence_ms` request to the first piece handed to TTS."""
+    `llm_ms` request to last token, `first_sentence_ms` request to the first piece handed to TTS.
+    `speculative`: the reply was started on the early transcript, before the turn was confirmed
+    (its timings then count from that start)."""
 
     type: Literal["response.text.done"] = "response.text.done"
     text: str
     sentences: int
     llm_ms: float | None = None
     first_sentence_ms: float | None = None
+    speculative: bool = False
 
 
 # truncated: the client said how much of a reply it played (Realtime `conversation.item.truncate`);

@@ -53,6 +53,25 @@ class TranscriptFinal(Envelope):
     stt_wait_ms: float | None = None
 
 
+class TranscriptEarly(Envelope):
+    """VAD/STT -> the conversation's orchestrator: the transcript of a pause in the utterance
+    `turn_id`, before the end of the turn is decided. The orchestrator may start a speculative
+    reply on it (setting `SPECULATIVE_REPLY`): nothing of that reply reaches the client or the
+    history unless the turn's `TranscriptFinal` brings the same text. `TranscriptWithdrawn` follows
+    when the user goes on speaking, or when the turn ends without a final transcript for the
+    orchestrator; at most one early transcript of a conversation stands at a time."""
+
+    type: Literal["transcript.early"] = "transcript.early"
+    text: str
+
+
+class TranscriptWithdrawn(Envelope):
+    """VAD/STT -> orchestrator: the early transcript of `turn_id` no longer stands (the user went
+    on speaking, or the turn ended empty): a speculative reply on it is discarded without a trace."""
+
+    type: Literal["transcript.withdrawn"] = "transcript.withdrawn"
+
+
 class TextInput(Envelope):
     """Gateway -> orchestrator: a user turn typed instead of spoken."""
 

@@ -9,11 +9,24 @@ from shared.messages.envelope import Envelope
 
 
 class TtsSpeak(Envelope):
-    """Orchestrator -> the conversation's TTS worker: speak this piece of the reply (in `seq` order)."""
+    """Orchestrator -> the conversation's TTS worker: speak this piece of the reply (in `seq` order).
+
+    A speculative reply (one started before the user's turn was confirmed) is spoken under a
+    `turn_id` of its own, with `speculation_of` naming the user's turn: its audio is held in the
+    TTS worker (only its first piece is rendered) until `TtsRelease`, then sent as that turn's.
+    A `TtsStop` of its own `turn_id` discards it."""
 
     type: Literal["tts.speak"] = "tts.speak"
     text: str
     seq: int
+    speculation_of: str | None = None
+
+
+class TtsRelease(Envelope):
+    """Orchestrator -> TTS (on the TTS inbox, after the speculative reply's pieces): the user's turn
+    is confirmed; send the held audio of speculative reply `turn_id` now, and the rest as it comes."""
+
+    type: Literal["tts.release"] = "tts.release"
 
 
 class TtsEnd(Envelope):
@@ -39,6 +52,7 @@ class TtsAudioStarted(Envelope):
 
     type: Literal["tts.audio.started"] = "tts.audio.started"
     sample_rate: int
+    held_ms: float | None = None  # a speculative reply: how long its first audio waited for the turn's confirmation
 
 
 class TtsAudio(Envelope):

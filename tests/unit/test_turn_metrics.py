@@ -24,7 +24,15 @@ def test_spoken_turn_metrics():
         "speech_end_to_first_audio_ms", "stt_ms", "llm_ms", "tts_ms",
     }  # exactly docs/protocol.md §1.1
     d = spoken().diagnostics()
-    assert d == {"endpointing_ms": 300, "pipeline_overhead_ms": 500 - 90 - 150 - 120}
+    assert d == {"endpointing_ms": 300, "pipeline_overhead_ms": 500 - 90 - 150 - 120, "speculative": False}
+
+
+def test_a_speculative_reply_says_so_and_how_long_its_audio_was_held():
+    turn = spoken()
+    turn.speculative, turn.audio_held_ms = True, 87.26
+    d = turn.diagnostics()
+    assert d["speculative"] is True and d["audio_held_ms"] == 87.3
+    assert "speculative" not in Turn("t").diagnostics()  # no reply made: nothing to say
 
 
 def test_typed_turn_omits_the_speech_stage():
@@ -33,7 +41,7 @@ def test_typed_turn_omits_the_speech_stage():
     m = turn.metrics()
     assert not {"stt_ms", "speech_end_to_transcript_ms", "speech_end_to_first_audio_ms"} & set(m)
     assert m["transcript_to_first_token_ms"] == 50
-    assert turn.diagnostics() == {"pipeline_overhead_ms": 60}
+    assert turn.diagnostics() == {"pipeline_overhead_ms": 60, "speculative": False}
 
 
 def test_completion_waits_for_audio_only_when_audio_was_promised():

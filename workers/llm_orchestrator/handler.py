@@ -16,13 +16,24 @@ for it (`ChatConversation.finished`); a truncate of anything older is ignored.
 The client may replace the system prompt for its conversation (`conversation.configured`
 `instructions`): kept with the conversation's state, never in the history, and sent as the system
 message of its next replies. A new owner after a hand-off starts from the setting until the gateway
-sends the instructions again, which it does whenever the route changes."""
+sends the instructions again, which it does whenever the route changes.
+
+Speculative replies (setting `SPECULATIVE_REPLY`): the VAD/STT worker sends the transcript of a
+pause before the end of the turn is decided (`transcript.early`). When nothing else is replying, the
+orchestrator starts the reply on it at once, but holds everything it would send the gateway, and the
+TTS worker holds the audio (it renders the first piece only) under the speculation's own TTS turn id.
+The turn's final transcript decides: the same text confirms it (the held messages go out, TTS is
+told to release, the turn goes on as any other and reaches the history); other text, a withdrawal
+(the user spoke on), a typed turn or `SPECULATION_MAX_S` without a decision discard it (upstream
+stream closed, TTS stopped, nothing sent or written), and the final text is replied to as usual.
+At most one speculation per conversation is alive at a time."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -37,8 +48,11 @@ from shared.messages import (
     ResponseTextDone,
     StageError,
     TextInput,
+    TranscriptEarly,
     TranscriptFinal,
+    TranscriptWithdrawn,
     TtsEnd,
+    TtsRelease,
     TtsSpeak,
     TtsStop,
 )
@@ -59,6 +73,7 @@ from workers.runtime import Route, Worker
 log = logging.getLogger("voicepipe.llm")
 
 BLOCKED_LOG_LINE = "Connection closed after blocking streaming output"
+SPECULATION_MAX_S = 10.0  # a speculative reply whose turn is neither confirmed nor withdrawn by then is discarded
 
 
 @dataclass
@@ -74,6 +89,21 @@ class ReplyTurn:
     answered: bool = False  # `ResponseTextDone` went to the gateway
     in_history: bool = False  # the reply was written to the history
     cancelled: bool = False
+    # a speculative reply: started on an early transcript, held back until the turn is confirmed
+    speculative: bool = False  # not confirmed yet: gateway-bound messages wait in `held`
+    was_speculative: bool = False
+    tts_id: str | None = None  # the id TTS knows the reply by (its own for a speculation)
+    tts_inbox: str | None = None  # the TTS worker its pieces went to
+    held: list[BusMessage] = field(default_factory=list)
+    held_pieces: int = 0  # pieces TTS was sent to hold
+    confirmed: asyncio.Event = field(default_factory=asyncio.Event)
+    sending: asyncio.Lock = field(default_factory=asyncio.Lock)  # a confirmation never splits a send
+    llm_started: float | None = None  # perf_counter() when its LLM stream opened
+    llm_s: float | None = None  # how long the stream was open, once closed
+
+    def __post_init__(self) -> None:
+        if self.tts_id is None:
+            self.tts_id = self.turn_id
 
     def heard_text(self, heard: float) -> str:
         """The reply's text up to `heard` pieces (a partly sent piece contributes its share of words)."""
@@ -105,6 +135,7 @@ class ChatConversation:
         self.current: ReplyTurn | None = None  # the latest turn replied to (its audio may still play)
         self.finished: ReplyTurn | None = None  # the turn whose messages are the last two of `history`
         self.pending: deque[ReplyTurn] = deque()
+        self.speculation: ReplyTurn | None = None  # a reply started on an early transcript, not confirmed yet
         self.instructions: str | None = None  # the client's system prompt (None: the setting)
         self.upstream_streams = 0  # open HTTP streams to the LLM server
         # one write to the stored history at a time, in the order made: a truncate of the last reply
@@ -125,6 +156,8 @@ class LlmWorker(Worker):
         self.guard_check = term_check(settings.guard_blocked_terms)
         self.conversations: dict[str, ChatConversation] = {}
         self.llm_readiness: LlmReadiness | None = None  # set in load(), once the client exists
+        self.speculations = {"started": 0, "confirmed": 0, "wasted": 0}  # speculative replies (`/metrics`)
+        self.speculation_wasted_s = 0.0  # LLM stream time of the discarded ones
         self._own = TaskSet("llm-orchestrator")
         self.history = HistoryStore(
             client,
@@ -187,7 +220,7 @@ class LlmWorker(Worker):
         conv = self.conversations.get(conversation_id)
         return {
             "conversation": int(conv is not None),
-            "generation_tasks": int(conv.replying) if conv else 0,
+            "generation_tasks": int(conv.replying) + int(conv.speculation is not None) if conv else 0,
             "pending_turns": len(conv.pending) if conv else 0,
             "upstream_streams": conv.upstream_streams if conv else 0,
         }
@@ -196,7 +229,7 @@ class LlmWorker(Worker):
         convs = self.conversations.values()
         return {
             "conversations": len(self.conversations),
-            "generation_tasks": sum(c.replying for c in convs),
+            "generation_tasks": sum(int(c.replying) + int(c.speculation is not None) for c in convs),
             "pending_turns": sum(len(c.pending) for c in convs),
             "upstream_streams": sum(c.upstream_streams for c in convs),
         }
@@ -210,17 +243,19 @@ class LlmWorker(Worker):
         if conv is None:
             return
         conv.pending.clear()  # their user turns were never answered: the client re-asks on the new owner
+        await self._discard(conv, "the orchestrator shuts down")
         turn = conv.current
         if turn is not None and turn.generating and not turn.answered:
             turn.fence.close()
             await stop_tasks([turn.task] if turn.task else [])
-            await self.bus.publish(self.names.tts_control, TtsStop(**self._envelope(conv, turn)))
+            await self.bus.publish(self.names.tts_control, TtsStop(**self._tts_envelope(conv, turn)))
             await self._fail_turn(conv, turn, "stage_failed", "the orchestrator serving this turn shut down")
 
     async def release(self, conversation_id: str) -> None:
         """Handed off: its history is written already, and TTS must go on speaking for it."""
         conv = self.conversations.pop(conversation_id, None)
         if conv is not None:
+            await self._discard(conv, "handed off")  # the new owner replies to the final transcript
             conv.fence.close()
             await conv.tasks.aclose()
 
@@ -263,8 +298,16 @@ class LlmWorker(Worker):
     async def handle(self, channel: str, message: BusMessage) -> None:
         if isinstance(message, (TranscriptFinal, TextInput)):
             conv = await self._admitted(message)
-            if conv is not None and message.text.strip():
+            if conv is not None and message.text.strip() and not await self._decide_speculation(conv, message):
                 await self._queue(conv, ReplyTurn(message.turn_id, message.text))
+        elif isinstance(message, TranscriptEarly):
+            conv = await self._admitted(message)
+            if conv is not None:
+                await self._speculate(conv, message)
+        elif isinstance(message, TranscriptWithdrawn):
+            conv = self.conversations.get(message.conversation_id)
+            if conv is not None and conv.speculation is not None and conv.speculation.turn_id == message.turn_id:
+                await self._discard(conv, "the user went on speaking")
         elif isinstance(message, ResponseCancel):
             conv = self.conversations.get(message.conversation_id)
             if conv is None:
@@ -297,6 +340,65 @@ class LlmWorker(Worker):
         turn.generating = True
         turn.task = conv.tasks.spawn(self._reply(conv, turn), name=f"reply:{turn.turn_id}")
 
+    # ---- speculative replies
+    async def _speculate(self, conv: ChatConversation, early: TranscriptEarly) -> None:
+        """Start the reply on an early transcript, held back, when nothing else is replying."""
+        await self._discard(conv, "a newer early transcript")  # at most one per conversation
+        if not self.settings.speculative_reply or conv.fence.closed or conv.replying or conv.pending or not early.text.strip():
+            return
+        turn = ReplyTurn(early.turn_id, early.text, speculative=True, was_speculative=True, tts_id=uuid.uuid4().hex[:16])
+        conv.speculation = turn
+        turn.generating = True
+        turn.task = conv.tasks.spawn(self._reply(conv, turn), name=f"speculation:{turn.turn_id}")
+        self.speculations["started"] += 1
+        log.debug("speculative reply for turn %s started", turn.turn_id)
+
+    async def _decide_speculation(self, conv: ChatConversation, message: TranscriptFinal | TextInput) -> bool:
+        """A user turn arrived: it confirms the speculation (the same turn, the same text; True) or
+        discards it (False: the turn is queued as usual)."""
+        turn = conv.speculation
+        if turn is None:
+            return False
+        if not (isinstance(message, TranscriptFinal) and message.turn_id == turn.turn_id and message.text == turn.user_text):
+            await self._discard(conv, "the final transcript differs")
+            return False
+        async with turn.sending:  # between two sends of the reply: nothing is sent held from now on
+            turn.speculative = False
+            conv.speculation = None
+            conv.current = turn
+            out: list[tuple[str, BusMessage]] = [(conv.route.inbox(GATEWAY, self.names), m) for m in turn.held]
+            turn.held = []
+            if turn.held_pieces:  # after its pieces on the same inbox, so TTS knows them all
+                out.append((turn.tts_inbox, TtsRelease(**self._tts_envelope(conv, turn))))
+            if out:
+                await self.bus.publish_many(out)
+        turn.confirmed.set()
+        self.speculations["confirmed"] += 1
+        log.debug("speculative reply for turn %s confirmed", turn.turn_id)
+        return True
+
+    async def _discard(self, conv: ChatConversation, why: str) -> None:
+        """Discard the conversation's speculation, if any: its stream closed, its held audio dropped
+        at TTS, nothing sent or written."""
+        turn = conv.speculation
+        if turn is None:
+            return
+        conv.speculation = None
+        turn.cancelled = True
+        turn.fence.close()
+        if turn.task is not None:
+            await stop_tasks([turn.task])
+        await self._forget(conv, turn, why)
+
+    async def _forget(self, conv: ChatConversation, turn: ReplyTurn, why: str) -> None:
+        self.speculations["wasted"] += 1
+        llm_s = turn.llm_s if turn.llm_s is not None else time.perf_counter() - (turn.llm_started or time.perf_counter())
+        self.speculation_wasted_s += llm_s
+        if turn.held_pieces:
+            with contextlib.suppress(RedisError, OSError):  # a TTS that never hears it drops the speculation at its next turn
+                await self.bus.publish(self.names.tts_control, TtsStop(**self._tts_envelope(conv, turn)))
+        log.debug("speculative reply for turn %s discarded (%s)", turn.turn_id, why)
+
     async def _cancel(self, conv: ChatConversation, message: ResponseCancel) -> None:
         """Stop the reply of `message.turn_id` if it is current or waiting; ignore it otherwise."""
         waiting = next((t for t in conv.pending if t.turn_id == message.turn_id), None)
@@ -315,8 +417,7 @@ class LlmWorker(Worker):
                 await stop_tasks([turn.task])  # leaves the stream: the upstream response is closed now
             else:  # finishing up (last publish, history write): the fence ends it at its next publish
                 await asyncio.wait([turn.task], timeout=5)
-        envelope = self._envelope(conv, turn)
-        await self.bus.publish(self.names.tts_control, TtsStop(**envelope))
+        await self.bus.publish(self.names.tts_control, TtsStop(**self._tts_envelope(conv, turn)))
         log.info("reply for turn %s stopped (%s); %.2f of %d pieces sent", turn.turn_id, message.reason, message.heard, len(turn.pieces))
         await self._remember(conv, turn.as_heard(message.heard), turn, replace_last=2 if turn.in_history else 0)
         self._start_next(conv)
@@ -369,9 +470,23 @@ class LlmWorker(Worker):
     def _envelope(conv: ChatConversation, turn: ReplyTurn) -> dict[str, str | None]:
         return {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": turn.turn_id}
 
+    @staticmethod
+    def _tts_envelope(conv: ChatConversation, turn: ReplyTurn) -> dict[str, str | None]:
+        """The envelope of what goes to TTS: the reply under the id TTS knows it by."""
+        return {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": turn.tts_id}
+
     async def _reply(self, conv: ChatConversation, turn: ReplyTurn) -> None:
         try:
-            await self._generate(conv, turn)
+            try:
+                await self._generate(conv, turn)
+            except Exception:
+                if not turn.speculative:
+                    raise
+                log.debug("speculative reply for turn %s failed", turn.turn_id, exc_info=True)
+                if conv.speculation is turn:  # the final transcript gets a reply of its own
+                    conv.speculation = None
+                    turn.cancelled = True
+                    await self._forget(conv, turn, "it failed")
         except RedisError as exc:  # past the command retries; a gateway that lost Redis too ended the turn itself
             log.warning("reply for turn %s lost: Redis is unreachable (%s)", turn.turn_id, exc)
             if not turn.answered and not turn.fence.closed and not conv.fence.closed:
@@ -389,8 +504,8 @@ class LlmWorker(Worker):
 
     async def _generate(self, conv: ChatConversation, turn: ReplyTurn) -> None:
         envelope = self._envelope(conv, turn)
+        tts_envelope = self._tts_envelope(conv, turn)
         gateway = conv.route.inbox(GATEWAY, self.names)
-        tts: str | None = None  # read at the first piece: a TTS hand-off before it is followed at once
         user: Message = {"role": "user", "content": turn.user_text}
         system = self.settings.system_prompt if conv.instructions is None else conv.instructions
         messages = [{"role": "system", "content": system}, *for_llm(conv.history), user]
@@ -405,26 +520,39 @@ class LlmWorker(Worker):
 
         async def send(*items: tuple[str, BusMessage]) -> None:
             """Publish (several in one round trip) unless this turn or the conversation has ended;
-            checked on both sides of the await."""
+            checked on both sides of the await. While the reply is speculative, what goes to the
+            gateway is held and TTS is told to hold the audio."""
             nonlocal tts_lost
             turn.fence.guard()
             conv.fence.guard()
-            reached = await self.bus.publish_many(items)
-            if not tts_lost and any(not n for (channel, _), n in zip(items, reached) if channel == tts):
-                tts_lost = True  # the TTS worker is gone: the gateway ends the turn and re-routes
-                lost = StageError(code="stage_failed", message="the tts worker serving this turn stopped", **envelope)
-                await self.bus.publish(gateway, lost)
+            async with turn.sending:
+                turn.fence.guard()
+                if turn.speculative:
+                    turn.held += [message for channel, message in items if channel == gateway]
+                    items = tuple(item for item in items if item[0] != gateway)
+                for _, message in items:
+                    if isinstance(message, TtsSpeak) and turn.speculative:
+                        message.speculation_of = turn.turn_id
+                        turn.held_pieces += 1
+                reached = await self.bus.publish_many(items) if items else []
+                if not tts_lost and any(not n for (channel, _), n in zip(items, reached) if channel == turn.tts_inbox):
+                    tts_lost = True  # the TTS worker is gone: the gateway ends the turn and re-routes
+                    lost = StageError(code="stage_failed", message="the tts worker serving this turn stopped", **envelope)
+                    if turn.speculative:
+                        turn.held.append(lost)
+                    else:
+                        await self.bus.publish(gateway, lost)
             turn.fence.guard()
 
         def to_tts(pieces: list[str]) -> list[tuple[str, BusMessage]]:
-            nonlocal first_sentence_ms, tts
-            if pieces and tts is None:
-                tts = conv.route.inbox(Stage.TTS, self.names)
+            nonlocal first_sentence_ms
+            if pieces and turn.tts_inbox is None:  # read at the first piece: a TTS hand-off before it is followed at once
+                turn.tts_inbox = conv.route.inbox(Stage.TTS, self.names)
             if pieces and first_sentence_ms is None:
                 first_sentence_ms = round((time.perf_counter() - started) * 1000, 1)
             first_seq = len(turn.pieces)
             turn.pieces.extend(pieces)
-            return [(tts, TtsSpeak(text=piece, seq=first_seq + i, **envelope)) for i, piece in enumerate(pieces)]
+            return [(turn.tts_inbox, TtsSpeak(text=piece, seq=first_seq + i, **tts_envelope)) for i, piece in enumerate(pieces)]
 
         async def release(text: str) -> None:
             """Text the guard let through: finished pieces to TTS first, in one round trip with the delta."""
@@ -433,6 +561,7 @@ class LlmWorker(Worker):
                 await send(*to_tts(splitter.feed(text)), (gateway, ResponseTextDelta(delta=text, **envelope)))
 
         conv.upstream_streams += 1
+        turn.llm_started = started
         try:
             async with contextlib.aclosing(self.chat.stream_chat(messages)) as stream:
                 async for delta in stream:
@@ -457,11 +586,12 @@ class LlmWorker(Worker):
         finally:
             conv.upstream_streams -= 1
             turn.generating = False
-        llm_ms = round((time.perf_counter() - started) * 1000, 1)
+            turn.llm_s = time.perf_counter() - started
+        llm_ms = round(turn.llm_s * 1000, 1)
         closing: list[tuple[str, BusMessage]] = []
         if blocked is not None:
             log.info(BLOCKED_LOG_LINE)
-            closing += [(self.names.tts_control, TtsStop(**envelope)), (gateway, ResponseBlocked(reason=blocked.reason, **envelope))]
+            closing += [(self.names.tts_control, TtsStop(**tts_envelope)), (gateway, ResponseBlocked(reason=blocked.reason, **envelope))]
         else:
             if failure is not None:
                 log.warning("LLM failed (%s): %s", failure.code, failure)
@@ -469,13 +599,20 @@ class LlmWorker(Worker):
             rest = splitter.flush()
             closing += to_tts([rest] if rest is not None else [])
             if turn.pieces:
-                closing.append((tts, TtsEnd(sentences=len(turn.pieces), **envelope)))
+                closing.append((turn.tts_inbox, TtsEnd(sentences=len(turn.pieces), **tts_envelope)))
         text = "".join(released).strip()
         done = ResponseTextDone(
-            text=text, sentences=len(turn.pieces), llm_ms=llm_ms, first_sentence_ms=first_sentence_ms, **envelope
+            text=text,
+            sentences=len(turn.pieces),
+            llm_ms=llm_ms,
+            first_sentence_ms=first_sentence_ms,
+            speculative=turn.was_speculative,
+            **envelope,
         )
         await send(*closing, (gateway, done))
         turn.answered = True
+        if turn.speculative and not await self._confirmed(conv, turn):
+            return
         log.info("reply of %d pieces in %.0f ms (first piece at %s ms)", len(turn.pieces), llm_ms, first_sentence_ms)
         if blocked is not None or (failure is None and text):
             turn.fence.guard()
@@ -484,3 +621,17 @@ class LlmWorker(Worker):
                 reply["note"] = "blocked"
             turn.in_history = True
             await self._remember(conv, [user, reply], turn)
+
+    async def _confirmed(self, conv: ChatConversation, turn: ReplyTurn) -> bool:
+        """A speculative reply generated to its end waits for its turn to be decided; one that is
+        not within `SPECULATION_MAX_S` (its worker lost the turn) is discarded from here."""
+        try:
+            await asyncio.wait_for(turn.confirmed.wait(), SPECULATION_MAX_S)
+            return True
+        except TimeoutError:
+            if conv.speculation is turn:
+                conv.speculation = None
+                turn.cancelled = True
+                turn.fence.close()
+                await self._forget(conv, turn, f"not confirmed within {SPECULATION_MAX_S:.0f} s")
+            return False

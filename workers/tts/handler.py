@@ -6,12 +6,20 @@ so a long reply (or many) of one conversation never makes another's first piece 
 
 While it speaks for a conversation the key `tts_active` exists (absent means false). A stop names
 its turn: the turn's queued pieces are dropped and its synthesis under way is abandoned; the stopped
-turn is remembered (a few of the latest only) so a piece of it that was still in flight is dropped too."""
+turn is remembered (a few of the latest only) so a piece of it that was still in flight is dropped too.
+
+A speculative reply (`TtsSpeak.speculation_of`, workers/llm_orchestrator/handler.py) is spoken under
+an id of its own: its first piece is rendered at once and its audio held here, and nothing more is
+rendered until `TtsRelease` sends the held audio as the user's turn's (then the rest as usual), or a
+`TtsStop` of its id drops it. A held reply never blocks the queue for long: a piece of any other turn
+drops it (the orchestrator starts another reply only once the speculation is over), and so does
+`SPECULATION_HOLD_MAX_S` without a decision."""
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -29,6 +37,7 @@ from shared.messages import (
     TtsAudioDone,
     TtsAudioStarted,
     TtsEnd,
+    TtsRelease,
     TtsSpeak,
     TtsStop,
 )
@@ -43,14 +52,31 @@ from workers.tts.voice import Voice
 log = logging.getLogger("voicepipe.tts")
 
 STOPPED_TURNS_KEPT = 16  # stopped turns remembered per conversation, for fencing late pieces
+SPECULATION_HOLD_MAX_S = 10.0  # a held speculative reply neither released nor stopped by then is dropped
 
 
 @dataclass
 class TurnAudio:
+    """One reply's speech. `reply_to` is the user's turn whose audio it is (a speculative reply's
+    own id differs from it); `held` collects what would go to the gateway until it is released."""
+
+    reply_to: str | None = None
     started: bool = False
     chunks: int = 0
     tts_ms: float = 0.0
     first_chunk_ms: float | None = None
+    rendered: int = 0  # pieces synthesized
+    held: list[BusMessage] | None = None  # None: sent as it comes
+    held_since: float | None = None  # perf_counter() when its first audio was held
+    ended: bool = False  # its `TtsAudioDone` is among the held messages
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    def of(cls, message: TtsSpeak | TtsEnd) -> "TurnAudio":
+        speculation_of = getattr(message, "speculation_of", None)
+        if speculation_of is None:
+            return cls(reply_to=message.turn_id)
+        return cls(reply_to=speculation_of, held=[])
 
 
 @dataclass
@@ -81,6 +107,12 @@ class SpeechConversation:
     def needs_speaker(self) -> bool:
         return self.speaker is None or self.speaker.done() or self.winding_down
 
+    def drop_turn(self, turn_id: str | None) -> TurnAudio | None:
+        """Forget a turn: its queued pieces, its state, and whatever of it still arrives."""
+        self.stopped_turns.add(turn_id)
+        self.queue = deque(item for item in self.queue if item.turn_id != turn_id)
+        return self.turns.pop(turn_id, None)
+
     async def stop_speaker(self) -> None:
         task, self.speaker = self.speaker, None
         if task is not None:
@@ -96,6 +128,7 @@ class TtsWorker(Worker):
         self.conversations: dict[str, SpeechConversation] = {}
         self.scheduler = FairScheduler("piper")  # the voice shared round-robin between conversations
         self.requests = OneShotRequests("speech", settings.max_requests_per_worker)
+        self.speculation_wasted_s = 0.0  # synthesis time of speculative replies dropped unheard (`/metrics`)
 
     async def load(self) -> None:
         if self.voice is None and self.settings.null_mode:
@@ -153,7 +186,11 @@ class TtsWorker(Worker):
         conv.fence.close()
         await conv.stop_speaker()
         gateway = conv.route.inbox(GATEWAY, self.names)
-        turns = dict.fromkeys([*conv.turns, *(item.turn_id for item in conv.queue)])
+        # the gateway's ids of the turns begun here; a held speculative reply is unknown to the gateway
+        turns = dict.fromkeys(
+            [t.reply_to for t in conv.turns.values() if t.held is None]
+            + [item.turn_id for item in conv.queue if item.turn_id not in conv.turns]
+        )
         messages: list[tuple[str, BusMessage]] = []
         for turn_id in turns:
             envelope = {"conversation_id": conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": turn_id}
@@ -196,9 +233,14 @@ class TtsWorker(Worker):
                 conv = self.conversations[message.conversation_id]
             if message.turn_id in conv.stopped_turns:
                 return  # in flight when its turn was stopped
+            if message.turn_id not in conv.turns:
+                await self._drop_held(conv, "another reply began")
+                conv.turns[message.turn_id] = TurnAudio.of(message)
             conv.queue.append(message)
             if conv.needs_speaker:
                 await self._start_speaker(conv)
+        elif isinstance(message, TtsRelease):
+            await self._release(message)
         elif isinstance(message, TtsStop):
             await self._stop(message)
         elif isinstance(message, SpeechRequest):
@@ -248,6 +290,37 @@ class TtsWorker(Worker):
             return
         await self.bus.publish(reply_to, refusal)
 
+    async def _release(self, message: TtsRelease) -> None:
+        """The speculative reply's turn is confirmed: its held audio goes out now, in order (what the
+        speaker adds meanwhile joins the flush), and the speaker goes on with the rest."""
+        conv = self.conversations.get(message.conversation_id)
+        turn = conv.turns.get(message.turn_id) if conv is not None else None
+        if turn is None or turn.held is None:
+            return
+        gateway = conv.route.inbox(GATEWAY, self.names)
+        first = True
+        while turn.held:
+            batch, turn.held = turn.held, []
+            if first and isinstance(batch[0], TtsAudioStarted) and turn.held_since is not None:
+                batch[0].held_ms = round((time.perf_counter() - turn.held_since) * 1000, 1)
+            first = False
+            conv.guard(message.turn_id)
+            await self.bus.publish_many([(gateway, m) for m in batch])
+        turn.held = None
+        turn.released.set()
+        if turn.ended:
+            conv.turns.pop(message.turn_id, None)
+
+    def _dropped(self, turn: TurnAudio | None) -> None:
+        if turn is not None and turn.held is not None:  # a speculation nobody heard
+            self.speculation_wasted_s += turn.tts_ms / 1000
+
+    async def _drop_held(self, conv: SpeechConversation, why: str) -> None:
+        """Drop every held speculative reply of the conversation (its audio never sent)."""
+        for turn_id in [t for t, audio in conv.turns.items() if audio.held is not None]:
+            log.debug("held speculative reply dropped: %s", why)
+            await self._stop(TtsStop(conversation_id=conv.conversation_id, turn_id=turn_id))
+
     async def _stop(self, message: TtsStop) -> None:
         conv = self.conversations.get(message.conversation_id)
         if conv is None:
@@ -260,11 +333,9 @@ class TtsWorker(Worker):
                 # restart) and the gateway writes it again; a real end fences here by its own event
                 await self.end_conversation(message.conversation_id, "stopped by the orchestrator", fence=False)
             return
-        conv.stopped_turns.add(message.turn_id)
         if conv.queue and conv.queue[0].turn_id == message.turn_id:
             await conv.stop_speaker()  # it is speaking the stopped turn right now
-        conv.queue = deque(item for item in conv.queue if item.turn_id != message.turn_id)
-        conv.turns.pop(message.turn_id, None)
+        self._dropped(conv.drop_turn(message.turn_id))
         if not conv.queue:
             await self.redis.delete(self.names.tts_active(conv.conversation_id))
         elif conv.needs_speaker:
@@ -327,9 +398,20 @@ class TtsWorker(Worker):
         gateway = conv.route.inbox(GATEWAY, self.names)
         while conv.queue:
             item = conv.queue[0]
-            envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": item.turn_id}
-            turn = conv.turns.setdefault(item.turn_id, TurnAudio())
+            turn = conv.turns.get(item.turn_id)
+            if turn is None:  # its turn was dropped while a piece of it was in flight
+                conv.queue.popleft()
+                continue
+            envelope = {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": turn.reply_to}
             conv.guard(item.turn_id)
+            if isinstance(item, TtsSpeak) and turn.held is not None and turn.rendered:
+                try:  # a speculation renders its first piece only, until it is released
+                    await asyncio.wait_for(turn.released.wait(), SPECULATION_HOLD_MAX_S)
+                except TimeoutError:
+                    log.info("a held speculative reply was neither released nor stopped; dropped")
+                    self._dropped(conv.drop_turn(item.turn_id))
+                    continue
+                conv.guard(item.turn_id)
             if isinstance(item, TtsSpeak):
                 speak = functools.partial(self.voice.synthesize, item.text)
                 synthesis = self.scheduler.submit(conv.conversation_id, speak, f"speak:{item.turn_id}")
@@ -337,22 +419,27 @@ class TtsWorker(Worker):
                 conv.guard(item.turn_id)
                 ms = synthesis.run_ms or 0.0
                 turn.tts_ms += ms
+                turn.rendered += 1
                 if turn.first_chunk_ms is None:
                     turn.first_chunk_ms = round(ms, 1)
-                await self._send_audio(conv, gateway, turn, pcm, item.seq, envelope)
+                await self._send_audio(conv, gateway, item.turn_id, turn, pcm, item.seq, envelope)
             else:
-                conv.turns.pop(item.turn_id, None)
-                await self.bus.publish(
-                    gateway, TtsAudioDone(tts_ms=round(turn.tts_ms, 1), first_chunk_ms=turn.first_chunk_ms, **envelope)
-                )
+                done = TtsAudioDone(tts_ms=round(turn.tts_ms, 1), first_chunk_ms=turn.first_chunk_ms, **envelope)
+                if turn.held is not None:  # sent with the rest at its release
+                    turn.held.append(done)
+                    turn.ended = True
+                else:
+                    conv.turns.pop(item.turn_id, None)
+                    await self.bus.publish(gateway, done)
             if conv.queue and conv.queue[0] is item:
                 conv.queue.popleft()
 
     async def _send_audio(
-        self, conv: SpeechConversation, gateway: str, turn: TurnAudio, pcm: bytes, piece: int, envelope: dict
+        self, conv: SpeechConversation, gateway: str, turn_id: str | None, turn: TurnAudio, pcm: bytes, piece: int, envelope: dict
     ) -> None:
         """The piece's audio in chunks of `TTS_CHUNK_MS`: the first at once (behind `audio.started`
-        on a reply's first piece), then the rest together; one round trip each."""
+        on a reply's first piece), then the rest together; one round trip each. `turn_id` is the
+        reply's id here, `envelope` names the user's turn."""
         step = self.voice.sample_rate * self.settings.tts_chunk_ms // 1000 * 2  # whole samples: the bus refuses half ones
         head: list[BusMessage] = []
         if not turn.started:
@@ -372,7 +459,11 @@ class TtsWorker(Worker):
         for batch in (chunks[:1], chunks[1:]):
             messages = head + batch
             head = []
-            if messages:
-                conv.guard(envelope["turn_id"])
+            if messages and turn.held is not None:  # a speculative reply: kept until its release
+                turn.held += messages
+                turn.held_since = turn.held_since or time.perf_counter()
+                turn.chunks += len(batch)
+            elif messages:
+                conv.guard(turn_id)
                 await self.bus.publish_many([(gateway, message) for message in messages])
                 turn.chunks += len(batch)

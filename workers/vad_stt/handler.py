@@ -21,6 +21,11 @@ The end of an utterance adapts to what was said (workers/vad_stt/turn_end.py): w
 transcript is ready, a finished sentence or question ends the utterance sooner
 (`VAD_END_SILENCE_MIN_MS`), a clause left open ("... and") waits longer (`VAD_END_SILENCE_MAX_MS`).
 A conversation whose client chose its own end silence keeps exactly that.
+When the pause's early transcript is ready and the utterance goes on being silent, it also goes to
+the orchestrator as `transcript.early` (setting `SPECULATIVE_REPLY`), which may start the reply on
+it, held back until the turn's final transcript confirms the same text. The worker withdraws it
+(`transcript.withdrawn`) when the user speaks again, or when the turn ends with nothing for the
+orchestrator (an empty transcript), so a speculation never outlives the words it was started on.
 `audio.clear` drops the utterance under way unanswered; a turn already announced to the gateway
 (`speech.started`) ends as one too short to transcribe does, with `speech.stopped` and an empty
 final transcript, so the gateway never waits for it."""
@@ -50,10 +55,12 @@ from shared.messages import (
     SpeechStopped,
     SpeechSustained,
     StageError,
+    TranscriptEarly,
     TranscriptFinal,
     TranscriptionRequest,
     TranscriptionResult,
     TranscriptPartial,
+    TranscriptWithdrawn,
 )
 from shared.resample import resample
 from shared.stages import GATEWAY, Stage
@@ -111,11 +118,15 @@ class Utterance:
 class AudioConversation:
     """Everything the worker holds for one conversation; `aclose` releases all of it."""
 
-    def __init__(self, conversation_id: str, route: Route, segmenter: Segmenter, adaptive: bool = False) -> None:
+    def __init__(
+        self, conversation_id: str, route: Route, segmenter: Segmenter, adaptive: bool = False, speculative: bool = False
+    ) -> None:
         self.conversation_id = conversation_id
         self.route = route
         self.segmenter = segmenter
         self.adaptive = adaptive  # the end silence follows the early transcript (off once the client chose one)
+        self.speculative = speculative  # the early transcript goes to the orchestrator (`transcript.early`)
+        self.early_turn: str | None = None  # the turn whose early transcript the orchestrator holds
         self.turn_id: str | None = None
         self.tasks = TaskSet(f"vad_stt:{conversation_id}")
         self.fence = Fence()
@@ -200,6 +211,7 @@ class VadSttWorker(Worker):
         if conv is None or conv.turn_id is None:
             return
         await conv.aclose()
+        await self._withdraw_early(conv, conv.turn_id)
         envelope = {"conversation_id": conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": conv.turn_id}
         gateway = conv.route.inbox(GATEWAY, self.names)
         error = StageError(code="stage_failed", message="the speech recognizer serving this turn shut down", **envelope)
@@ -236,7 +248,10 @@ class VadSttWorker(Worker):
         if conversation_id not in self.conversations:
             s = self.settings
             adaptive = s.stt_speculate_after_ms > 0 and s.vad_end_silence_min_ms < s.vad_end_silence_max_ms
-            self.conversations[conversation_id] = AudioConversation(conversation_id, route, self._new_segmenter(), adaptive)
+            speculative = s.stt_speculate_after_ms > 0 and s.speculative_reply
+            self.conversations[conversation_id] = AudioConversation(
+                conversation_id, route, self._new_segmenter(), adaptive, speculative
+            )
             log.info("audio processor opened")
 
     async def _conversation(self, message: BusMessage) -> AudioConversation | None:
@@ -333,13 +348,14 @@ class VadSttWorker(Worker):
             if isinstance(event, seg.SpeechPaused):
                 audio = to_pipeline_rate(event.audio, conv.segmenter.sample_rate)
                 conv.speculation = self._transcribe(conv, Utterance(conv.turn_id, bytearray(audio)), "speculate")
-                if conv.adaptive:
-                    conv.tasks.spawn(self._adapt_end(conv, conv.speculation), name="adapt-end")
+                if conv.adaptive or conv.speculative:
+                    conv.tasks.spawn(self._early_transcript(conv, conv.speculation), name="early-transcript")
                 continue
             speculation, conv.speculation = conv.speculation, None
             if isinstance(event, seg.SpeechResumed):
                 if speculation is not None:
                     speculation.job.future.cancel()  # the user went on speaking: that early transcript is stale
+                await self._withdraw_early(conv, conv.turn_id)
                 continue
             decided = time.perf_counter()
             turn_id = conv.turn_id
@@ -354,6 +370,7 @@ class VadSttWorker(Worker):
             if not event.audio:
                 if speculation is not None:
                     speculation.job.future.cancel()
+                await self._withdraw_early(conv, turn_id)
                 await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=turn_id, text="", stt_ms=0, **envelope))
                 continue
             waiting = conv.pending
@@ -372,9 +389,10 @@ class VadSttWorker(Worker):
             conv.pending = utterance
             conv.tasks.spawn(self._finish(conv, utterance), name=f"transcript:{turn_id}")
 
-    async def _adapt_end(self, conv: AudioConversation, utterance: Utterance) -> None:
-        """Adaptive end of turn: once the pause's early transcript exists, it sets how much silence
-        ends the utterance; it may end it at once. Between two bus messages, like one of them."""
+    async def _early_transcript(self, conv: AudioConversation, utterance: Utterance) -> None:
+        """Once the pause's early transcript exists: it sets how much silence ends the utterance
+        (adaptive end of turn), which may end it at once; if the utterance goes on, the transcript
+        goes to the orchestrator for a speculative reply. Between two bus messages, like one of them."""
         future = utterance.job.future
         await asyncio.wait([future])
         if future.cancelled() or future.exception() is not None:
@@ -383,13 +401,30 @@ class VadSttWorker(Worker):
         async with self._handling:
             if conv.speculation is not utterance or not conv.segmenter.speaking:
                 return  # decided meanwhile, or speech resumed
-            s = self.settings
-            base = conv.segmenter.end_silence_ms
-            silence = turn_end.end_silence_ms(self.completion(text), base, s.vad_end_silence_min_ms, s.vad_end_silence_max_ms)
-            if silence != base:
-                self.end_adjusted["shortened" if silence < base else "extended"] += 1
-            log.debug("end of this pause after %d ms of silence (from the early transcript)", silence)
-            await self._emit(conv, conv.segmenter.end_after(silence))
+            events: list[Event] = []
+            if conv.adaptive:
+                s = self.settings
+                base = conv.segmenter.end_silence_ms
+                silence = turn_end.end_silence_ms(self.completion(text), base, s.vad_end_silence_min_ms, s.vad_end_silence_max_ms)
+                if silence != base:
+                    self.end_adjusted["shortened" if silence < base else "extended"] += 1
+                log.debug("end of this pause after %d ms of silence (from the early transcript)", silence)
+                events = conv.segmenter.end_after(silence)
+            if conv.speculative and text and not events:  # the turn goes on: worth replying ahead
+                conv.early_turn = utterance.turn_id
+                early = TranscriptEarly(
+                    conversation_id=conv.conversation_id, correlation_id=conv.route.correlation_id, turn_id=utterance.turn_id, text=text
+                )
+                await self.bus.publish(conv.route.inbox(Stage.LLM, self.names), early)
+            await self._emit(conv, events)
+
+    async def _withdraw_early(self, conv: AudioConversation, turn_id: str | None) -> None:
+        """The orchestrator's early transcript of `turn_id`, if it holds one, no longer stands."""
+        if conv.early_turn is None or conv.early_turn != turn_id:
+            return
+        conv.early_turn = None
+        withdrawn = TranscriptWithdrawn(conversation_id=conv.conversation_id, correlation_id=conv.route.correlation_id, turn_id=turn_id)
+        await self.bus.publish(conv.route.inbox(Stage.LLM, self.names), withdrawn)
 
     def _maybe_partial(self, conv: AudioConversation) -> None:
         """Start an interim transcript when enough new speech arrived and none is queued or running."""
@@ -438,6 +473,10 @@ class VadSttWorker(Worker):
                 stt_wait_ms=round(wait_ms, 1),
             )
             to_gateway = (conv.route.inbox(GATEWAY, self.names), final)
+            if conv.early_turn == turn_id and text:
+                conv.early_turn = None  # the final transcript confirms or replaces it at the orchestrator
+            else:
+                await self._withdraw_early(conv, turn_id)
             if text:  # one round trip, the orchestrator first: the reply is the critical path
                 reached, _ = await self.bus.publish_many([(conv.route.inbox(Stage.LLM, self.names), final), to_gateway])
                 if not reached:  # the orchestrator is gone: the gateway ends the turn and re-routes
