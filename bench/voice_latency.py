@@ -2,15 +2,26 @@
 
 Latency = first reply audio byte at the client minus the end of the speech in the input file (the
 same measurement as the Pipecat anchor in TARGETS.md), plus every server metric of PROTOCOL §1.1.
+Speculative replies: how many replies were speculative, how long their audio was held, and the
+speculations started / confirmed / wasted over the run, read from the workers' own `/metrics`
+(the stack started here serves them from `METRICS_PORT`; with `--url`, pass that port as
+`--metrics-port`, each worker of `voicepipe up` on the next one).
 
     python -m bench.voice_latency [--url http://127.0.0.1:8000] [--rounds 2]
+    VOICEPIPE_SPECULATIVE_REPLY=false python -m bench.voice_latency   # the same without speculation
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import csv
+import os
 from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from voicepipe.embedded import free_port
 
 from bench.stack import percentile, running_stack
 from voicepipe.client import VoiceClient
@@ -20,8 +31,9 @@ AUDIO = Path(__file__).parent / "audio"
 METRICS = [
     "client_voice_to_voice_ms", "speech_end_to_first_audio_ms", "speech_end_to_transcript_ms",
     "transcript_to_first_token_ms", "first_token_to_first_audio_ms", "stt_ms", "llm_ms", "tts_ms",
-    "endpointing_ms", "pipeline_overhead_ms",
+    "endpointing_ms", "pipeline_overhead_ms", "audio_held_ms",
 ]
+WORKERS = 3  # `voicepipe up` serves each worker's /metrics on METRICS_PORT + 0, 1, 2
 
 
 async def one_turn(ws_url: str, pcm: bytes) -> dict[str, float] | None:
@@ -36,6 +48,30 @@ async def one_turn(ws_url: str, pcm: bytes) -> dict[str, float] | None:
     row["transcript"] = turn.transcript
     row["reply"] = turn.done["text"]
     return row
+
+
+async def speculations(metrics_port: int) -> dict[str, float]:
+    """Speculative replies started / confirmed / wasted and their wasted model seconds, summed over
+    the workers' /metrics pages."""
+    total: dict[str, float] = {}
+    async with httpx.AsyncClient(timeout=5) as client:
+        for port in range(metrics_port, metrics_port + WORKERS):
+            try:
+                page = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            except httpx.HTTPError:
+                continue
+            for family in text_string_to_metric_families(page):
+                for sample in family.samples:
+                    if sample.name == "voicepipe_speculative_replies_started_total":
+                        key = "started"
+                    elif sample.name == "voicepipe_speculative_replies_total":
+                        key = sample.labels["outcome"]
+                    elif sample.name == "voicepipe_speculation_wasted_seconds_total":
+                        key = f"wasted_s_{sample.labels['stage']}"
+                    else:
+                        continue
+                    total[key] = total.get(key, 0) + sample.value
+    return total
 
 
 async def run(http_url: str, rounds: int) -> list[dict[str, float]]:
@@ -54,12 +90,23 @@ async def run(http_url: str, rounds: int) -> list[dict[str, float]]:
     return rows
 
 
-def report(rows: list[dict[str, float]]) -> None:
+def report(rows: list[dict[str, float]], spec: dict[str, float]) -> None:
     print(f"\nvoice-to-voice over {len(rows)} spoken turns (ms)")
     print(f"{'metric':34} {'p50':>8} {'p90':>8}")
     for metric in METRICS:
         values = [r[metric] for r in rows if metric in r]
-        print(f"{metric:34} {percentile(values, 50):8.0f} {percentile(values, 90):8.0f}")
+        if values:
+            print(f"{metric:34} {percentile(values, 50):8.0f} {percentile(values, 90):8.0f}")
+    speculative = sum(bool(r.get("speculative")) for r in rows)
+    print(f"\nspeculative replies: {speculative} of {len(rows)} turns")
+    if spec:
+        started, wasted = int(spec.get("started", 0)), int(spec.get("wasted", 0))
+        share = f" ({wasted / started:.0%} of those started)" if started else ""
+        print(
+            f"speculations over the run (warm-up included): started {started}, confirmed {int(spec.get('confirmed', 0))}, "
+            f"wasted {wasted}{share}; model time wasted: LLM {spec.get('wasted_s_llm', 0):.2f} s, "
+            f"TTS {spec.get('wasted_s_tts', 0):.2f} s"
+        )
 
 
 def main() -> None:
@@ -67,13 +114,16 @@ def main() -> None:
     parser.add_argument("--url", help="a running stack (default: start `voicepipe up` with embedded defaults)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--csv", help="also write every turn's figures to this file")
+    parser.add_argument("--metrics-port", type=int, help="with --url: the first worker's METRICS_PORT")
     args = parser.parse_args()
-    with running_stack(args.url) as http_url:
+    metrics_port = args.metrics_port or int(os.environ.get("VOICEPIPE_METRICS_PORT") or 0) or free_port()
+    with running_stack(args.url, {"VOICEPIPE_METRICS_PORT": str(metrics_port)}) as http_url:
         rows = asyncio.run(run(http_url, args.rounds))
-    report(rows)
+        spec = asyncio.run(speculations(metrics_port))
+    report(rows, spec)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*METRICS, "transcript", "reply"], extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=[*METRICS, "speculative", "transcript", "reply"], extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 

@@ -11,15 +11,32 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.bus import create_redis
-from shared.messages import ResponseTextDelta, ResponseTextDone, TranscriptEarly, TranscriptFinal, TranscriptWithdrawn, TtsSpeak, TtsStop
+from shared.messages import (
+    ResponseTextDelta,
+    ResponseTextDone,
+    TranscriptEarly,
+    TranscriptFinal,
+    TranscriptWithdrawn,
+    TtsAudio,
+    TtsAudioDone,
+    TtsAudioStarted,
+    TtsEnd,
+    TtsRelease,
+    TtsSpeak,
+    TtsStop,
+)
 from tests.conftest import make_settings
 from tests.integration.test_conversation_settings import driving, llm_worker
 from tests.support.stack import run_stack
+from voicepipe.embedded import free_port
 from voicepipe.client import VoiceClient
 from voicepipe.wavio import read_audio_16k_mono
+from workers.tts.handler import TtsWorker
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 END_SILENCE_MS = 1000  # fixed: the early transcript (100 ms into the pause) always comes well before the end
@@ -129,12 +146,26 @@ async def test_a_confirmed_speculation_is_heard_only_after_the_turn_ends_and_is_
         assert tts is None or not tts.turns  # nothing left held
 
 
+async def scrape(port: int) -> dict[tuple[str, str], float]:
+    """A worker's /metrics as {(sample name, outcome or stage label): value}."""
+    async with httpx.AsyncClient() as client:
+        page = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    return {
+        (sample.name, sample.labels.get("outcome", sample.labels.get("stage", ""))): sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+    }
+
+
 async def test_speaking_on_discards_the_speculation_without_a_trace(redis_url, transcriber, voice, fake_llm, bus_log):
     settings = spec_settings(redis_url)
     seen = await bus_log(settings.namespace)
     speculative = "Spoken too soon, never to be heard."
     fake_llm.reply, fake_llm.token_delay_s = speculative, 0.3  # still streaming when the user goes on
-    async with run_stack(settings, transcriber=transcriber, voice=voice, llm_base_url=fake_llm.base_url) as stack:
+    ports = {"llm": free_port(), "tts": free_port()}
+    async with run_stack(
+        settings, transcriber=transcriber, voice=voice, llm_base_url=fake_llm.base_url, metrics_ports=ports
+    ) as stack:
         async with VoiceClient(stack.ws_url) as client:
             rec = client.record()
             try:
@@ -166,6 +197,13 @@ async def test_speaking_on_discards_the_speculation_without_a_trace(redis_url, t
         llm = stack.workers["llm"]
         assert llm.speculations == {"started": 2, "confirmed": 1, "wasted": 1}
         assert llm.speculation_wasted_s > 0
+        page = await scrape(ports["llm"])
+        assert page[("voicepipe_speculative_replies_started_total", "llm")] == 2
+        assert page[("voicepipe_speculative_replies_total", "confirmed")] == 1
+        assert page[("voicepipe_speculative_replies_total", "wasted")] == 1
+        assert page[("voicepipe_speculation_wasted_seconds_total", "llm")] == pytest.approx(llm.speculation_wasted_s)
+        tts_page = await scrape(ports["tts"])
+        assert tts_page[("voicepipe_speculation_wasted_seconds_total", "tts")] == stack.workers["tts"].speculation_wasted_s
         tts = stack.workers["tts"].conversations.get(cid)
         assert tts is None or not tts.turns
 
@@ -257,3 +295,54 @@ async def test_a_withdrawn_early_transcript_leaves_nothing_and_a_busy_conversati
         await gw.handled_so_far()
         assert len(fake_llm.streams) == 2 and gw.worker.conversations["c"].speculation is None
         assert gw.worker.speculations == {"started": 1, "confirmed": 0, "wasted": 1}
+
+
+# ---- the TTS worker alone (real piper), its orchestrator and gateway played on the bus
+
+
+async def test_tts_holds_a_speculation_after_its_first_piece_and_releases_it_as_the_users_turn(redis_url, voice):
+    settings = make_settings(redis_url)
+    async with driving(settings, lambda client: TtsWorker(settings, client, voice=voice)) as gw:
+        await gw.open("c")
+        pieces = ["The capital of France", "is Paris, on the Seine.", "It is a large city."]
+        for seq, text in enumerate(pieces):
+            await gw.send(TtsSpeak(conversation_id="c", turn_id="s1", speculation_of="t", text=text, seq=seq))
+        await gw.send(TtsEnd(conversation_id="c", turn_id="s1", sentences=len(pieces)))
+        conv = gw.worker.conversations["c"]
+        await until(lambda: conv.turns["s1"].rendered == 1 and conv.turns["s1"].held)
+        await gw.handled_so_far()
+        assert conv.turns["s1"].rendered == 1  # only the first piece, until the turn is confirmed
+        assert gw.of("c", TtsAudio) == [] and gw.of("c", TtsAudioStarted) == []  # nothing reached the gateway
+        await gw.send(TtsRelease(conversation_id="c", turn_id="s1"))
+        await until(lambda: gw.of("c", TtsAudioDone))
+        started, audio, done = gw.of("c", TtsAudioStarted), gw.of("c", TtsAudio), gw.of("c", TtsAudioDone)
+        assert [m.turn_id for m in started + done] == ["t", "t"] and {m.turn_id for m in audio} == {"t"}
+        assert started[0].held_ms > 0
+        assert [m.seq for m in audio] == list(range(len(audio)))
+        assert sorted({m.piece for m in audio}) == [0, 1, 2]
+        assert "c" in gw.worker.conversations and not conv.turns and not conv.queue
+        assert gw.worker.speculation_wasted_s == 0
+
+
+async def test_tts_drops_a_held_speculation_when_another_reply_begins(redis_url, voice):
+    settings = make_settings(redis_url)
+    async with driving(settings, lambda client: TtsWorker(settings, client, voice=voice)) as gw:
+        await gw.open("c")
+        await gw.send(TtsSpeak(conversation_id="c", turn_id="s1", speculation_of="t", text="Too soon to say.", seq=0))
+        await gw.send(TtsSpeak(conversation_id="c", turn_id="s1", speculation_of="t", text="Never heard.", seq=1))
+        conv = gw.worker.conversations["c"]
+        await until(lambda: "s1" in conv.turns and conv.turns["s1"].held)
+        # the orchestrator moved on (its stop may be late or lost): the next reply drops the held one
+        await gw.send(TtsSpeak(conversation_id="c", turn_id="t", text="The real answer.", seq=0))
+        await gw.send(TtsEnd(conversation_id="c", turn_id="t", sentences=1))
+        await until(lambda: gw.of("c", TtsAudioDone))
+        assert {m.turn_id for m in gw.of("c", TtsAudio)} == {"t"}
+        assert {m.piece for m in gw.of("c", TtsAudio)} == {0}
+        assert gw.of("c", TtsAudioStarted)[0].held_ms is None
+        assert not conv.turns and not conv.queue
+        assert gw.worker.speculation_wasted_s > 0
+        # a late release of the dropped speculation sends nothing
+        before = len(gw.of("c", TtsAudio))
+        await gw.send(TtsRelease(conversation_id="c", turn_id="s1"))
+        await gw.handled_so_far()
+        assert len(gw.of("c", TtsAudio)) == before
