@@ -12,14 +12,15 @@ class TtsSpeak(Envelope):
     """Orchestrator -> the conversation's TTS worker: speak this piece of the reply (in `seq` order).
 
     A speculative reply (one started before the user's turn was confirmed) is spoken under a
-    `turn_id` of its own, with `speculation_of` naming the user's turn: its audio is held in the
-    TTS worker (only its first piece is rendered) until `TtsRelease`, then sent as that turn's.
-    A `TtsStop` of its own `turn_id` discards it."""
+    `turn_id` of its own, with `reply_to` naming the user's turn, whose audio it is sent as. While
+    the turn is not confirmed its pieces come `held`: their audio stays in the TTS worker (only the
+    first piece is rendered) until `TtsRelease`. A `TtsStop` of its own `turn_id` discards it."""
 
     type: Literal["tts.speak"] = "tts.speak"
     text: str
     seq: int
-    speculation_of: str | None = None
+    reply_to: str | None = None  # the user's turn, when TTS knows the reply by another id
+    held: bool = False
 
 
 class TtsRelease(Envelope):

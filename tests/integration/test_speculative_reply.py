@@ -146,6 +146,29 @@ async def test_a_confirmed_speculation_is_heard_only_after_the_turn_ends_and_is_
         assert tts is None or not tts.turns  # nothing left held
 
 
+async def test_a_speculation_confirmed_before_its_first_piece_is_spoken_as_the_users_turn(redis_url, transcriber, voice, fake_llm):
+    settings = spec_settings(redis_url)
+    fake_llm.reply = "Paris is the capital and the largest city of France."
+    fake_llm.token_delay_s = 0.25  # the turn ends long before the first piece (four words) exists
+    async with run_stack(settings, transcriber=transcriber, voice=voice, llm_base_url=fake_llm.base_url) as stack:
+        async with VoiceClient(stack.ws_url) as client:
+            rec = client.record()
+            try:
+                cid = client.conversation_id
+                await speak(client, "capital.wav", trailing_silence_s=0.0)
+                await until(lambda: len(fake_llm.streams) == 1)  # the speculation asked the LLM
+                await client.send_speech(b"", trailing_silence_s=1.5)
+                done = await rec.wait_event("response.done")
+            finally:
+                await rec.aclose()
+        assert done["text"] == fake_llm.reply and done["diagnostics"]["speculative"] is True
+        assert "audio_held_ms" not in done["diagnostics"]  # no audio existed before the turn ended
+        assert rec.audio_frames(0) > 0 and rec.events("response.audio.done")
+        assert {e.get("turn_id") for e in rec.events() if e["type"] != "pong"} == {done["turn_id"]}
+        assert stack.workers["llm"].speculations == {"started": 1, "confirmed": 1, "wasted": 0}
+        assert len(await stored_history(settings, cid)) == 2
+
+
 async def scrape(port: int) -> dict[tuple[str, str], float]:
     """A worker's /metrics as {(sample name, outcome or stage label): value}."""
     async with httpx.AsyncClient() as client:
@@ -253,7 +276,7 @@ async def test_a_changed_final_transcript_restarts_the_reply_on_the_new_words(re
         await until(lambda: len(fake_llm.streams) == 1)
         await until(lambda: gw.of("c", TtsSpeak, gw.tts_inbox))  # a first piece went to TTS, to be held
         held = gw.of("c", TtsSpeak, gw.tts_inbox)[0]
-        assert held.speculation_of == "t" and held.turn_id != "t"
+        assert held.reply_to == "t" and held.held and held.turn_id != "t"
         fake_llm.token_delay_s = 0.001
         await gw.send(TranscriptFinal(conversation_id="c", turn_id="t", text="What is the capital of Peru?", stt_ms=1))
         await until(lambda: gw.of("c", ResponseTextDone))
@@ -267,7 +290,7 @@ async def test_a_changed_final_transcript_restarts_the_reply_on_the_new_words(re
         assert "What is the capital of Peru?" in done[0].text
         assert "".join(d.delta for d in gw.of("c", ResponseTextDelta)) == done[0].text
         again = [m for m in gw.of("c", TtsSpeak, gw.tts_inbox) if m.turn_id == "t"]
-        assert again and all(m.speculation_of is None for m in again)
+        assert again and all(m.reply_to is None and not m.held for m in again)
         stored = await gw.history("c", 2)
         assert stored == [{"role": "user", "content": "What is the capital of Peru?"}, {"role": "assistant", "content": done[0].text}]
         assert gw.worker.speculations == {"started": 1, "confirmed": 0, "wasted": 1}
@@ -306,7 +329,7 @@ async def test_tts_holds_a_speculation_after_its_first_piece_and_releases_it_as_
         await gw.open("c")
         pieces = ["The capital of France", "is Paris, on the Seine.", "It is a large city."]
         for seq, text in enumerate(pieces):
-            await gw.send(TtsSpeak(conversation_id="c", turn_id="s1", speculation_of="t", text=text, seq=seq))
+            await gw.send(TtsSpeak(conversation_id="c", turn_id="s1", reply_to="t", held=True, text=text, seq=seq))
         await gw.send(TtsEnd(conversation_id="c", turn_id="s1", sentences=len(pieces)))
         conv = gw.worker.conversations["c"]
         await until(lambda: conv.turns["s1"].rendered == 1 and conv.turns["s1"].held)
@@ -328,8 +351,8 @@ async def test_tts_drops_a_held_speculation_when_another_reply_begins(redis_url,
     settings = make_settings(redis_url)
     async with driving(settings, lambda client: TtsWorker(settings, client, voice=voice)) as gw:
         await gw.open("c")
-        await gw.send(TtsSpeak(conversation_id="c", turn_id="s1", speculation_of="t", text="Too soon to say.", seq=0))
-        await gw.send(TtsSpeak(conversation_id="c", turn_id="s1", speculation_of="t", text="Never heard.", seq=1))
+        await gw.send(TtsSpeak(conversation_id="c", turn_id="s1", reply_to="t", held=True, text="Too soon to say.", seq=0))
+        await gw.send(TtsSpeak(conversation_id="c", turn_id="s1", reply_to="t", held=True, text="Never heard.", seq=1))
         conv = gw.worker.conversations["c"]
         await until(lambda: "s1" in conv.turns and conv.turns["s1"].held)
         # the orchestrator moved on (its stop may be late or lost): the next reply drops the held one

@@ -532,7 +532,7 @@ class LlmWorker(Worker):
                     items = tuple(item for item in items if item[0] != gateway)
                 for _, message in items:
                     if isinstance(message, TtsSpeak) and turn.speculative:
-                        message.speculation_of = turn.turn_id
+                        message.held = True
                         turn.held_pieces += 1
                 reached = await self.bus.publish_many(items) if items else []
                 if not tts_lost and any(not n for (channel, _), n in zip(items, reached) if channel == turn.tts_inbox):
@@ -552,7 +552,11 @@ class LlmWorker(Worker):
                 first_sentence_ms = round((time.perf_counter() - started) * 1000, 1)
             first_seq = len(turn.pieces)
             turn.pieces.extend(pieces)
-            return [(turn.tts_inbox, TtsSpeak(text=piece, seq=first_seq + i, **tts_envelope)) for i, piece in enumerate(pieces)]
+            reply_to = turn.turn_id if turn.tts_id != turn.turn_id else None  # a speculation's pieces answer the user's turn
+            return [
+                (turn.tts_inbox, TtsSpeak(text=piece, seq=first_seq + i, reply_to=reply_to, **tts_envelope))
+                for i, piece in enumerate(pieces)
+            ]
 
         async def release(text: str) -> None:
             """Text the guard let through: finished pieces to TTS first, in one round trip with the delta."""

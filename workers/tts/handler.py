@@ -8,8 +8,8 @@ While it speaks for a conversation the key `tts_active` exists (absent means fal
 its turn: the turn's queued pieces are dropped and its synthesis under way is abandoned; the stopped
 turn is remembered (a few of the latest only) so a piece of it that was still in flight is dropped too.
 
-A speculative reply (`TtsSpeak.speculation_of`, workers/llm_orchestrator/handler.py) is spoken under
-an id of its own: its first piece is rendered at once and its audio held here, and nothing more is
+A speculative reply (`TtsSpeak.reply_to`, workers/llm_orchestrator/handler.py) is spoken under an
+id of its own and sent as the user's turn's. Until the turn is confirmed (`TtsSpeak.held`) its first piece is rendered at once and its audio held here, and nothing more is
 rendered until `TtsRelease` sends the held audio as the user's turn's (then the rest as usual), or a
 `TtsStop` of its id drops it. A held reply never blocks the queue for long: a piece of any other turn
 drops it (the orchestrator starts another reply only once the speculation is over), and so does
@@ -73,10 +73,10 @@ class TurnAudio:
 
     @classmethod
     def of(cls, message: TtsSpeak | TtsEnd) -> "TurnAudio":
-        speculation_of = getattr(message, "speculation_of", None)
-        if speculation_of is None:
-            return cls(reply_to=message.turn_id)
-        return cls(reply_to=speculation_of, held=[])
+        """The speech of the reply `message` begins."""
+        if isinstance(message, TtsSpeak):
+            return cls(reply_to=message.reply_to or message.turn_id, held=[] if message.held else None)
+        return cls(reply_to=message.turn_id)
 
 
 @dataclass
@@ -304,8 +304,9 @@ class TtsWorker(Worker):
             if first and isinstance(batch[0], TtsAudioStarted) and turn.held_since is not None:
                 batch[0].held_ms = round((time.perf_counter() - turn.held_since) * 1000, 1)
             first = False
-            conv.guard(message.turn_id)
             await self.bus.publish_many([(gateway, m) for m in batch])
+            if conv.turns.get(message.turn_id) is not turn:
+                return  # stopped, or the conversation ended, while it was sent
         turn.held = None
         turn.released.set()
         if turn.ended:
