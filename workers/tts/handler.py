@@ -9,9 +9,9 @@ its turn: the turn's queued pieces are dropped and its synthesis under way is ab
 turn is remembered (a few of the latest only) so a piece of it that was still in flight is dropped too.
 
 A speculative reply (`TtsSpeak.reply_to`, workers/llm_orchestrator/handler.py) is spoken under an
-id of its own and sent as the user's turn's. Until the turn is confirmed (`TtsSpeak.held`) its first piece is rendered at once and its audio held here, and nothing more is
-rendered until `TtsRelease` sends the held audio as the user's turn's (then the rest as usual), or a
-`TtsStop` of its id drops it. A held reply never blocks the queue for long: a piece of any other turn
+id of its own and sent as the user's turn's. While the turn is not confirmed (`TtsSpeak.held`) its
+first piece is rendered at once and its audio held here, and nothing more is rendered until
+`TtsRelease` sends the held audio (then the rest as usual), or a `TtsStop` of its id drops it. A held reply never blocks the queue for long: a piece of any other turn
 drops it (the orchestrator starts another reply only once the speculation is over), and so does
 `SPECULATION_HOLD_MAX_S` without a decision."""
 from __future__ import annotations
