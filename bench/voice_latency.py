@@ -7,8 +7,13 @@ speculations started / confirmed / wasted over the run, read from the workers' o
 (the stack started here serves them from `METRICS_PORT`; with `--url`, pass that port as
 `--metrics-port`, each worker of `voicepipe up` on the next one).
 
-    python -m bench.voice_latency [--url http://127.0.0.1:8000] [--rounds 2]
+    python -m bench.voice_latency [--url http://127.0.0.1:8000] [--rounds 2] [--questions FILE.tsv]
     VOICEPIPE_SPECULATIVE_REPLY=false python -m bench.voice_latency   # the same without speculation
+
+`--questions` names another set: a TSV of `file<TAB>text` beside its WAV files (16 kHz mono, ending
+where the speech ends). bench/audio/pauses/questions.tsv holds questions spoken with pauses inside
+them (commas, "um"), where an early transcript can come before the user has finished: the set that
+shows what speculation wastes.
 """
 from __future__ import annotations
 
@@ -74,14 +79,15 @@ async def speculations(metrics_port: int) -> dict[str, float]:
     return total
 
 
-async def run(http_url: str, rounds: int) -> list[dict[str, float]]:
+async def run(http_url: str, rounds: int, questions_tsv: Path = AUDIO / "questions.tsv") -> list[dict[str, float]]:
     ws_url = http_url.replace("http", "ws", 1) + "/v1/ws"
-    questions = [line.split("\t") for line in (AUDIO / "questions.tsv").read_text().splitlines() if line]
+    folder = questions_tsv.parent
+    questions = [line.split("\t") for line in questions_tsv.read_text().splitlines() if line]
     rows = []
-    await one_turn(ws_url, read_audio_16k_mono(AUDIO / questions[0][0]))  # warm every stage once
+    await one_turn(ws_url, read_audio_16k_mono(folder / questions[0][0]))  # warm every stage once
     for round_ in range(rounds):
         for name, text in questions:
-            row = await one_turn(ws_url, read_audio_16k_mono(AUDIO / name))
+            row = await one_turn(ws_url, read_audio_16k_mono(folder / name))
             if row is None:
                 print(f"  {name}: no reply")
                 continue
@@ -91,6 +97,10 @@ async def run(http_url: str, rounds: int) -> list[dict[str, float]]:
 
 
 def report(rows: list[dict[str, float]], spec: dict[str, float]) -> None:
+    cut = [r for r in rows if r["client_voice_to_voice_ms"] < 0]
+    if cut:  # the turn ended at a pause inside the question: a latency that only looks good
+        print(f"\ncut off: {len(cut)} of {len(rows)} turns were answered before the speech ended (left out below)")
+        rows = [r for r in rows if r["client_voice_to_voice_ms"] >= 0]
     print(f"\nvoice-to-voice over {len(rows)} spoken turns (ms)")
     print(f"{'metric':34} {'p50':>8} {'p90':>8}")
     for metric in METRICS:
@@ -114,11 +124,12 @@ def main() -> None:
     parser.add_argument("--url", help="a running stack (default: start `voicepipe up` with embedded defaults)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--csv", help="also write every turn's figures to this file")
+    parser.add_argument("--questions", type=Path, default=AUDIO / "questions.tsv", help="the question set (a TSV beside its WAVs)")
     parser.add_argument("--metrics-port", type=int, help="with --url: the first worker's METRICS_PORT")
     args = parser.parse_args()
     metrics_port = args.metrics_port or int(os.environ.get("VOICEPIPE_METRICS_PORT") or 0) or free_port()
     with running_stack(args.url, {"VOICEPIPE_METRICS_PORT": str(metrics_port)}) as http_url:
-        rows = asyncio.run(run(http_url, args.rounds))
+        rows = asyncio.run(run(http_url, args.rounds, args.questions))
         spec = asyncio.run(speculations(metrics_port))
     report(rows, spec)
     if args.csv:
