@@ -41,6 +41,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 KEEPALIVE_TIMEOUT = "keepalive ping timeout"
 PONG_BACKLOG_BYTES = 1024 * 1024  # unread bytes we hold for a peer before its pings drop it
 ABORT_AFTER_EXTENSION = "voicepipe.abort_after"  # scope["extensions"][...](seconds)
+RECEIVE_BACKLOG = 8  # client messages queued for the app before the socket is no longer read (8)
 
 
 def _no_subprotocol(headers: object) -> None:
@@ -89,7 +90,18 @@ class KeepaliveAwareProtocol(WebSocketsSansIOProtocol):
                 self.conn.send_close(1007)
                 self.handle_parser_exception()
                 return
-        super().send_receive_event_to_app()
+        # 8: uvicorn pauses reading at every message and resumes once the app has taken it, two
+        # changes of the event loop's interest in the socket per audio frame; pause only once
+        # RECEIVE_BACKLOG messages wait for the app (uvicorn's receive() resumes when none does).
+        paused = self.read_paused
+        self.read_paused = True  # uvicorn's own pause is skipped when it believes it paused already
+        try:
+            super().send_receive_event_to_app()
+        finally:
+            self.read_paused = paused
+        if not paused and self.queue.qsize() >= RECEIVE_BACKLOG:
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def handle_ping(self) -> None:
         if self.transport.get_write_buffer_size() > PONG_BACKLOG_BYTES:

@@ -9,10 +9,11 @@ If Redis cannot take a batch it is dropped and logged (audio is real time: late 
 the queue is bounded, so a stalled Redis cannot grow the gateway's memory.
 
 The flusher holds one connection for its life and writes each batch with redis-py's
-own connection calls (`pack_commands`, `send_packed_command`, `read_response`) instead of a
-`Pipeline` object per batch: the pipeline's per-command bookkeeping (its command stack, response
-callbacks, per-PUBLISH observability hooks, its reset and the pool round trip of every batch) cost
-more than the write itself at 10,000 frames a second. What the pipeline gave on a Redis restart is
+own connection calls (`send_packed_command`, `read_response`) instead of a `Pipeline` object per
+batch: the pipeline's per-command bookkeeping (its command stack, response callbacks, per-PUBLISH
+observability hooks, its reset and the pool round trip of every batch) cost more than the write
+itself at 10,000 frames a second. Commands are packed by hiredis (`hiredis.pack_command`, what
+redis-py's synchronous client packs with; its asyncio connection packs in Python, 6 times slower). What the pipeline gave on a Redis restart is
 kept: a batch whose write or replies failed on a connection error is sent again on a fresh
 connection under the client's retry policy (shared/bus.py `command_retry`), and any error leaves
 the connection closed (redis-py closes it on a failed read or write), so a half-read batch can
@@ -26,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
+from hiredis import pack_command
 from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -34,7 +36,7 @@ log = logging.getLogger("voicepipe.gateway")
 
 MAX_QUEUED = 20_000  # messages waiting for the flusher (400 streams x 1 s of 20 ms frames)
 MAX_BATCH = 1_000
-WRITE_TIMEOUT_S = 5.0  # a batch not written and answered by then fails like a lost connection
+WRITE_TIMEOUT_S = 5.0  # a batch not written and answered by then fails like a lost connection (redis-py's default socket timeout)
 PUBLISH = b"PUBLISH"
 
 
@@ -58,11 +60,11 @@ class Uplink:
 
     async def run(self) -> None:
         """Flush until cancelled."""
-        # a connection of its own, made with the pool's settings (address, credentials, retry
+        # A connection of its own, made with the pool's settings (address, credentials, retry
         # policy, keepalive, client name) and connected on first use, so Redis being down when the
-        # gateway starts is the same as Redis going down later
-        # The time limit is one per batch (`WRITE_TIMEOUT_S`, the pool's socket timeout), not
-        # redis-py's per read: that one costs a timer per reply and a task per write.
+        # gateway starts is the same as Redis going down later. Its time limit is one per batch
+        # (`WRITE_TIMEOUT_S`), not redis-py's per read and write, which costs a timer per reply and
+        # a task per write.
         pool = self._redis.connection_pool
         connection: Connection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         try:
@@ -77,7 +79,7 @@ class Uplink:
                 self._ready.clear()
                 await self._ready.wait()
             batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
-            packed = connection.pack_commands([(PUBLISH, channel, data) for channel, data, _ in batch])
+            packed = [pack_command((PUBLISH, channel, data)) for channel, data, _ in batch]
             try:
                 refused = await connection.retry.call_with_retry(
                     lambda: self._write(connection, packed, len(batch)),
