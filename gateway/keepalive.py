@@ -42,6 +42,7 @@ KEEPALIVE_TIMEOUT = "keepalive ping timeout"
 PONG_BACKLOG_BYTES = 1024 * 1024  # unread bytes we hold for a peer before its pings drop it
 ABORT_AFTER_EXTENSION = "voicepipe.abort_after"  # scope["extensions"][...](seconds)
 RECEIVE_BACKLOG = 8  # client messages queued for the app before the socket is no longer read (8)
+RECEIVE_BACKLOG_MESSAGE_BYTES = 4096  # a larger message pauses reading at once, as uvicorn does (8)
 
 
 def _no_subprotocol(headers: object) -> None:
@@ -92,14 +93,16 @@ class KeepaliveAwareProtocol(WebSocketsSansIOProtocol):
                 return
         # 8: uvicorn pauses reading at every message and resumes once the app has taken it, two
         # changes of the event loop's interest in the socket per audio frame; pause only once
-        # RECEIVE_BACKLOG messages wait for the app (uvicorn's receive() resumes when none does).
+        # RECEIVE_BACKLOG messages wait for the app, or at once after a large one (uvicorn's
+        # receive() resumes when none waits).
+        large = sum(len(frame) for frame in self.frames) > RECEIVE_BACKLOG_MESSAGE_BYTES
         paused = self.read_paused
         self.read_paused = True  # uvicorn's own pause is skipped when it believes it paused already
         try:
             super().send_receive_event_to_app()
         finally:
             self.read_paused = paused
-        if not paused and self.queue.qsize() >= RECEIVE_BACKLOG:
+        if not paused and (large or self.queue.qsize() >= RECEIVE_BACKLOG):
             self.read_paused = True
             self.transport.pause_reading()
 
