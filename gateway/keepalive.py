@@ -41,8 +41,6 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 KEEPALIVE_TIMEOUT = "keepalive ping timeout"
 PONG_BACKLOG_BYTES = 1024 * 1024  # unread bytes we hold for a peer before its pings drop it
 ABORT_AFTER_EXTENSION = "voicepipe.abort_after"  # scope["extensions"][...](seconds)
-RECEIVE_BACKLOG = 8  # client messages queued for the app before the socket is no longer read (8)
-RECEIVE_BACKLOG_MESSAGE_BYTES = 4096  # a larger message pauses reading at once, as uvicorn does (8)
 
 
 def _no_subprotocol(headers: object) -> None:
@@ -91,20 +89,7 @@ class KeepaliveAwareProtocol(WebSocketsSansIOProtocol):
                 self.conn.send_close(1007)
                 self.handle_parser_exception()
                 return
-        # 8: uvicorn pauses reading at every message and resumes once the app has taken it, two
-        # changes of the event loop's interest in the socket per audio frame; pause only once
-        # RECEIVE_BACKLOG messages wait for the app, or at once after a large one (uvicorn's
-        # receive() resumes when none waits).
-        large = sum(len(frame) for frame in self.frames) > RECEIVE_BACKLOG_MESSAGE_BYTES
-        paused = self.read_paused
-        self.read_paused = True  # uvicorn's own pause is skipped when it believes it paused already
-        try:
-            super().send_receive_event_to_app()
-        finally:
-            self.read_paused = paused
-        if not paused and (large or self.queue.qsize() >= RECEIVE_BACKLOG):
-            self.read_paused = True
-            self.transport.pause_reading()
+        super().send_receive_event_to_app()
 
     def handle_ping(self) -> None:
         if self.transport.get_write_buffer_size() > PONG_BACKLOG_BYTES:
