@@ -8,16 +8,18 @@ queue, one flusher): a commit queued after a socket's audio reaches the VAD afte
 If Redis cannot take a batch it is dropped and logged (audio is real time: late audio is useless);
 the queue is bounded, so a stalled Redis cannot grow the gateway's memory.
 
-The flusher holds one connection for its life and writes each batch with redis-py's
-own connection calls (`send_packed_command`, `read_response`) instead of a `Pipeline` object per
-batch: the pipeline's per-command bookkeeping (its command stack, response callbacks, per-PUBLISH
+The flusher holds one connection for its life and writes each batch with redis-py's own connection
+calls (`send_packed_command`, `read_response`) instead of a `Pipeline` object per batch: the
+pipeline's per-command bookkeeping (its command stack, response callbacks, per-PUBLISH
 observability hooks, its reset and the pool round trip of every batch) cost more than the write
 itself at 10,000 frames a second. Commands are packed by hiredis (`hiredis.pack_command`, what
-redis-py's synchronous client packs with; its asyncio connection packs in Python, 6 times slower). What the pipeline gave on a Redis restart is
-kept: a batch whose write or replies failed on a connection error is sent again on a fresh
-connection under the client's retry policy (shared/bus.py `command_retry`), and any error leaves
-the connection closed (redis-py closes it on a failed read or write), so a half-read batch can
-never put one batch's replies in front of the next one."""
+redis-py's synchronous client packs with; its asyncio connection packs in Python, 6 times slower).
+What the pipeline gave on a Redis restart is kept: a batch whose write or replies failed on a
+connection error is sent again on a fresh connection under the client's retry policy
+(shared/bus.py `command_retry`), and any error leaves the connection closed (redis-py closes it on
+a failed read or write), so a half-read batch can never put one batch's replies in front of the
+next one. A PUBLISH that Redis answers with an error is counted (`refused`) and the rest of its
+batch's replies are still read."""
 from __future__ import annotations
 
 import asyncio
@@ -36,7 +38,8 @@ log = logging.getLogger("voicepipe.gateway")
 
 MAX_QUEUED = 20_000  # messages waiting for the flusher (400 streams x 1 s of 20 ms frames)
 MAX_BATCH = 1_000
-WRITE_TIMEOUT_S = 5.0  # a batch not written and answered by then fails like a lost connection (redis-py's default socket timeout)
+WRITE_TIMEOUT_S = 5.0  # a batch not written and answered by then fails like a lost connection
+# (redis-py's default socket timeout, applied once per batch instead of once per read)
 PUBLISH = b"PUBLISH"
 
 

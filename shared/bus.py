@@ -194,6 +194,8 @@ async def run_subscriber(
     `on_lost` runs once each time the subscription drops (whatever was published meanwhile is
     lost to it), `on_subscribed` after every (re)subscribe, so the owner can catch up on what it
     may have missed. A failing callback is logged and retried with the subscription."""
+    if client.connection_pool.connection_kwargs.get("decode_responses"):
+        raise ValueError("run_subscriber reads raw replies: give it a client that does not decode them (create_redis)")
     stats = stats if stats is not None else SubscriberStats()
     backoff = RESUBSCRIBE_BACKOFF_S[0]
     expected = len(set(channels))  # subscribe confirmations that one SUBSCRIBE of `channels` brings
@@ -210,6 +212,12 @@ async def run_subscriber(
             connection = pubsub.connection
             slice_started = time.perf_counter()
             while True:
+                # A burst of messages already buffered is read without ever waiting on the socket,
+                # so it would hold back every other task (socket writes, closes, cleanup) until it
+                # ends: the reader steps aside once it has run for `YIELD_AFTER_S`.
+                if time.perf_counter() - slice_started >= YIELD_AFTER_S:
+                    await asyncio.sleep(0)
+                    slice_started = time.perf_counter()
                 await pubsub.check_health()  # redis-py's PING after an idle spell, as get_message does
                 raw = await connection.read_response(timeout=math.inf, push_request=True)
                 if not isinstance(raw, list) or len(raw) < 3 or raw[0] != b"message":
@@ -248,13 +256,6 @@ async def run_subscriber(
                         log.exception("%s: handler failed for %s on %s (%d so far)", name, message.type, channel, stats.handler_failures)
                     else:
                         log.debug("%s: handler failed for %s on %s", name, message.type, channel, exc_info=True)
-                # A burst of messages already buffered is read without ever waiting on the socket,
-                # so it would hold back every other task (socket writes, closes, cleanup) until it
-                # ends: the reader steps aside once it has run for `YIELD_AFTER_S`.
-                now = time.perf_counter()
-                if now - slice_started >= YIELD_AFTER_S:
-                    await asyncio.sleep(0)
-                    slice_started = time.perf_counter()
         except (RedisError, OSError) as exc:  # lost connection, refused AUTH, a Redis-side error
             _stop_if_cancelled()  # redis-py can turn a cancelled read into a ConnectionError
             log.warning("%s: Redis subscription lost (%s); resubscribing in %.2f s", name, exc, backoff)
