@@ -64,7 +64,7 @@ _WAITS_S = sum(min(RETRY_BACKOFF_S[1], RETRY_BACKOFF_S[0] * 2**k) for k in range
 # connect too (redis-py applies the same policy there), so the waits add up once per try, plus its own
 RETRY_BUDGET_S = (RETRY_ATTEMPTS + 2) * _WAITS_S
 RESUBSCRIBE_BACKOFF_S = (0.05, 0.5)  # a lost subscription is tried again this soon, doubling to the cap
-YIELD_AFTER_S = 0.001  # a subscriber handling a burst of buffered messages lets other tasks run this often
+YIELD_AFTER_S = 0.0002  # a subscriber handling a burst of buffered messages lets other tasks run this often
 
 
 def command_retry() -> Retry:
