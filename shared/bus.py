@@ -24,11 +24,20 @@ retries, a second or two late.
 The subscriber (`run_subscriber`) sees both ways a subscription can drop: the error surfacing after
 the retries, and redis-py reconnecting and resubscribing silently inside the retries (seen as a new
 subscribe confirmation). Either way its owner is told (`on_lost`: messages may be lost) and then
-catches up (`on_subscribed`)."""
+catches up (`on_subscribed`).
+
+How the subscriber reads: redis-py's `PubSub` subscribes and checks the connection's health, but
+messages are read straight off its connection (`Connection.read_response`) rather than through
+`PubSub.get_message`, which per message wraps the read in its retry machinery, builds a dict, awaits
+an observability hook and, under RESP3 (redis-py's default protocol), formats the whole message
+into a debug line in the default push handler. A read that fails raises at once and the subscriber
+resubscribes on a fresh connection (the same path as any lost subscription). A burst already
+buffered is handled without a task switch per message: the reader yields every `YIELD_AFTER_S`."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +64,7 @@ _WAITS_S = sum(min(RETRY_BACKOFF_S[1], RETRY_BACKOFF_S[0] * 2**k) for k in range
 # connect too (redis-py applies the same policy there), so the waits add up once per try, plus its own
 RETRY_BUDGET_S = (RETRY_ATTEMPTS + 2) * _WAITS_S
 RESUBSCRIBE_BACKOFF_S = (0.05, 0.5)  # a lost subscription is tried again this soon, doubling to the cap
+YIELD_AFTER_S = 0.0002  # a subscriber handling a burst of buffered messages lets other tasks run this often
 
 
 def command_retry() -> Retry:
@@ -159,6 +169,13 @@ class SubscriberStats:
         return True
 
 
+async def _as_read(push: list) -> list:
+    """The subscriber's handler of RESP3 pushes (its messages): hand each one back to the read
+    as it came. redis-py's default handler formats every push into a debug log line first, even
+    with debug logging off, which cost more than the rest of a message's way to its handler."""
+    return push
+
+
 async def run_subscriber(
     client: aioredis.Redis,
     channels: Sequence[str],
@@ -177,12 +194,14 @@ async def run_subscriber(
     `on_lost` runs once each time the subscription drops (whatever was published meanwhile is
     lost to it), `on_subscribed` after every (re)subscribe, so the owner can catch up on what it
     may have missed. A failing callback is logged and retried with the subscription."""
+    if client.connection_pool.connection_kwargs.get("decode_responses"):
+        raise ValueError("run_subscriber reads raw replies: give it a client that does not decode them (create_redis)")
     stats = stats if stats is not None else SubscriberStats()
     backoff = RESUBSCRIBE_BACKOFF_S[0]
     expected = len(set(channels))  # subscribe confirmations that one SUBSCRIBE of `channels` brings
     subscribed = False  # the subscription is up (so losing it is news for `on_lost`)
     while True:
-        pubsub = client.pubsub()
+        pubsub = client.pubsub(push_handler_func=_as_read)
         try:
             await pubsub.subscribe(*channels)
             confirmations = expected  # the ones of this SUBSCRIBE, still to come
@@ -190,15 +209,23 @@ async def run_subscriber(
                 await on_subscribed()
             subscribed = True
             backoff = RESUBSCRIBE_BACKOFF_S[0]
+            connection = pubsub.connection
+            slice_started = time.perf_counter()
             while True:
-                raw = await pubsub.get_message(timeout=None)
-                if raw is None:
-                    continue
-                if raw["type"] != "message":
-                    if raw["type"] == "subscribe":
+                # A burst of messages already buffered is read without ever waiting on the socket,
+                # so it would hold back every other task (socket writes, closes, cleanup) until it
+                # ends: the reader steps aside once it has run for `YIELD_AFTER_S`.
+                if time.perf_counter() - slice_started >= YIELD_AFTER_S:
+                    await asyncio.sleep(0)
+                    slice_started = time.perf_counter()
+                await pubsub.check_health()  # redis-py's PING after an idle spell, as get_message does
+                raw = await connection.read_response(timeout=math.inf, push_request=True)
+                if not isinstance(raw, list) or len(raw) < 3 or raw[0] != b"message":
+                    # a subscribe confirmation, a health-check pong, an unsubscribe
+                    if isinstance(raw, list) and raw and raw[0] == b"subscribe":
                         if confirmations > 0:
                             confirmations -= 1
-                        else:  # redis-py reconnected inside its retries and subscribed again
+                        else:  # subscribed again under us (redis-py reconnected inside its retries)
                             confirmations = expected - 1
                             stats.resubscribes += 1
                             log.warning("%s: Redis subscription was lost and renewed; catching up", name)
@@ -208,9 +235,9 @@ async def run_subscriber(
                                 await on_subscribed()
                     continue
                 stats.received += 1
-                channel = raw["channel"].decode(errors="replace") if isinstance(raw["channel"], bytes) else raw["channel"]
+                channel = raw[1].decode(errors="replace")
                 try:
-                    message = decode(raw["data"])
+                    message = decode(raw[2])
                 except DecodeError as exc:
                     stats.undecodable += 1
                     if stats.should_warn("undecodable"):
@@ -229,9 +256,6 @@ async def run_subscriber(
                         log.exception("%s: handler failed for %s on %s (%d so far)", name, message.type, channel, stats.handler_failures)
                     else:
                         log.debug("%s: handler failed for %s on %s", name, message.type, channel, exc_info=True)
-                # A burst of messages already buffered would otherwise be handled in one loop
-                # iteration, holding back every other task (socket closes, cleanup) until it ends.
-                await asyncio.sleep(0)
         except (RedisError, OSError) as exc:  # lost connection, refused AUTH, a Redis-side error
             _stop_if_cancelled()  # redis-py can turn a cancelled read into a ConnectionError
             log.warning("%s: Redis subscription lost (%s); resubscribing in %.2f s", name, exc, backoff)
