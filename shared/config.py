@@ -75,8 +75,8 @@ class Settings(BaseSettings):
     )
     history_max_messages: int = 20
     history_max_chars: int = 6000
-    first_clause_min_words: int = 4  # the first TTS piece may end at a comma after this many words
-    first_piece_max_words: int = 6  # cut the first TTS piece after this many words (0: only at punctuation)
+    first_clause_min_words: int = 2  # the first TTS piece may end at a comma after this many words
+    first_piece_max_words: int = 3  # cut the first TTS piece after this many words (0: only at punctuation)
     guard_blocked_terms: CommaList = Field(default_factory=list)  # output guard: words or phrases (empty: off)
     max_pending_turns: int = 4  # user turns waiting behind a reply that was not interrupted
 
@@ -86,14 +86,16 @@ class Settings(BaseSettings):
     vad_start_ms: int = 60  # voiced audio needed before speech counts as started
     vad_end_silence_ms: int = 300  # unvoiced audio that ends an utterance (when its text says nothing either way)
     # adaptive end of turn (workers/vad_stt/turn_end.py): the silence that ends an utterance moves
-    # between these by what its early transcript says; both equal to VAD_END_SILENCE_MS turns it off
-    vad_end_silence_min_ms: int = Field(default=150, ge=20)
+    # between these by what its early transcript says; both equal to VAD_END_SILENCE_MS turns it off.
+    # The minimum is not lower because a speculative reply already runs during that wait: ending
+    # sooner would not answer sooner, only cut off more users who pause after a full stop
+    vad_end_silence_min_ms: int = Field(default=250, ge=20)
     vad_end_silence_max_ms: int = Field(default=700, ge=20)
     vad_preroll_ms: int = 200  # audio kept from before the start, so the first word is whole
     vad_min_utterance_ms: int = 200  # voiced speech an utterance needs to be transcribed
     barge_in_min_speech_ms: int = 200  # voiced speech that interrupts a reply under way (0: only response.cancel)
     vad_max_utterance_ms: int = 15000
-    stt_speculate_after_ms: int = 100  # start transcribing after this much silence (0: only at the end)
+    stt_speculate_after_ms: int = 60  # start transcribing after this much silence (0: only at the end)
     # start the reply on that early transcript, held back until the end of the turn confirms it
     # (needs STT_SPECULATE_AFTER_MS > 0); the VAD/STT worker and the orchestrator both read it
     speculative_reply: bool = True

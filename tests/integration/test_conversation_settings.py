@@ -370,16 +370,16 @@ async def test_a_finished_question_ends_sooner_and_a_trailing_and_waits_longer(r
     """Adaptive end of turn with the real VAD and whisper: the early transcript of the pause moves
     the end silence (default 300 ms) down for "What is the capital ...?" and up for "... and"."""
     settings = make_settings(redis_url)
-    assert (settings.vad_end_silence_min_ms, settings.vad_end_silence_ms, settings.vad_end_silence_max_ms) == (150, 300, 700)
+    assert (settings.vad_end_silence_min_ms, settings.vad_end_silence_ms, settings.vad_end_silence_max_ms) == (250, 300, 700)
     async with driving(settings, lambda client: VadSttWorker(settings, client, transcriber=transcriber)) as gw:
         worker: VadSttWorker = gw.worker
         for cid in ("question", "open"):
             await gw.open(cid)
-        # 240 ms of silence after the question: the setting's 300 ms would never end it
-        await gw.audio("question", [SILENCE] * 10 + trimmed_frames("capital.wav") + [SILENCE] * 12)
+        # 280 ms of silence after the question: the setting's 300 ms would never end it
+        await gw.audio("question", [SILENCE] * 10 + trimmed_frames("capital.wav") + [SILENCE] * 14)
         await until(lambda: gw.of("question", TranscriptFinal))
         (stopped,) = gw.of("question", SpeechStopped)
-        assert stopped.decided_ms - stopped.speech_end_ms <= 240
+        assert stopped.decided_ms - stopped.speech_end_ms <= 280
         assert "capital" in gw.of("question", TranscriptFinal)[0].text.lower()
         assert worker.end_adjusted["shortened"] == 1
         page = {(s.name, s.labels.get("direction")): s.value for f in text_string_to_metric_families(worker.metrics.render().decode())

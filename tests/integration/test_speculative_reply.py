@@ -149,7 +149,7 @@ async def test_a_confirmed_speculation_is_heard_only_after_the_turn_ends_and_is_
 async def test_a_speculation_confirmed_before_its_first_piece_is_spoken_as_the_users_turn(redis_url, transcriber, voice, fake_llm):
     settings = spec_settings(redis_url)
     fake_llm.reply = "Paris is the capital and the largest city of France."
-    fake_llm.token_delay_s = 0.25  # the turn ends long before the first piece (four words) exists
+    fake_llm.token_delay_s = 0.6  # the turn ends long before the first piece (three words) exists
     async with run_stack(settings, transcriber=transcriber, voice=voice, llm_base_url=fake_llm.base_url) as stack:
         async with VoiceClient(stack.ws_url) as client:
             rec = client.record()
