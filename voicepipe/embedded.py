@@ -67,6 +67,12 @@ def llm_argv(port: int, model_alias: str = "smollm2", threads: int | None = None
     ]
 
 
+def llm_env() -> dict[str, str]:
+    """Settings for the orchestrators in front of the embedded server: it generates one request at
+    a time and SmolLM2 speaks ChatML, so replies are scheduled in slices (workers/llm_orchestrator/slices.py)."""
+    return {"VOICEPIPE_LLM_SCHEDULING": "true"}
+
+
 def run_dir() -> Path:
     """A new directory for the embedded services' log files (and Redis's working directory):
     under $XDG_RUNTIME_DIR when it is a writable directory, else under the system temp dir."""
