@@ -35,11 +35,19 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from shared.config import Settings
 from workers.llm_orchestrator import chatml
 from workers.llm_orchestrator.llm_client import ChatClient, LlmTimeout
 from workers.llm_orchestrator.scheduler import GenerationScheduler, Rank
 
 log = logging.getLogger("voicepipe.llm")
+
+
+def scheduled(client: ChatClient, settings: Settings) -> ChatClient | SlicedChat:
+    """The client an orchestrator streams replies through: in slices when LLM_SCHEDULING is on."""
+    if not settings.llm_scheduling:
+        return client
+    return SlicedChat(client, first_slice_tokens=settings.llm_first_slice_tokens, slice_tokens=settings.llm_slice_tokens)
 
 
 class SlicedChat:
