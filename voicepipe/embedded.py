@@ -9,6 +9,9 @@ import tempfile
 from pathlib import Path
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the embedded server's prompt cache: a state of a few hundred tokens is ~10 MB on SmolLM2-135M,
+# so this keeps the last few dozen conversations' (least recently used ones go first)
+LLM_CACHE_BYTES = 256 << 20
 
 
 def free_port() -> int:
@@ -64,6 +67,9 @@ def llm_argv(port: int, model_alias: str = "smollm2", threads: int | None = None
         # its default (true) cuts a streaming reply whenever another request arrives, so one user's
         # question would end another's answer; false queues concurrent requests instead
         "--interrupt_requests", "false",
+        # keep the state after each request: replies generated in slices interleave conversations,
+        # and without it each slice and each new turn evaluates its whole prompt again (slices.py)
+        "--cache", "true", "--cache_type", "ram", "--cache_size", str(LLM_CACHE_BYTES),
     ]
 
 

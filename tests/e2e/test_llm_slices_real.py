@@ -57,14 +57,14 @@ async def reply(chat, question: str) -> str:
         return "".join([delta async for delta in stream])
 
 
-async def test_a_lone_sliced_reply_is_the_chat_endpoints_reply(llm_base_url):
-    """Nobody waits: one completions request on the ChatML prompt, the same text as the chat API."""
+async def test_the_chatml_prompt_is_the_models_chat_template(llm_base_url):
+    """A reply in one slice (a completions request on the ChatML prompt) is the chat API's reply."""
     client = ChatClient(llm_base_url, "smollm2", temperature=0, max_tokens=60)
     try:
-        chat = SlicedChat(client, first_slice_tokens=4)
+        chat = SlicedChat(client, first_slice_tokens=60)
         for question in ("What is the capital of France?", "Why is the sky blue?"):
             assert await reply(chat, question) == await reply(client, question)
-        assert chat.scheduler.preemptions == 0
+        assert chat.scheduler.preemptions == 0 and [g.rank for g in chat.scheduler.granted] == [0, 0]
     finally:
         await client.aclose()
 
@@ -76,9 +76,9 @@ async def test_replies_cut_and_continued_while_another_reply_takes_the_server_st
         scheduler = GenerationScheduler()
         chat = SlicedChat(client, scheduler, first_slice_tokens=4, slice_tokens=6)  # cut often on purpose
         sliced = dict(zip(whole, await asyncio.gather(*(reply(chat, q) for q in whole))))
-        assert scheduler.preemptions >= 4  # both replies were cut and continued several times
         labels = [g.label for g in scheduler.granted]
-        assert len(set(labels)) == 2 and len(labels) >= 6
+        switches = sum(a != b for a, b in zip(labels, labels[1:]))
+        assert len(set(labels)) == 2 and switches >= 4  # cut and continued in turns, several times
         for question, text in sliced.items():
             assert "<|im" not in text and "assistant\n" not in text  # never ran into a new turn
             # the first slice is the unsliced reply's start, word for word
@@ -86,8 +86,8 @@ async def test_replies_cut_and_continued_while_another_reply_takes_the_server_st
             # continued, not restarted: the words after the first cut are not the opening again
             words = text.split()
             assert len(words) > 8 and words[3:6] != words[:3], text
-            # On SmolLM2 a continuation may still word things differently from one uninterrupted
-            # request: the streamed text is evaluated again as a batch, whose floating-point
-            # results can tip a close choice (the tokens themselves are the same).
+            # A continuation may still word things differently from one uninterrupted request, even
+            # with nothing in between: the text so far is tokenized to the same tokens, but
+            # evaluated again as a batch, whose floating-point results can tip a close choice.
     finally:
         await client.aclose()

@@ -31,24 +31,27 @@ async def test_a_second_conversations_first_piece_goes_before_the_rest_of_a_long
         second, _ = await connect(stack.ws_url)
         async with first, second:
             await first.send(json.dumps({"type": "text.input", "text": "Tell me everything."}))
-            await wait_for(lambda: fake_llm.streams and fake_llm.streams[0].tokens_sent >= 10)  # past its first slice
+            # well past its first slice (4 tokens), into the rest of the reply
+            await wait_for(lambda: sum(r.tokens_sent for r in fake_llm.streams) >= 10)
             await second.send(json.dumps({"type": "text.input", "text": "And briefly?"}))
             (events_1, audio_1), (events_2, audio_2) = await asyncio.gather(
                 timed_until(first, "response.done"), timed_until(second, "response.done")
             )
-            # the server saw: the long reply, cut off; the second conversation's reply; the long one continued
+            # the server saw: the long reply's first slice, its rest cut off; the second
+            # conversation's first slice; then the long reply continued where it stopped
             streams = fake_llm.streams
             users = [s.messages[-1]["content"] for s in streams]
-            assert users[:3] == ["Tell me everything.", "And briefly?", "Tell me everything."]
-            assert streams[0].prompt is not None and not streams[0].completed  # closed early: preempted
-            assert streams[1].started >= streams[0].ended  # one generation at a time
-            assert streams[2].started >= streams[1].ended  # with LLM_SLICE_TOKENS 0 the newcomer runs on
-            continued = streams[2].prompt.split("<|im_start|>assistant\n")[-1]
-            assert continued and LONG_REPLY.startswith(continued)  # carries the text so far
-            # at the clients: the second reply's first audio before the first reply was done
-            first_audio_2 = audio_2[0][0]
-            done_1 = events_1[-1][0]
-            assert first_audio_2 < done_1
+            assert users[:4] == ["Tell me everything.", "Tell me everything.", "And briefly?", "Tell me everything."]
+            assert streams[0].completed and streams[0].max_tokens == 4  # a first slice
+            assert not streams[1].completed  # closed early: preempted
+            assert streams[2].started >= streams[1].ended  # one generation at a time
+            assert streams[2].completed and streams[2].max_tokens == 4
+            continued = streams[3].prompt.split("<|im_start|>assistant\n")[-1]
+            assert len(continued.split()) >= 10 and LONG_REPLY.startswith(continued)  # carries the text so far
+            # at the clients: the second reply's first text came before the first reply was done
+            # (published before its first slice gave the server back, so before the rest of the first)
+            first_text_2 = next(t for t, e in events_2 if e["type"] == "response.text.delta")
+            assert first_text_2 < events_1[-1][0]
             text_1 = events_1[-1][1]["text"]
             assert text_1 == LONG_REPLY  # nothing lost or repeated at the cut
             assert events_2[-1][1]["text"] == LONG_REPLY and audio_1 and audio_2

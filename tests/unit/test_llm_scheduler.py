@@ -49,7 +49,7 @@ async def test_a_first_slice_is_not_outranked_by_another_first_slice_but_specula
     first = await s.acquire(Rank.FIRST, "a")
     waiter = asyncio.create_task(s.acquire(Rank.FIRST, "b"))
     await until(lambda: s.waiting == 1)
-    assert not s.outranked(first) and s.contended(first)
+    assert not s.outranked(first)
     first.rank = Rank.CONTINUATION  # its first slice is done
     assert s.outranked(first)
     s.release(first)
@@ -122,10 +122,11 @@ class FakeCompletions:
             done += 1
         rest = tokens[done:][:max_tokens]
         self.open += 1
+        cut = len(tokens) - done > max_tokens
         try:
             for i, token in enumerate(rest):
                 await asyncio.sleep(0)
-                yield Delta(token, "stop" if i == len(rest) - 1 else None)
+                yield Delta(token, ("length" if cut else "stop") if i == len(rest) - 1 else None)
         finally:
             self.open -= 1
 
@@ -164,25 +165,30 @@ async def test_a_new_turns_first_slice_preempts_a_long_reply_which_then_continue
     await b_task
     assert "".join(got_a) == LONG  # continued where it stopped: nothing lost, nothing repeated
     assert events[:10] == [f"a{i}" for i in range(10)]  # it stopped at the first token after the newcomer came
-    assert events[10:14] == ["b0", "b1", "b2", "b3"]  # the whole short reply went before the rest
-    assert events[14:] == [f"a{i}" for i in range(10, 40)]
-    assert [(u, len(so_far.split())) for u, so_far, _ in client.requests] == [("long", 0), ("short", 0), ("long", 10)]
-    assert client.requests[2][2] == 100 - 10  # the continuation asks for the rest of the budget
+    assert events[10:13] == ["b0", "b1", "b2"]  # the newcomer's first slice went before the rest
+    assert sorted(events[13:]) == sorted([f"a{i}" for i in range(10, 40)] + ["b3"])
+    requests = [(u, len(so_far.split()), asked) for u, so_far, asked in client.requests]
+    assert requests[:4] == [
+        ("long", 0, 3),  # the first slice
+        ("long", 3, 97),  # the rest (LLM_SLICE_TOKENS 0), stopped for the newcomer
+        ("short", 0, 3),  # the newcomer's first slice
+        ("long", 10, 90),  # the long reply's rest: it waited longer than the newcomer's rest
+    ]
     assert chat.scheduler.preemptions == 1 and chat.scheduler.holding == 0
 
 
-async def test_long_replies_take_turns_after_a_slice_and_a_lone_reply_is_one_request():
+async def test_long_replies_take_turns_slice_by_slice_and_a_lone_reply_is_never_stopped():
     client = FakeCompletions({"x": LONG, "y": LONG.replace("a", "y")})
     chat = SlicedChat(client, first_slice_tokens=3, slice_tokens=8)
     alone = [d async for d in chat.stream_chat(messages("x"))]
-    assert "".join(alone) == LONG and len(client.requests) == 1  # nobody waited: no slicing at all
+    assert "".join(alone) == LONG
+    assert [asked for _, _, asked in client.requests] == [3, 8, 8, 8, 8, 8]  # 40 tokens: 3 + 37 in slices
+    assert chat.scheduler.preemptions == 0
     client.requests.clear()
-    results = await asyncio.gather(
-        *(collect(chat, u) for u in ("x", "y"))
-    )
+    results = await asyncio.gather(*(collect(chat, u) for u in ("x", "y")))
     assert results == [LONG, LONG.replace("a", "y")]
     users = [u for u, _, _ in client.requests]
-    assert users[:4] == ["x", "y", "x", "y"]  # alternating slices, not one reply after the other
+    assert users[:6] == ["x", "y", "x", "y", "x", "y"]  # alternating slices, not one reply after the other
 
 
 async def collect(chat: SlicedChat, user: str) -> str:

@@ -13,11 +13,10 @@ in slices by rank:
 
 A holder whose rank is worse than a waiter's is `outranked`: it stops its upstream request at its
 next token and waits again as a continuation (see slices.py), so the waiter gets the server within
-one token. A first slice is not outranked by another first slice: it runs until its first slice is
-done, then it ranks as a continuation. A holder that has generated a slice's worth is also asked
-to give way to a waiter of its own rank (`contended`), so long replies take turns instead of the
-newest one finishing while an older one, already playing, waits. Waiters of one rank are served
-in the order they came.
+one token. A first slice is not outranked by another first slice. Between two slices a reply waits
+again, behind the waiters of its rank, so long replies take turns instead of the newest one
+finishing while an older one, already playing, waits. Waiters of one rank are served in the order
+they came.
 A conversation has one reply generating at a time, so its slices keep their order by themselves.
 
 Everything runs on the event loop; a waiter cancelled (or timed out) leaves the queue at once, and a
@@ -113,11 +112,6 @@ class GenerationScheduler:
         """Whether a waiter should have this slot instead (a better rank than the holder's now)."""
         self._drop_cancelled()
         return bool(self._waiters) and self._waiters[0].rank < slot.rank
-
-    def contended(self, slot: Slot) -> bool:
-        """Whether a waiter of this holder's rank or better exists (a long holder gives way to it)."""
-        self._drop_cancelled()
-        return bool(self._waiters) and self._waiters[0].rank <= slot.rank
 
     @property
     def waiting(self) -> int:

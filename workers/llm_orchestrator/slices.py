@@ -5,22 +5,26 @@ deltas; leaving it early closes the upstream request), but underneath a reply is
 `/v1/completions` requests on the ChatML prompt (chatml.py), each sent only while the reply holds
 the scheduler's slot:
 
-- the first request ranks `FIRST`; once it has streamed `first_slice_tokens` tokens (about the
-  first TTS piece) it ranks as a continuation;
-- a request whose rank is beaten by a waiter stops at its next token (the upstream response is
-  closed, which llama.cpp's server notices at its next token) and the reply waits again; when its
-  turn comes a continuation request carries the prompt plus the text streamed so far and asks for
-  the rest of the token budget. With nobody waiting the first request simply runs to the end: a
-  lone conversation pays nothing for this;
-- a request that has streamed `slice_tokens` tokens also gives way to a waiting continuation of
-  another reply, so long replies take turns (round-robin) instead of a preempted one waiting for
-  the whole of the reply that preempted it while its own audio runs out (0: never).
+- the first request ranks `FIRST` and asks for `first_slice_tokens` tokens (about the first TTS
+  piece); each later one ranks `CONTINUATION`, carries the prompt plus the text streamed so far
+  and asks for `slice_tokens` more (0: the rest of the budget). Between two slices the reply waits
+  again for its turn, so long replies take turns (round-robin) and a new turn's first slice goes
+  before all of them;
+- a request whose rank is beaten by a waiter (a continuation, or speculative work, when a
+  confirmed turn's first slice waits) stops at its next token: the upstream response is closed,
+  which llama.cpp's server notices at its next token.
 
-A continuation re-processes its prompt: llama.cpp reuses its KV cache only for the longest common
-prefix with the previous request, which after another conversation's slice is the shared system
-prompt. On SmolLM2-135M that costs 30-90 ms for a few hundred tokens of prompt, once per
-preemption, against the whole reply (up to LLM_MAX_TOKENS 160 tokens, ~1.5 s) a new question used
-to wait for. The continued text is the model's own continuation of what was streamed, but not
+With nobody waiting the slices follow each other at once; each costs an HTTP request and, on
+llama.cpp, nothing more: the previous slice left its tokens in the KV cache.
+
+After another conversation's slice, llama.cpp reuses its KV cache only for the longest common
+prefix with the previous request (the shared system prompt), so without more a continuation, and
+a new turn of a conversation with a long history, evaluates its whole prompt again: measured on
+SmolLM2-135M here, 0.4-3.4 s before the first token with three conversations of four turns
+interleaved. The embedded server therefore runs with its prompt cache on (`--cache`, embedded.py):
+the state after every request that ends by itself (a slice that reached its `max_tokens`, a
+finished reply) is kept and the longest cached prefix is loaded again (0.2-0.4 s in the same
+test). A request stopped for a waiter saves nothing, which is one more reason for short slices. The continued text is the model's own continuation of what was streamed, but not
 always token for token the same as one uninterrupted request at temperature 0: the streamed text
 is tokenized again and evaluated as a batch, whose floating-point results may tip a close choice.
 
@@ -59,12 +63,12 @@ class SlicedChat:
         scheduler: GenerationScheduler | None = None,
         *,
         first_slice_tokens: int = 16,
-        slice_tokens: int = 48,
+        slice_tokens: int = 32,
     ) -> None:
         self.client = client
         self.scheduler = scheduler or GenerationScheduler()
         self.first_slice_tokens = first_slice_tokens
-        self.slice_tokens = slice_tokens  # 0: a request runs until the reply ends or it is outranked
+        self.slice_tokens = slice_tokens  # tokens asked by a continuation (0: the rest of the budget)
         self._replies = 0
 
     # ---- what the orchestrator calls
@@ -80,11 +84,11 @@ class SlicedChat:
             slot = await self._acquire(rank, label)
             yielded = False
             finish: str | None = None
+            in_request = 0
+            remaining = budget - tokens
+            asked = min(remaining, self.first_slice_tokens if not streamed else (self.slice_tokens or remaining))
             try:
-                completion = self.client.stream_completion(
-                    chatml.prompt(messages, "".join(streamed)), budget - tokens, chatml.STOP
-                )
-                in_request = 0
+                completion = self.client.stream_completion(chatml.prompt(messages, "".join(streamed)), asked, chatml.STOP)
                 async with contextlib.aclosing(completion) as deltas:
                     async for delta in deltas:
                         finish = delta.finish_reason or finish
@@ -93,22 +97,16 @@ class SlicedChat:
                             in_request += 1
                             streamed.append(delta.text)
                             yield delta.text
-                        if rank is Rank.FIRST and tokens >= self.first_slice_tokens:
-                            rank = slot.rank = Rank.CONTINUATION
-                        if finish is None and self._give_way(slot, in_request):
+                        if finish is None and self.scheduler.outranked(slot):
                             yielded = True
                             break  # leaving the block closes this request upstream
             finally:
                 self.scheduler.release(slot, yielded=yielded)
-            if not yielded:
+            if yielded:
+                log.debug("%s stopped after %d tokens for another reply", label, tokens)
+            elif finish != "length" or asked >= remaining or not in_request:
                 return  # the model ended its reply, the budget is spent, or the server closed the stream
-            log.debug("%s stopped after %d tokens for another reply", label, tokens)
-            rank = Rank.SPECULATIVE if speculative else Rank.CONTINUATION
-
-    def _give_way(self, slot, in_request: int) -> bool:
-        if self.scheduler.outranked(slot):
-            return True
-        return 0 < self.slice_tokens <= in_request and self.scheduler.contended(slot)
+            rank = Rank.SPECULATIVE if speculative else Rank.CONTINUATION  # behind the waiting first slices
 
     async def _acquire(self, rank: Rank, label: str):
         """The slot, waited for at most the read timeout (as the server's own queue was)."""
