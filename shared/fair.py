@@ -54,6 +54,7 @@ class Served:
     label: str
     queued_at: int
     dispatched: int
+    urgent: bool = False
 
 
 @dataclass(eq=False)
@@ -191,7 +192,7 @@ class FairScheduler:
             return
         self._running = job
         job.started = True
-        self.served.append(Served(job.key, job.label, job.queued_at, self._dispatched))
+        self.served.append(Served(job.key, job.label, job.queued_at, self._dispatched, job.urgent))
         self._dispatched += 1
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self.name)
