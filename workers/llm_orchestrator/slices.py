@@ -15,7 +15,8 @@ the scheduler's slot:
   which llama.cpp's server notices at its next token.
 
 With nobody waiting the slices follow each other at once; each costs an HTTP request and, on
-llama.cpp, nothing more: the previous slice left its tokens in the KV cache.
+llama.cpp, a state save of the prompt cache (~15 ms, below); the previous slice left its tokens
+in the KV cache.
 
 After another conversation's slice, llama.cpp reuses its KV cache only for the longest common
 prefix with the previous request (the shared system prompt), so without more a continuation, and
@@ -24,9 +25,13 @@ SmolLM2-135M here, 0.4-3.4 s before the first token with three conversations of 
 interleaved. The embedded server therefore runs with its prompt cache on (`--cache`, embedded.py):
 the state after every request that ends by itself (a slice that reached its `max_tokens`, a
 finished reply) is kept and the longest cached prefix is loaded again (0.2-0.4 s in the same
-test). A request stopped for a waiter saves nothing, which is one more reason for short slices. The continued text is the model's own continuation of what was streamed, but not
-always token for token the same as one uninterrupted request at temperature 0: the streamed text
-is tokenized again and evaluated as a batch, whose floating-point results may tip a close choice.
+test). A request stopped for a waiter saves nothing, which is one more reason for short slices.
+
+The continued text is the model's own continuation of what was streamed, but not always word for
+word the same as one uninterrupted request at temperature 0: the streamed text is tokenized again
+(to the same tokens, checked) and evaluated as a batch, whose floating-point results may tip a
+close choice. Whether the server supports this is not detected: the chat template cannot be read
+through the OpenAI API, and a server that batches would only be slowed by one-at-a-time slices.
 
 This needs the completions endpoint and the model's chat template on the client, so it is a
 setting (`LLM_SCHEDULING`) that `voicepipe up` turns on for its embedded SmolLM2 server; a generic
