@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     llm_retries: int = 2  # retries of a refused connect or HTTP 429/502/503 before the first token
     llm_retry_backoff_s: float = 0.2  # first retry delay (doubles, with jitter)
     llm_check_interval_s: float = 5.0  # how often the orchestrator asks its LLM server GET /models (/readyz)
+    # Replies in slices through /v1/completions with a ChatML prompt, a turn's first slice before other
+    # replies' rest (workers/llm_orchestrator/slices.py). For a server that generates one request at a
+    # time with a ChatML model (the embedded llama.cpp server, which `voicepipe up` turns this on for)
+    llm_scheduling: bool = False
+    llm_first_slice_tokens: int = Field(default=16, ge=1)  # a turn's first slice (ranked first): about its first TTS piece
+    llm_slice_tokens: int = Field(default=32, ge=0)  # each later slice (0: the rest of the reply in one)
     system_prompt: str = (
         "You are a helpful voice assistant. Answer in one or two short spoken sentences, "
         "without lists or markdown."

@@ -8,6 +8,14 @@ each per round, so a newcomer waits for the job under way and at most one job of
 waiting conversation, however much any of them queued. Within one conversation jobs keep their
 order (transcripts and speech leave in order).
 
+Urgent work first: a job submitted `urgent=True` (a turn's first piece of speech, a final
+transcript: what a user is waiting on right now) makes its conversation go before conversations
+that have only non-urgent work queued (later pieces of a reply that is already playing, interim or
+early transcripts). Order within a conversation is kept, so an urgent job behind a non-urgent one
+of its own conversation takes that one along first. Among conversations with urgent work, and
+among those without, it stays round-robin. `promote` makes a waiting job urgent (an early
+transcript that has just become the final one).
+
 Everything but the model call runs on the event loop: queues, dispatch and completion are
 callbacks there, so no task of its own is needed and nothing here can outlive its callers.
 The model call runs on the scheduler's own thread (one job at a time), never on the event loop.
@@ -46,6 +54,7 @@ class Served:
     label: str
     queued_at: int
     dispatched: int
+    urgent: bool = False
 
 
 @dataclass(eq=False)
@@ -59,6 +68,7 @@ class Job(Generic[T]):
     future: asyncio.Future[T]
     queued_at: int
     started: bool = False
+    urgent: bool = False  # its conversation goes before those with only non-urgent work queued
     run_ms: float | None = None  # the model call's own duration, once it ended
     _context: contextvars.Context = field(default_factory=contextvars.copy_context, repr=False)
 
@@ -79,10 +89,11 @@ class FairScheduler:
         self.served: deque[Served] = deque(maxlen=SERVED_KEPT)
 
     # ---- callers
-    def submit(self, key: str, call: Callable[[], T], label: str = "") -> Job[T]:
-        """Queue `call` (run on the model's thread) for conversation `key`; await the job for its result."""
+    def submit(self, key: str, call: Callable[[], T], label: str = "", *, urgent: bool = False) -> Job[T]:
+        """Queue `call` (run on the model's thread) for conversation `key`; await the job for its result.
+        `urgent`: someone waits on it now, see the module docstring."""
         loop = asyncio.get_running_loop()
-        job: Job[T] = Job(key, label, call, loop.create_future(), self._dispatched)
+        job: Job[T] = Job(key, label, call, loop.create_future(), self._dispatched, urgent=urgent)
         job.future.add_done_callback(lambda _f: self._withdraw(job))
         self._queues.setdefault(key, deque()).append(job)
         if key not in self._ring and (self._running is None or self._running.key != key):
@@ -90,8 +101,13 @@ class FairScheduler:
         self._dispatch()
         return job
 
-    async def run(self, key: str, call: Callable[[], T], label: str = "") -> T:
-        return await self.submit(key, call, label)
+    async def run(self, key: str, call: Callable[[], T], label: str = "", *, urgent: bool = False) -> T:
+        return await self.submit(key, call, label, urgent=urgent)
+
+    def promote(self, job: Job[Any]) -> None:
+        """Make a job urgent; a job already started or done is left as it is."""
+        if not job.started and not job.future.done():
+            job.urgent = True
 
     def drop(self, key: str) -> int:
         """Cancel every waiting job of `key` (a job under way ends by itself); how many were dropped."""
@@ -145,19 +161,26 @@ class FairScheduler:
             except ValueError:
                 pass
 
+    def _first_key(self) -> str:
+        """The first key in the ring with an urgent job waiting, else the first key."""
+        for key in self._ring:
+            if any(job.urgent and not job.future.done() for job in self._queues[key]):
+                return key
+        return self._ring[0]
+
     def _next(self) -> Job[Any] | None:
-        """The head job of the first key in the ring, which leaves the ring until that job has ended."""
+        """The head job of the chosen key (`_first_key`), which leaves the ring until that job has ended."""
         while self._ring:
-            key = self._ring[0]
+            key = self._first_key()
             queue = self._queues[key]
             job = queue.popleft()
             if not queue:
                 del self._queues[key]
             if job.future.done():  # cancelled a moment ago: its done callback has not run yet
                 if key not in self._queues:
-                    self._ring.popleft()
+                    self._ring.remove(key)
                 continue
-            self._ring.popleft()
+            self._ring.remove(key)
             return job
         return None
 
@@ -169,7 +192,7 @@ class FairScheduler:
             return
         self._running = job
         job.started = True
-        self.served.append(Served(job.key, job.label, job.queued_at, self._dispatched))
+        self.served.append(Served(job.key, job.label, job.queued_at, self._dispatched, job.urgent))
         self._dispatched += 1
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self.name)

@@ -261,6 +261,8 @@ class Supervisor:
                     )
                 )
                 env_extra["VOICEPIPE_LLM_BASE_URL"] = f"http://127.0.0.1:{port}/v1"
+                if "llm_scheduling" not in self.settings.model_fields_set:  # an explicit setting wins
+                    env_extra.update(embedded.llm_env())
                 await self._wait_for(lambda: _http_ok(env_extra["VOICEPIPE_LLM_BASE_URL"] + "/models"), "llm-server", 120)
             python = sys.executable
             for offset, stage in enumerate(("vad_stt", "llm", "tts")):

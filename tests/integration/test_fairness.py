@@ -56,10 +56,15 @@ def windows(scheduler: FairScheduler, key: str) -> list[list[str]]:
 
 
 def assert_round_robin(scheduler: FairScheduler, key: str) -> list[list[str]]:
-    """Between two dispatches of `key` (and before its first), no other key is served twice."""
+    """Between two dispatches of `key` (and before its first), no other key is served twice; while
+    a non-urgent job of `key` waits, other keys' urgent jobs (a reply's first piece) may go first."""
     found = windows(scheduler, key)
     assert found, f"no job of {key} was served"
-    for window in found:
+    served = {s.dispatched: s for s in scheduler.served}
+    for job in (s for s in served.values() if s.key == key):
+        window = [
+            served[i].key for i in range(job.queued_at, job.dispatched) if job.urgent or not served[i].urgent
+        ]
         segment: list[str] = []
         for served_key in [*window, key]:
             if served_key == key:

@@ -27,13 +27,15 @@ from voicepipe.embedded import free_port
 
 @dataclass
 class StreamRecord:
-    messages: list[dict]
+    messages: list[dict]  # chat requests; a completions request has its raw `prompt` instead
     started: float
     ended: float | None = None
     completed: bool = False  # False when the client closed it early
     tokens_sent: int = 0
     last_token_at: float | None = None  # time.monotonic() when the last token was written
     client_port: int | None = None  # the client's TCP port: the same for streams on a kept-alive connection
+    prompt: str | None = None  # /v1/completions only
+    max_tokens: int | None = None
 
     async def wait_ended(self, timeout: float = 2.0, poll_s: float = 0.005) -> float:
         """Wait until the stream has ended; returns when (time.monotonic())."""
@@ -121,11 +123,62 @@ class FakeLlm:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def completions(self, request: Request):
+        """`/v1/completions` on a ChatML prompt: the reply to its last user message (`reply_for`),
+        continued from the assistant text the prompt already ends with; `max_tokens` honoured
+        (`finish_reason: "length"`)."""
+        self.requests += 1
+        body = await request.json()
+        prompt = body["prompt"]
+        turns = prompt.split("<|im_start|>")
+        messages = [
+            {"role": t.split("\n", 1)[0], "content": t.split("\n", 1)[1].removesuffix("<|im_end|>\n")}
+            for t in turns[1:-1]
+        ]
+        so_far = turns[-1].split("\n", 1)[1]
+        tokens = self.tokens_for(messages)
+        done, text = 0, ""
+        for token in tokens:  # the tokens the prompt already ends with are not sent again
+            if not so_far.startswith(text + token):
+                break
+            text, done = text + token, done + 1
+        tokens = tokens[done:]
+        max_tokens = body.get("max_tokens") or len(tokens)
+        record = StreamRecord(messages=messages, started=time.monotonic(), prompt=prompt, max_tokens=max_tokens)
+        self.streams.append(record)
+
+        async def events():
+            gone = asyncio.Event()
+            watcher = asyncio.create_task(_watch_disconnect(request, gone))
+            try:
+                for i, token in enumerate(tokens[:max_tokens]):
+                    last = i == min(len(tokens), max_tokens) - 1
+                    finish = None if not last else ("length" if max_tokens < len(tokens) else "stop")
+                    chunk = {"choices": [{"index": 0, "text": token, "finish_reason": finish}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    record.tokens_sent += 1
+                    record.last_token_at = time.monotonic()
+                    if await _pause(self.token_delay_s, gone):
+                        return
+                yield "data: [DONE]\n\n"
+                record.completed = True
+            finally:
+                watcher.cancel()
+                record.ended = time.monotonic()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     async def models(self, request: Request):
         return JSONResponse({"data": [{"id": "fake"}]})
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]), Route("/v1/models", self.models)])
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/models", self.models),
+            ]
+        )
 
 
 async def _watch_disconnect(request: Request, gone: asyncio.Event) -> None:

@@ -16,6 +16,7 @@ from shared.config import Settings
 from voicepipe.embedded import free_port
 from workers.llm_orchestrator.handler import LlmWorker
 from workers.llm_orchestrator.llm_client import ChatClient
+from workers.llm_orchestrator.slices import scheduled
 from workers.runtime import Worker
 from workers.tts.handler import TtsWorker
 from workers.vad_stt.handler import VadSttWorker
@@ -84,14 +85,17 @@ async def run_stack(
         "llm": lambda: LlmWorker(
             of("llm"),
             client(f"{settings.namespace}-llm"),
-            chat=ChatClient(
-                llm_base_url or "http://127.0.0.1:9/v1",
-                "fake",
-                connect_timeout_s=settings.llm_connect_timeout_s,
-                read_timeout_s=settings.llm_read_timeout_s,
-                pool_size=settings.llm_pool_size,
-                retries=settings.llm_retries,
-                retry_backoff_s=settings.llm_retry_backoff_s,
+            chat=scheduled(
+                ChatClient(
+                    llm_base_url or "http://127.0.0.1:9/v1",
+                    "fake",
+                    connect_timeout_s=settings.llm_connect_timeout_s,
+                    read_timeout_s=settings.llm_read_timeout_s,
+                    pool_size=settings.llm_pool_size,
+                    retries=settings.llm_retries,
+                    retry_backoff_s=settings.llm_retry_backoff_s,
+                ),
+                settings,
             ),
         ),
         "tts": lambda: TtsWorker(of("tts"), client(f"{settings.namespace}-tts"), voice=voice),

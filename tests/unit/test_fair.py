@@ -185,3 +185,32 @@ async def test_close_cancels_waiting_jobs(scheduler):
     assert waiting.future.cancelled()
     model.release("a0")
     assert await running == "A0"
+
+
+async def test_urgent_work_goes_before_other_conversations_non_urgent_work_in_order_within_its_own(scheduler):
+    """A reply's first piece (urgent) goes before other replies' later pieces; in its own
+    conversation it still waits for what was queued before it."""
+    model = BlockingModel()
+    blocker = scheduler.submit("x", model.call("x0", hold=True), "x0")
+    await model.entered("x0")
+    jobs = [scheduler.submit("a", model.call(f"a{i}"), f"a{i}") for i in range(2)]  # later pieces
+    jobs += [scheduler.submit("b", model.call("b0"), "b0")]
+    jobs += [scheduler.submit("c", model.call("c0"), "c0"), scheduler.submit("c", model.call("c1"), "c1", urgent=True)]
+    jobs += [scheduler.submit("d", model.call("d0"), "d0", urgent=True)]
+    model.release("x0")
+    await blocker
+    await asyncio.gather(*jobs)
+    assert model.ran == ["x0", "c0", "d0", "c1", "a0", "b0", "a1"]
+
+
+async def test_a_promoted_job_goes_before_non_urgent_work_and_a_started_one_is_left_as_it_is(scheduler):
+    model = BlockingModel()
+    blocker = scheduler.submit("x", model.call("x0", hold=True), "x0")
+    await model.entered("x0")
+    scheduler.promote(blocker)  # under way: nothing to change
+    assert not blocker.urgent
+    early = [scheduler.submit("a", model.call("a0"), "a0"), scheduler.submit("b", model.call("b0"), "b0")]
+    scheduler.promote(early[1])  # an early transcript that became the final one
+    model.release("x0")
+    await asyncio.gather(blocker, *early)
+    assert model.ran == ["x0", "b0", "a0"]

@@ -68,6 +68,7 @@ from workers.llm_orchestrator.llm_client import (
     LlmUnavailable,
 )
 from workers.llm_orchestrator.readiness import LlmReadiness
+from workers.llm_orchestrator.slices import scheduled
 from workers.runtime import Route, Worker
 
 log = logging.getLogger("voicepipe.llm")
@@ -176,7 +177,7 @@ class LlmWorker(Worker):
             s = self.settings
             if not s.llm_base_url:
                 raise SystemExit("VOICEPIPE_LLM_BASE_URL is not set (voicepipe up starts an embedded LLM for you)")
-            self.chat = ChatClient(
+            self.chat = scheduled(ChatClient(
                 s.llm_base_url,
                 s.llm_model,
                 api_key=s.llm_api_key,
@@ -188,7 +189,7 @@ class LlmWorker(Worker):
                 max_tokens=s.llm_max_tokens,
                 temperature=s.llm_temperature,
                 log_content=s.log_content,
-            )
+            ), s)
         self.llm_readiness = LlmReadiness(
             self.chat.check,
             self.settings.llm_check_interval_s,

@@ -21,7 +21,7 @@ import json
 import logging
 import random
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -35,6 +35,13 @@ RETRY_AFTER_MAX_S = 2.0  # a longer Retry-After is cut to this: a voice reply ca
 DRAIN_TIMEOUT_S = 1.0  # after [DONE], how long the rest of the body may take before the connection is dropped
 DETAIL_CHARS = 200  # of a server's error body, in the log only
 ERROR_BODY_MAX_BYTES = 65536  # an error body longer than this is not read on to keep its connection
+
+
+class Delta(NamedTuple):
+    """One streamed chunk: its text (may be empty) and, on the last, why generation ended."""
+
+    text: str
+    finish_reason: str | None = None
 
 
 class LlmFailure(Exception):
@@ -140,27 +147,54 @@ class ChatClient:
         )
         self._model = model
         self._log_content = log_content
-        self._max_tokens = max_tokens
+        self.max_tokens = max_tokens
         self._temperature = temperature
         self._upstreams: set[_Upstream] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self.open_streams = 0  # upstream responses open now
-        # requests: stream_chat calls; retries: extra attempts; failures: LlmFailure raised;
+        # requests: streams asked for (chat or completions); retries: extra attempts; failures: LlmFailure raised;
         # closed_early: responses closed before the server finished; connects: TCP connections made
         self.stats: dict[str, int] = {"requests": 0, "retries": 0, "failures": 0, "closed_early": 0, "connects": 0}
 
-    async def stream_chat(self, messages: list[dict[str, str]]) -> AsyncIterator[str]:
-        """Yield the reply's content deltas; raises LlmFailure. Use under `contextlib.aclosing`."""
-        self.stats["requests"] += 1
+    async def stream_chat(self, messages: list[dict[str, str]], *, speculative: bool = False) -> AsyncIterator[str]:
+        """Yield the reply's content deltas; raises LlmFailure. Use under `contextlib.aclosing`.
+
+        `speculative` (a reply started before its turn is confirmed) only matters where replies are
+        scheduled (slices.py); a plain stream goes to the server at once either way."""
         body = {
             "model": self._model,
             "messages": messages,
             "stream": True,
-            "max_tokens": self._max_tokens,
+            "max_tokens": self.max_tokens,
             "temperature": self._temperature,
         }
+        async with contextlib.aclosing(self._stream("/chat/completions", body)) as deltas:  # an early exit closes it now
+            async for delta in deltas:
+                if delta.text:
+                    yield delta.text
+
+    async def stream_completion(
+        self, prompt: str, max_tokens: int, stop: list[str] | None = None
+    ) -> AsyncIterator[Delta]:
+        """`/v1/completions` of a raw prompt: yield each chunk's text with its `finish_reason`
+        ("stop", "length", or None until the last); raises LlmFailure. Use under `contextlib.aclosing`."""
+        body: dict[str, Any] = {
+            "model": self._model,
+            "prompt": prompt,
+            "stream": True,
+            "max_tokens": max_tokens,
+            "temperature": self._temperature,
+        }
+        if stop:
+            body["stop"] = stop
+        async with contextlib.aclosing(self._stream("/completions", body)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Delta]:
+        self.stats["requests"] += 1
         try:
-            upstream = await self._open(body)
+            upstream = await self._open(path, body)
             try:
                 async with contextlib.aclosing(upstream.response.aiter_lines()) as lines:
                     async for line in lines:
@@ -171,8 +205,8 @@ class ChatClient:
                             upstream.finished = True
                             await self._drain(lines)
                             break
-                        for content in self._parse(data):
-                            yield content
+                        for delta in self._parse(data):
+                            yield delta
                     else:
                         upstream.finished = True  # the body ended without [DONE]: some servers do that
             except httpx.HTTPError as exc:
@@ -197,12 +231,12 @@ class ChatClient:
         if not response.is_success:
             raise LlmUnavailable(f"LLM server answered HTTP {response.status_code}")
 
-    async def _open(self, body: dict[str, Any]) -> _Upstream:
+    async def _open(self, path: str, body: dict[str, Any]) -> _Upstream:
         """Send the request until a 2xx answer, retrying what is worth it; nothing is yielded yet."""
         attempt = 0
         while True:
             try:
-                return await self._attempt(body)
+                return await self._attempt(path, body)
             except _Retry as retry:
                 if attempt >= self.retries:
                     log.warning("LLM request failed after %d retries: %s", attempt, retry.detail)
@@ -214,10 +248,8 @@ class ChatClient:
                 log.info("LLM request failed (%s); retry %d of %d in %.2f s", retry.detail, attempt, self.retries, delay)
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, body: dict[str, Any]) -> _Upstream:
-        request = self._http.build_request(
-            "POST", "/chat/completions", json=body, extensions={"trace": self._trace}
-        )
+    async def _attempt(self, path: str, body: dict[str, Any]) -> _Upstream:
+        request = self._http.build_request("POST", path, json=body, extensions={"trace": self._trace})
         try:
             response = await self._http.send(request, stream=True)
         except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
@@ -253,7 +285,7 @@ class ChatClient:
         except (TimeoutError, httpx.HTTPError) as exc:  # the reply is whole; only the connection is lost
             log.debug("LLM body after [DONE] not read to its end: %r", exc)
 
-    def _parse(self, data: str) -> list[str]:
+    def _parse(self, data: str) -> list[Delta]:
         try:
             chunk = json.loads(data)
         except ValueError as exc:
@@ -267,10 +299,14 @@ class ChatClient:
             raise LlmError("LLM server reported an error")
         deltas = []
         for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            content = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(content, str) and content:
-                deltas.append(content)
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            content = delta.get("content") if isinstance(delta, dict) else choice.get("text")  # chat, or completions
+            finish = choice.get("finish_reason")
+            text = content if isinstance(content, str) else ""
+            if text or isinstance(finish, str):
+                deltas.append(Delta(text, finish if isinstance(finish, str) else None))
         return deltas
 
     def _failure(self, exc: httpx.HTTPError, *, answered: bool) -> LlmFailure:

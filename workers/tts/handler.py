@@ -415,7 +415,8 @@ class TtsWorker(Worker):
                 conv.guard(item.turn_id)
             if isinstance(item, TtsSpeak):
                 speak = functools.partial(self.voice.synthesize, item.text)
-                synthesis = self.scheduler.submit(conv.conversation_id, speak, f"speak:{item.turn_id}")
+                # a reply's first piece is what its user waits on: before other replies' later pieces
+                synthesis = self.scheduler.submit(conv.conversation_id, speak, f"speak:{item.turn_id}", urgent=item.seq == 0)
                 pcm = await synthesis
                 conv.guard(item.turn_id)
                 ms = synthesis.run_ms or 0.0

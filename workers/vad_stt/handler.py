@@ -382,6 +382,8 @@ class VadSttWorker(Worker):
                 await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=superseded, text="", stt_ms=0, **envelope))
                 continue
             utterance = speculation  # the early transcript is the final one: the utterance only gained silence
+            if utterance is not None:
+                self.scheduler.promote(utterance.job)  # the user now waits on it
             if utterance is None:  # converted only when transcribed from scratch
                 audio = to_pipeline_rate(event.audio, conv.segmenter.sample_rate)
                 utterance = self._transcribe(conv, Utterance(turn_id, bytearray(audio)), "transcribe")
@@ -451,8 +453,8 @@ class VadSttWorker(Worker):
 
     def _transcribe(self, conv: AudioConversation, utterance: Utterance, label: str) -> Utterance:
         """Queue the utterance for whisper; the audio is read when the job starts, so merges count."""
-        utterance.job = self.scheduler.submit(
-            conv.conversation_id, lambda: self.transcriber.transcribe(bytes(utterance.audio)), label
+        utterance.job = self.scheduler.submit(  # a final transcript goes before early and interim ones
+            conv.conversation_id, lambda: self.transcriber.transcribe(bytes(utterance.audio)), label, urgent=label == "transcribe"
         )
         return utterance
 

@@ -1,0 +1,140 @@
+"""A reply generated in slices through the scheduler (scheduler.py), for a one-at-a-time server.
+
+`SlicedChat.stream_chat(messages)` is the orchestrator's usual call (an async iterator of text
+deltas; leaving it early closes the upstream request), but underneath a reply is a series of
+`/v1/completions` requests on the ChatML prompt (chatml.py), each sent only while the reply holds
+the scheduler's slot:
+
+- the first request ranks `FIRST` and asks for `first_slice_tokens` tokens (about the first TTS
+  piece); each later one ranks `CONTINUATION`, carries the prompt plus the text streamed so far
+  and asks for `slice_tokens` more (0: the rest of the budget). Between two slices the reply waits
+  again for its turn, so long replies take turns (round-robin) and a new turn's first slice goes
+  before all of them;
+- a request whose rank is beaten by a waiter (a continuation, or speculative work, when a
+  confirmed turn's first slice waits) stops at its next token: the upstream response is closed,
+  which llama.cpp's server notices at its next token.
+
+With nobody waiting the slices follow each other at once; each costs an HTTP request and, on
+llama.cpp, a state save of the prompt cache (~15 ms, below); the previous slice left its tokens
+in the KV cache.
+
+After another conversation's slice, llama.cpp reuses its KV cache only for the longest common
+prefix with the previous request (the shared system prompt), so without more a continuation, and
+a new turn of a conversation with a long history, evaluates its whole prompt again: measured on
+SmolLM2-135M here, 0.4-3.4 s before the first token with three conversations of four turns
+interleaved. The embedded server therefore runs with its prompt cache on (`--cache`, embedded.py):
+the state after every request that ends by itself (a slice that reached its `max_tokens`, a
+finished reply) is kept and the longest cached prefix is loaded again (0.2-0.4 s in the same
+test). A request stopped for a waiter saves nothing, which is one more reason for short slices.
+
+The continued text is the model's own continuation of what was streamed, but not always word for
+word the same as one uninterrupted request at temperature 0: the streamed text is tokenized again
+(to the same tokens, checked) and evaluated as a batch, whose floating-point results may tip a
+close choice. Whether the server supports this is not detected: the chat template cannot be read
+through the OpenAI API, and a server that batches would only be slowed by one-at-a-time slices.
+
+This needs the completions endpoint and the model's chat template on the client, so it is a
+setting (`LLM_SCHEDULING`) that `voicepipe up` turns on for its embedded SmolLM2 server; a generic
+OpenAI-compatible server (OpenAI, vLLM, Ollama) batches concurrent requests itself, has its own
+template, and keeps the plain chat stream."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from shared.config import Settings
+from workers.llm_orchestrator import chatml
+from workers.llm_orchestrator.llm_client import ChatClient, LlmTimeout
+from workers.llm_orchestrator.scheduler import GenerationScheduler, Rank
+
+log = logging.getLogger("voicepipe.llm")
+
+
+def scheduled(client: ChatClient, settings: Settings) -> ChatClient | SlicedChat:
+    """The client an orchestrator streams replies through: in slices when LLM_SCHEDULING is on."""
+    if not settings.llm_scheduling:
+        return client
+    return SlicedChat(client, first_slice_tokens=settings.llm_first_slice_tokens, slice_tokens=settings.llm_slice_tokens)
+
+
+class SlicedChat:
+    """The ChatClient interface the orchestrator uses, with replies scheduled slice by slice."""
+
+    def __init__(
+        self,
+        client: ChatClient,
+        scheduler: GenerationScheduler | None = None,
+        *,
+        first_slice_tokens: int = 16,
+        slice_tokens: int = 32,
+    ) -> None:
+        self.client = client
+        self.scheduler = scheduler or GenerationScheduler()
+        self.first_slice_tokens = first_slice_tokens
+        self.slice_tokens = slice_tokens  # tokens asked by a continuation (0: the rest of the budget)
+        self._replies = 0
+
+    # ---- what the orchestrator calls
+    async def stream_chat(self, messages: list[dict[str, str]], *, speculative: bool = False) -> AsyncIterator[str]:
+        """Yield the reply's text deltas; raises LlmFailure. Use under `contextlib.aclosing`."""
+        self._replies += 1
+        label = f"reply-{self._replies}"
+        rank = Rank.SPECULATIVE if speculative else Rank.FIRST
+        budget = self.client.max_tokens
+        streamed: list[str] = []
+        tokens = 0
+        while tokens < budget:
+            slot = await self._acquire(rank, label)
+            yielded = False
+            finish: str | None = None
+            in_request = 0
+            remaining = budget - tokens
+            asked = min(remaining, self.first_slice_tokens if not streamed else (self.slice_tokens or remaining))
+            try:
+                completion = self.client.stream_completion(chatml.prompt(messages, "".join(streamed)), asked, chatml.STOP)
+                async with contextlib.aclosing(completion) as deltas:
+                    async for delta in deltas:
+                        finish = delta.finish_reason or finish
+                        if delta.text:
+                            tokens += 1  # llama.cpp's server streams one token a chunk
+                            in_request += 1
+                            streamed.append(delta.text)
+                            yield delta.text
+                        if finish is None and self.scheduler.outranked(slot):
+                            yielded = True
+                            break  # leaving the block closes this request upstream
+            finally:
+                self.scheduler.release(slot, yielded=yielded)
+            if yielded:
+                log.debug("%s stopped after %d tokens for another reply", label, tokens)
+            elif finish != "length" or asked >= remaining or not in_request:
+                return  # the model ended its reply, the budget is spent, or the server closed the stream
+            rank = Rank.SPECULATIVE if speculative else Rank.CONTINUATION  # behind the waiting first slices
+
+    async def _acquire(self, rank: Rank, label: str):
+        """The slot, waited for at most the read timeout (as the server's own queue was)."""
+        try:
+            async with asyncio.timeout(self.client.read_timeout_s):
+                return await self.scheduler.acquire(rank, label)
+        except TimeoutError:
+            raise LlmTimeout(f"LLM server did not answer within {self.client.read_timeout_s} s") from None
+
+    # ---- the rest of the client's interface, as it is
+    @property
+    def open_streams(self) -> int:
+        return self.client.open_streams
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.client.stats
+
+    async def check(self, timeout_s: float) -> None:
+        await self.client.check(timeout_s)
+
+    def pool_stats(self) -> dict[str, int]:
+        return self.client.pool_stats()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
