@@ -568,7 +568,8 @@ class LlmWorker(Worker):
         conv.upstream_streams += 1
         turn.llm_started = started
         try:
-            async with contextlib.aclosing(self.chat.stream_chat(messages)) as stream:
+            # a speculation ranks below every confirmed reply where the LLM is scheduled (slices.py)
+            async with contextlib.aclosing(self.chat.stream_chat(messages, speculative=lambda: turn.speculative)) as stream:
                 async for delta in stream:
                     try:
                         text = guard.feed(delta)

@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
 import httpx
@@ -156,7 +156,9 @@ class ChatClient:
         # closed_early: responses closed before the server finished; connects: TCP connections made
         self.stats: dict[str, int] = {"requests": 0, "retries": 0, "failures": 0, "closed_early": 0, "connects": 0}
 
-    async def stream_chat(self, messages: list[dict[str, str]], *, speculative: bool = False) -> AsyncIterator[str]:
+    async def stream_chat(
+        self, messages: list[dict[str, str]], *, speculative: bool | Callable[[], bool] = False
+    ) -> AsyncIterator[str]:
         """Yield the reply's content deltas; raises LlmFailure. Use under `contextlib.aclosing`.
 
         `speculative` (a reply started before its turn is confirmed) only matters where replies are

@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from shared.config import Settings
 from workers.llm_orchestrator import chatml
@@ -77,11 +77,19 @@ class SlicedChat:
         self._replies = 0
 
     # ---- what the orchestrator calls
-    async def stream_chat(self, messages: list[dict[str, str]], *, speculative: bool = False) -> AsyncIterator[str]:
-        """Yield the reply's text deltas; raises LlmFailure. Use under `contextlib.aclosing`."""
+    async def stream_chat(
+        self, messages: list[dict[str, str]], *, speculative: bool | Callable[[], bool] = False
+    ) -> AsyncIterator[str]:
+        """Yield the reply's text deltas; raises LlmFailure. Use under `contextlib.aclosing`.
+        `speculative` may be a callable, asked at every slice: a speculation whose turn is confirmed
+        ranks as a confirmed reply from its next slice on."""
         self._replies += 1
         label = f"reply-{self._replies}"
-        rank = Rank.SPECULATIVE if speculative else Rank.FIRST
+
+        def still_speculative() -> bool:
+            return speculative() if callable(speculative) else speculative
+
+        rank = Rank.SPECULATIVE if still_speculative() else Rank.FIRST
         budget = self.client.max_tokens
         streamed: list[str] = []
         tokens = 0
@@ -111,7 +119,7 @@ class SlicedChat:
                 log.debug("%s stopped after %d tokens for another reply", label, tokens)
             elif finish != "length" or asked >= remaining or not in_request:
                 return  # the model ended its reply, the budget is spent, or the server closed the stream
-            rank = Rank.SPECULATIVE if speculative else Rank.CONTINUATION  # behind the waiting first slices
+            rank = Rank.SPECULATIVE if still_speculative() else Rank.CONTINUATION  # behind the waiting first slices
 
     async def _acquire(self, rank: Rank, label: str):
         """The slot, waited for at most the read timeout (as the server's own queue was)."""

@@ -416,7 +416,9 @@ class TtsWorker(Worker):
             if isinstance(item, TtsSpeak):
                 speak = functools.partial(self.voice.synthesize, item.text)
                 # a reply's first piece is what its user waits on: before other replies' later pieces
-                synthesis = self.scheduler.submit(conv.conversation_id, speak, f"speak:{item.turn_id}", urgent=item.seq == 0)
+                # (a speculation's, whose user has not finished, never goes before anyone)
+                urgent = item.seq == 0 and turn.held is None
+                synthesis = self.scheduler.submit(conv.conversation_id, speak, f"speak:{item.turn_id}", urgent=urgent)
                 pcm = await synthesis
                 conv.guard(item.turn_id)
                 ms = synthesis.run_ms or 0.0
