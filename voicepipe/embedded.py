@@ -59,22 +59,33 @@ def smollm2_path() -> str:
     return str(path)
 
 
-def llm_argv(port: int, model_alias: str = "smollm2", threads: int | None = None) -> list[str]:
-    """llama-cpp-python's OpenAI-compatible server with the SmolLM2 weights."""
-    return [
+def llm_argv(port: int, model_alias: str = "smollm2", threads: int | None = None, prompt_cache: bool = False) -> list[str]:
+    """llama-cpp-python's OpenAI-compatible server with the SmolLM2 weights.
+
+    `prompt_cache` (off for `voicepipe up`) keeps the state after each request, so slices of
+    replies in different conversations (LLM_SCHEDULING) need not evaluate their prompts again.
+    Measured in the whole pipeline (docs/PERFORMANCE.md, "Concurrent spoken conversations"), it
+    did not pay once replies were speculative and their first pieces short: with it, the first
+    reply of a new conversation came about 100 ms later (541–551 ms against 418–448 at the median)
+    and four conversations at once were no faster (p95 999 ms against 1001 without)."""
+    argv = [
         sys.executable, "-m", "llama_cpp.server", "--model", smollm2_path(), "--model_alias", model_alias,
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
         "--n_threads", str(threads or min(4, os.cpu_count() or 2)),
         # its default (true) cuts a streaming reply whenever another request arrives, so one user's
         # question would end another's answer; false queues concurrent requests instead
         "--interrupt_requests", "false",
-        # keep the state after each request: replies generated in slices interleave conversations,
-        # and without it each slice and each new turn evaluates its whole prompt again (slices.py)
-        "--cache", "true", "--cache_type", "ram", "--cache_size", str(LLM_CACHE_BYTES),
-        # a cached state carries n_batch rows of logits: at 512 (the default) ~80 MB, 250 ms to save
-        # and 450 ms to load; at 64, 12 MB, ~15 ms each, and prompts are evaluated as fast (measured)
-        "--n_batch", "64",
     ]
+    if prompt_cache:
+        argv += [
+            # keep the state after each request: replies generated in slices interleave conversations,
+            # and without it each slice and each new turn evaluates its whole prompt again (slices.py)
+            "--cache", "true", "--cache_type", "ram", "--cache_size", str(LLM_CACHE_BYTES),
+            # a cached state carries n_batch rows of logits: at 512 (the default) ~80 MB, 250 ms to save
+            # and 450 ms to load; at 64, 12 MB, ~15 ms each, and prompts are evaluated as fast (measured)
+            "--n_batch", "64",
+        ]
+    return argv
 
 
 def llm_env() -> dict[str, str]:
