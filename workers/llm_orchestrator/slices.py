@@ -14,18 +14,18 @@ the scheduler's slot:
   confirmed turn's first slice waits) stops at its next token: the upstream response is closed,
   which llama.cpp's server notices at its next token.
 
-With nobody waiting the slices follow each other at once; each costs an HTTP request and, on
-llama.cpp, a state save of the prompt cache (~15 ms, below); the previous slice left its tokens
-in the KV cache.
+With nobody waiting the slices follow each other at once, each costing an HTTP request; the
+previous slice left its tokens in the KV cache.
 
 After another conversation's slice, llama.cpp reuses its KV cache only for the longest common
-prefix with the previous request (the shared system prompt), so without more a continuation, and
-a new turn of a conversation with a long history, evaluates its whole prompt again: measured on
-SmolLM2-135M here, 0.4-3.4 s before the first token with three conversations of four turns
-interleaved. The embedded server therefore runs with its prompt cache on (`--cache`, embedded.py):
-the state after every request that ends by itself (a slice that reached its `max_tokens`, a
-finished reply) is kept and the longest cached prefix is loaded again (0.2-0.4 s in the same
-test). A request stopped for a waiter saves nothing, which is one more reason for short slices.
+prefix with the previous request (the shared system prompt), so a continuation, and a new turn of
+a conversation with a long history, evaluates its whole prompt again: measured on SmolLM2-135M
+here, 0.4-3.4 s before the first token with three conversations of four turns interleaved and
+long first pieces. The server's prompt cache (`--cache`, `embedded.llm_argv(prompt_cache=True)`)
+keeps the state after every request that ends by itself and cut that to 0.2-0.4 s, but once replies
+were speculative and first pieces three words long it no longer paid: it delayed every new
+conversation's first token by ~100 ms and four conversations at once were no faster
+(docs/PERFORMANCE.md), so `voicepipe up` runs without it.
 
 The continued text is the model's own continuation of what was streamed, but not always word for
 word the same as one uninterrupted request at temperature 0: the streamed text is tokenized again
