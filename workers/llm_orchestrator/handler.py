@@ -92,7 +92,6 @@ class ReplyTurn:
     cancelled: bool = False
     # a speculative reply: started on an early transcript, held back until the turn is confirmed
     speculative: bool = False  # not confirmed yet: gateway-bound messages wait in `held`
-    was_speculative: bool = False
     tts_id: str | None = None  # the id TTS knows the reply by (its own for a speculation)
     tts_inbox: str | None = None  # the TTS worker its pieces went to
     held: list[BusMessage] = field(default_factory=list)
@@ -105,6 +104,11 @@ class ReplyTurn:
     def __post_init__(self) -> None:
         if self.tts_id is None:
             self.tts_id = self.turn_id
+
+    @property
+    def started_speculatively(self) -> bool:
+        """Started on an early transcript (confirmed since or not): TTS knows it by an id of its own."""
+        return self.tts_id != self.turn_id
 
     def heard_text(self, heard: float) -> str:
         """The reply's text up to `heard` pieces (a partly sent piece contributes its share of words)."""
@@ -347,7 +351,7 @@ class LlmWorker(Worker):
         await self._discard(conv, "a newer early transcript")  # at most one per conversation
         if not self.settings.speculative_reply or conv.fence.closed or conv.replying or conv.pending or not early.text.strip():
             return
-        turn = ReplyTurn(early.turn_id, early.text, speculative=True, was_speculative=True, tts_id=uuid.uuid4().hex[:16])
+        turn = ReplyTurn(early.turn_id, early.text, speculative=True, tts_id=uuid.uuid4().hex[:16])
         conv.speculation = turn
         turn.generating = True
         turn.task = conv.tasks.spawn(self._reply(conv, turn), name=f"speculation:{turn.turn_id}")
@@ -382,14 +386,22 @@ class LlmWorker(Worker):
         """Discard the conversation's speculation, if any: its stream closed, its held audio dropped
         at TTS, nothing sent or written."""
         turn = conv.speculation
-        if turn is None:
+        if turn is None or not self._let_go(conv, turn):
             return
-        conv.speculation = None
-        turn.cancelled = True
-        turn.fence.close()
         if turn.task is not None:
             await stop_tasks([turn.task])
         await self._forget(conv, turn, why)
+
+    @staticmethod
+    def _let_go(conv: ChatConversation, turn: ReplyTurn) -> bool:
+        """Make `turn` no longer the conversation's speculation, and end it (nothing more of it is
+        sent); False when it was not the speculation any more (confirmed or discarded already)."""
+        if conv.speculation is not turn:
+            return False
+        conv.speculation = None
+        turn.cancelled = True
+        turn.fence.close()
+        return True
 
     async def _forget(self, conv: ChatConversation, turn: ReplyTurn, why: str) -> None:
         self.speculations["wasted"] += 1
@@ -471,10 +483,10 @@ class LlmWorker(Worker):
     def _envelope(conv: ChatConversation, turn: ReplyTurn) -> dict[str, str | None]:
         return {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": turn.turn_id}
 
-    @staticmethod
-    def _tts_envelope(conv: ChatConversation, turn: ReplyTurn) -> dict[str, str | None]:
+    @classmethod
+    def _tts_envelope(cls, conv: ChatConversation, turn: ReplyTurn) -> dict[str, str | None]:
         """The envelope of what goes to TTS: the reply under the id TTS knows it by."""
-        return {"conversation_id": conv.conversation_id, "correlation_id": conv.route.correlation_id, "turn_id": turn.tts_id}
+        return {**cls._envelope(conv, turn), "turn_id": turn.tts_id}
 
     async def _reply(self, conv: ChatConversation, turn: ReplyTurn) -> None:
         try:
@@ -484,9 +496,7 @@ class LlmWorker(Worker):
                 if not turn.speculative:
                     raise
                 log.debug("speculative reply for turn %s failed", turn.turn_id, exc_info=True)
-                if conv.speculation is turn:  # the final transcript gets a reply of its own
-                    conv.speculation = None
-                    turn.cancelled = True
+                if self._let_go(conv, turn):  # the final transcript gets a reply of its own
                     await self._forget(conv, turn, "it failed")
         except RedisError as exc:  # past the command retries; a gateway that lost Redis too ended the turn itself
             log.warning("reply for turn %s lost: Redis is unreachable (%s)", turn.turn_id, exc)
@@ -553,7 +563,7 @@ class LlmWorker(Worker):
                 first_sentence_ms = round((time.perf_counter() - started) * 1000, 1)
             first_seq = len(turn.pieces)
             turn.pieces.extend(pieces)
-            reply_to = turn.turn_id if turn.tts_id != turn.turn_id else None  # a speculation's pieces answer the user's turn
+            reply_to = turn.turn_id if turn.started_speculatively else None  # a speculation's pieces answer the user's turn
             return [
                 (turn.tts_inbox, TtsSpeak(text=piece, seq=first_seq + i, reply_to=reply_to, **tts_envelope))
                 for i, piece in enumerate(pieces)
@@ -612,7 +622,7 @@ class LlmWorker(Worker):
             sentences=len(turn.pieces),
             llm_ms=llm_ms,
             first_sentence_ms=first_sentence_ms,
-            speculative=turn.was_speculative,
+            speculative=turn.started_speculatively,
             **envelope,
         )
         await send(*closing, (gateway, done))
@@ -635,9 +645,6 @@ class LlmWorker(Worker):
             await asyncio.wait_for(turn.confirmed.wait(), SPECULATION_MAX_S)
             return True
         except TimeoutError:
-            if conv.speculation is turn:
-                conv.speculation = None
-                turn.cancelled = True
-                turn.fence.close()
+            if self._let_go(conv, turn):
                 await self._forget(conv, turn, f"not confirmed within {SPECULATION_MAX_S:.0f} s")
             return False
