@@ -12,7 +12,10 @@ it would interrupt it), and all N start together, so their questions and replies
 time. A turn fails when it brings an `error`, no `response.done` within 120 s, an empty reply or no
 reply audio; a client whose turn timed out stops there. Latency is measured as in bench/voice_latency.py: first
 reply audio byte at the client minus the end of the speech sent (client), and the server's
-`speech_end_to_first_audio_ms`; p50 and p95 over the turns that did not fail."""
+`speech_end_to_first_audio_ms`; p50 and p95 over the turns that did not fail. Under each step the
+`--slowest` turns are broken down by their `response.done` metrics and diagnostics: where their
+time went (the end-of-speech wait, transcription, the LLM's first token, the first piece's
+speech) and whether the reply was speculative."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +37,7 @@ QUESTIONS = [line.split("\t")[0] for line in (AUDIO / "questions.tsv").read_text
 class Step:
     def __init__(self) -> None:
         self.client_ms: list[float] = []
+        self.done: list[tuple[float, int, dict]] = []  # (client ms, client, response.done) of each turn
         self.server_ms: list[float] = []
         self.failed: Counter[str] = Counter()
         self.turns = 0
@@ -83,6 +87,7 @@ async def conversation(ws_url: str, first: int, turns: int, step: Step) -> None:
                 step.failed["no reply audio"] += 1
             else:
                 step.client_ms.append((turn.first_audio_at - speech_end) * 1000)
+                step.done.append((step.client_ms[-1], first, turn.done))
                 if "speech_end_to_first_audio_ms" in turn.done["metrics"]:
                     step.server_ms.append(turn.done["metrics"]["speech_end_to_first_audio_ms"])
             # a listener speaks again once the reply has played (speaking over it is a barge-in)
@@ -100,7 +105,32 @@ async def run_step(ws_url: str, clients: int, turns: int) -> Step:
     return step
 
 
-async def run(http_url: str, counts: list[int], turns: int) -> None:
+BREAKDOWN = [  # (column, source, key) of a slow turn's breakdown
+    ("endpoint", "diagnostics", "endpointing_ms"),
+    ("to text", "metrics", "speech_end_to_transcript_ms"),
+    ("stt", "metrics", "stt_ms"),
+    ("to token", "metrics", "transcript_to_first_token_ms"),
+    ("to audio", "metrics", "first_token_to_first_audio_ms"),
+    ("held", "diagnostics", "audio_held_ms"),
+    ("overhead", "diagnostics", "pipeline_overhead_ms"),
+]
+
+
+def print_slowest(step: Step, count: int) -> None:
+    """Where the slowest turns' time went, from their `response.done` (ms; '-' where absent)."""
+    if count <= 0 or not step.done:
+        return
+    print("    slowest: " + " ".join(f"{c:>9}" for c in ["client", "conv", *(name for name, _, _ in BREAKDOWN), "spec"]))
+    for client_ms, who, done in sorted(step.done, key=lambda t: t[0], reverse=True)[:count]:
+        cells = [f"{client_ms:9.0f}", f"{who:9d}"]
+        for _, source, key in BREAKDOWN:
+            value = done.get(source, {}).get(key)
+            cells.append(f"{value:9.0f}" if value is not None else f"{'-':>9}")
+        cells.append(f"{'yes' if done.get('diagnostics', {}).get('speculative') else 'no':>9}")
+        print("             " + " ".join(cells))
+
+
+async def run(http_url: str, counts: list[int], turns: int, slowest: int) -> None:
     ws_url = http_url.replace("http", "ws", 1) + "/v1/ws"
     await run_step(ws_url, 1, 1)  # warm every stage once
     print(f"{'clients':>7} {'turns':>6} {'failed':>6} {'client p50':>11} {'p95':>6} {'server p50':>11} {'p95':>6}  failures")
@@ -112,6 +142,7 @@ async def run(http_url: str, counts: list[int], turns: int) -> None:
             f" {percentile(step.server_ms, 50):11.0f} {percentile(step.server_ms, 95):6.0f}  {dict(step.failed) or '-'}",
             flush=True,
         )
+        print_slowest(step, slowest)
 
 
 def main() -> None:
@@ -119,9 +150,10 @@ def main() -> None:
     parser.add_argument("--url", help="a running stack (default: start `voicepipe up` with embedded defaults)")
     parser.add_argument("--clients", default="1,2,4,6")
     parser.add_argument("--turns", type=int, default=6, help="spoken turns per client at each step")
+    parser.add_argument("--slowest", type=int, default=3, help="turns broken down under each step")
     args = parser.parse_args()
     with running_stack(args.url) as http_url:
-        asyncio.run(run(http_url, [int(n) for n in args.clients.split(",")], args.turns))
+        asyncio.run(run(http_url, [int(n) for n in args.clients.split(",")], args.turns, args.slowest))
 
 
 if __name__ == "__main__":

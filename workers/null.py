@@ -60,7 +60,7 @@ class NullChat:
         self.open_streams = 0
         self.stats: dict[str, int] = {"requests": 0, "retries": 0, "failures": 0, "closed_early": 0, "connects": 0}
 
-    async def stream_chat(self, messages: list[dict[str, str]], *, speculative: object = False) -> AsyncIterator[str]:
+    async def stream_chat(self, messages: list[dict[str, str]], *, confirmed: object = None) -> AsyncIterator[str]:
         self.stats["requests"] += 1
         if self.compute_s:
             async with self._engine:

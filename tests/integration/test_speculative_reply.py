@@ -369,3 +369,25 @@ async def test_tts_drops_a_held_speculation_when_another_reply_begins(redis_url,
         await gw.send(TtsRelease(conversation_id="c", turn_id="s1"))
         await gw.handled_so_far()
         assert len(gw.of("c", TtsAudio)) == before
+
+
+async def test_tts_makes_a_released_speculations_waiting_first_piece_urgent(redis_url, voice):
+    """Released while its first piece still waits for the voice (another conversation's long piece
+    under way): the piece is what its user waits on now, so it goes as urgent work."""
+    settings = make_settings(redis_url)
+    async with driving(settings, lambda client: TtsWorker(settings, client, voice=voice)) as gw:
+        await gw.open("x")
+        await gw.open("c")
+        long_text = " ".join(["The quick brown fox jumps over the lazy dog beside the quiet river."] * 16)
+        await gw.send(TtsSpeak(conversation_id="x", turn_id="r", text=long_text, seq=0))
+        scheduler = gw.worker.scheduler
+        await until(lambda: scheduler.running == "x")
+        await gw.send(TtsSpeak(conversation_id="c", turn_id="s1", reply_to="t", held=True, text="Paris.", seq=0))
+        await gw.send(TtsEnd(conversation_id="c", turn_id="s1", sentences=1))
+        await until(lambda: scheduler.waiting("c") == 1)
+        assert scheduler.running == "x"  # the speculation's piece waits, not urgent: its user is still speaking
+        await gw.send(TtsRelease(conversation_id="c", turn_id="s1"))
+        await until(lambda: gw.of("c", TtsAudioDone))
+        served = [s for s in scheduler.served if s.label == "speak:s1"]
+        assert len(served) == 1 and served[0].urgent  # made urgent by the release before it was dispatched
+        assert [m.turn_id for m in gw.of("c", TtsAudioStarted)] == ["t"]

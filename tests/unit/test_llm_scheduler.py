@@ -95,6 +95,55 @@ async def test_a_waiter_cancelled_in_the_turn_it_was_granted_gives_the_slot_back
     assert s.holding == 0
 
 
+async def test_a_speculation_confirmed_while_it_waits_goes_before_the_continuations():
+    s = GenerationScheduler()
+    holder = await s.acquire(Rank.CONTINUATION, "holder")
+    confirmed = asyncio.Event()
+    order: list[str] = []
+
+    async def take(rank: Rank, label: str, event: asyncio.Event | None = None) -> None:
+        slot = await s.acquire(rank, label, promote_on=event, promoted=Rank.FIRST)
+        order.append(label)
+        s.release(slot)
+
+    tasks = [
+        asyncio.create_task(take(Rank.CONTINUATION, "cont-1")),
+        asyncio.create_task(take(Rank.SPECULATIVE, "spec", confirmed)),
+        asyncio.create_task(take(Rank.CONTINUATION, "cont-2")),
+    ]
+    await until(lambda: s.waiting == 3)
+    assert not s.outranked(holder)  # continuations and a speculation: the holder keeps its slice
+    confirmed.set()  # the speculation's turn is confirmed while it waits
+    await until(lambda: s.outranked(holder))  # now a first slice waits
+    s.release(holder, yielded=True)
+    await asyncio.gather(*tasks)
+    assert order == ["spec", "cont-1", "cont-2"]
+    assert [g.rank for g in s.granted][1] is Rank.FIRST
+    await asyncio.sleep(0)  # the cancelled promotion watchers finish
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_a_speculation_unconfirmed_stays_last_and_its_watcher_goes_with_it():
+    s = GenerationScheduler()
+    holder = await s.acquire(Rank.CONTINUATION, "holder")
+    spec = asyncio.create_task(s.acquire(Rank.SPECULATIVE, "spec", promote_on=asyncio.Event()))
+    cont = asyncio.create_task(s.acquire(Rank.CONTINUATION, "cont"))
+    await until(lambda: s.waiting == 2)
+    s.release(holder)
+    s.release(await cont)  # the continuation first: the speculation was never confirmed
+    s.release(await spec)
+    blocker = await s.acquire(Rank.FIRST, "blocker")
+    gone = asyncio.create_task(s.acquire(Rank.SPECULATIVE, "gone", promote_on=asyncio.Event()))
+    await until(lambda: s.waiting == 1)
+    gone.cancel()  # a speculation discarded while it waits
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    s.release(blocker)
+    await asyncio.sleep(0)
+    assert s.waiting == 0 and s.holding == 0
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
 class FakeCompletions:
     """Stands in for ChatClient: streams `reply` as one-word tokens continuing the prompt's
     assistant text, each token after the test lets it go (`step`), and records every request."""
@@ -202,7 +251,7 @@ async def test_speculative_replies_yield_to_confirmed_ones_at_once():
     events: list[str] = []
 
     async def speculative() -> None:
-        async with contextlib.aclosing(chat.stream_chat(messages("spec"), speculative=True)) as stream:
+        async with contextlib.aclosing(chat.stream_chat(messages("spec"), confirmed=asyncio.Event())) as stream:
             async for delta in stream:
                 events.append(delta.strip())
                 if len(events) == 1:
@@ -217,6 +266,68 @@ async def test_speculative_replies_yield_to_confirmed_ones_at_once():
     await speculative()
     await confirmed_task[0]
     assert events[:4] == ["a0", "r0", "r1", "a1"]  # within its first slice, still it gave way
+
+
+async def consume_with(chat: SlicedChat, user: str, events: list[str], on_token=None, confirmed=None) -> None:
+    """Stream `user`'s reply into `events`, calling `on_token(n)` after its n-th token."""
+    n = 0
+    async with contextlib.aclosing(chat.stream_chat(messages(user), confirmed=confirmed)) as stream:
+        async for delta in stream:
+            events.append(delta.strip())
+            n += 1
+            if on_token is not None:
+                await on_token(n)
+
+
+async def test_a_speculation_confirmed_in_its_first_slice_finishes_it_before_another_first_slice():
+    client = FakeCompletions({"spec": LONG, "new": LONG.replace("a", "n")})
+    chat = SlicedChat(client, first_slice_tokens=5, slice_tokens=0)
+    confirmed = asyncio.Event()
+    events: list[str] = []
+    later: list[asyncio.Task] = []
+
+    async def spec_token(n: int) -> None:
+        if n == 1:
+            confirmed.set()  # its turn is confirmed: it is a first slice now, like the newcomer's
+            later.append(asyncio.create_task(consume_with(chat, "new", events)))
+            await until(lambda: chat.scheduler.waiting == 1)
+
+    await consume_with(chat, "spec", events, spec_token, confirmed)
+    await asyncio.gather(*later)
+    assert events[:8] == ["a0", "a1", "a2", "a3", "a4", "n0", "n1", "n2"]  # not stopped for the newcomer
+    assert chat.scheduler.preemptions == 0  # its first slice ended by itself; its rest waited for the newcomer's
+    assert [(u, asked) for u, _, asked in client.requests][:4] == [("spec", 5), ("new", 5), ("spec", 95), ("new", 95)]
+
+
+async def test_a_speculation_stopped_in_its_first_slice_and_confirmed_goes_before_continuations():
+    """Stopped at its second token for a confirmed turn, it waits as a speculation behind that
+    reply's continuation until its own turn is confirmed: then it goes first, for the rest of
+    its first slice only."""
+    client = FakeCompletions({"spec": LONG, "new": LONG.replace("a", "n")})
+    chat = SlicedChat(client, first_slice_tokens=5, slice_tokens=0)
+    confirmed = asyncio.Event()
+    events: list[str] = []
+    later: list[asyncio.Task] = []
+
+    async def new_token(n: int) -> None:
+        if n == 8:  # well into its continuation
+            confirmed.set()
+
+    async def spec_token(n: int) -> None:
+        if n == 2:
+            later.append(asyncio.create_task(consume_with(chat, "new", events, new_token)))
+            await until(lambda: chat.scheduler.waiting == 1)
+
+    await consume_with(chat, "spec", events, spec_token, confirmed)
+    await asyncio.gather(*later)
+    assert events[:10] == ["a0", "a1", *(f"n{i}" for i in range(8))]
+    # promoted within a few tokens of the confirmation, not after the other reply's end
+    at = events.index("a2")
+    assert events[at : at + 3] == ["a2", "a3", "a4"] and at < events.index("n16")
+    requests = [(u, len(so_far.split()), asked) for u, so_far, asked in client.requests]
+    assert ("spec", 2, 3) in requests  # the rest of its first slice
+    assert sorted(events) == sorted([f"a{i}" for i in range(40)] + [f"n{i}" for i in range(40)])
+    assert chat.scheduler.holding == 0 and chat.scheduler.waiting == 0
 
 
 async def test_closing_a_stream_early_or_cancelling_a_waiting_one_leaves_no_slot_task_or_request():

@@ -579,7 +579,7 @@ class LlmWorker(Worker):
         turn.llm_started = started
         try:
             # a speculation ranks below every confirmed reply where the LLM is scheduled (slices.py)
-            async with contextlib.aclosing(self.chat.stream_chat(messages, speculative=lambda: turn.speculative)) as stream:
+            async with contextlib.aclosing(self.chat.stream_chat(messages, confirmed=turn.confirmed if turn.speculative else None)) as stream:
                 async for delta in stream:
                     try:
                         text = guard.feed(delta)

@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
 import httpx
@@ -157,12 +157,12 @@ class ChatClient:
         self.stats: dict[str, int] = {"requests": 0, "retries": 0, "failures": 0, "closed_early": 0, "connects": 0}
 
     async def stream_chat(
-        self, messages: list[dict[str, str]], *, speculative: bool | Callable[[], bool] = False
+        self, messages: list[dict[str, str]], *, confirmed: asyncio.Event | None = None
     ) -> AsyncIterator[str]:
         """Yield the reply's content deltas; raises LlmFailure. Use under `contextlib.aclosing`.
 
-        `speculative` (a reply started before its turn is confirmed) only matters where replies are
-        scheduled (slices.py); a plain stream goes to the server at once either way."""
+        `confirmed` (set when the turn of a reply started speculatively is confirmed) only matters
+        where replies are scheduled (slices.py); a plain stream goes to the server at once either way."""
         body = {
             "model": self._model,
             "messages": messages,

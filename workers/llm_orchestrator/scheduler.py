@@ -13,7 +13,9 @@ in slices by rank:
 
 A holder whose rank is worse than a waiter's is `outranked`: it stops its upstream request at its
 next token and waits again as a continuation (see slices.py), so the waiter gets the server within
-one token. A first slice is not outranked by another first slice. Between two slices a reply waits
+one token. A first slice is not outranked by another first slice. A speculation confirmed while it
+waits is promoted in the queue at once (`acquire(promote_on=...)`): the turn it answers is now one
+a user waits on, and must not stay behind every continuation. Between two slices a reply waits
 again, behind the waiters of its rank, so long replies take turns instead of the newest one
 finishing while an older one, already playing, waits. Waiters of one rank are served in the order
 they came.
@@ -83,13 +85,36 @@ class GenerationScheduler:
         self.preemptions = 0
 
     # ---- callers
-    async def acquire(self, rank: Rank, label: str = "") -> Slot:
-        """Wait for a slot at `rank`; cancellation (or a timeout around it) leaves the queue."""
+    async def acquire(
+        self,
+        rank: Rank,
+        label: str = "",
+        *,
+        promote_on: asyncio.Event | None = None,
+        promoted: Rank = Rank.FIRST,
+        after: Slot | None = None,
+        yielded: bool = False,
+    ) -> Slot:
+        """Wait for a slot at `rank`, or at `promoted` from the moment `promote_on` is set;
+        cancellation (or a timeout around it) leaves the queue. `after`: the caller's slot for its
+        previous slice, given back (`yielded`: it was outranked) once this request is queued, so
+        the slot goes to the best of the waiters counting this one, never to a worse-ranked one
+        that happened to wait while the caller was between two slices."""
         loop = asyncio.get_running_loop()
         waiter = _Waiter(rank, next(self._seq), label, loop.create_future())
         heapq.heappush(self._waiters, waiter)
+        if after is not None:
+            self.release(after, yielded=yielded)
         self._dispatch()
         try:
+            if promote_on is not None and not waiter.future.done():
+                promotion = asyncio.ensure_future(promote_on.wait())
+                try:
+                    await asyncio.wait((waiter.future, promotion), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    promotion.cancel()
+                if not waiter.future.done() and promoted < waiter.rank:
+                    self._rerank(waiter, promoted)
             return await waiter.future
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
@@ -133,6 +158,12 @@ class GenerationScheduler:
         except ValueError:
             return
         heapq.heapify(self._waiters)
+
+    def _rerank(self, waiter: _Waiter, rank: Rank) -> None:
+        self._forget(waiter)
+        waiter.rank = rank
+        heapq.heappush(self._waiters, waiter)
+        self._dispatch()
 
     def _dispatch(self) -> None:
         while len(self._holders) < self.slots:

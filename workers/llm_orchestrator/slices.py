@@ -42,12 +42,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from shared.config import Settings
 from workers.llm_orchestrator import chatml
 from workers.llm_orchestrator.llm_client import ChatClient, LlmTimeout
-from workers.llm_orchestrator.scheduler import GenerationScheduler, Rank
+from workers.llm_orchestrator.scheduler import GenerationScheduler, Rank, Slot
 
 log = logging.getLogger("voicepipe.llm")
 
@@ -78,29 +78,38 @@ class SlicedChat:
 
     # ---- what the orchestrator calls
     async def stream_chat(
-        self, messages: list[dict[str, str]], *, speculative: bool | Callable[[], bool] = False
+        self, messages: list[dict[str, str]], *, confirmed: asyncio.Event | None = None
     ) -> AsyncIterator[str]:
         """Yield the reply's text deltas; raises LlmFailure. Use under `contextlib.aclosing`.
-        `speculative` may be a callable, asked at every slice: a speculation whose turn is confirmed
-        ranks as a confirmed reply from its next slice on."""
+        `confirmed`: None for a confirmed turn; for a speculation, the event set when its turn is
+        confirmed. Until then the reply ranks below every confirmed one; from then on it ranks as
+        a confirmed reply, in the queue at once and at its next token while it generates."""
         self._replies += 1
         label = f"reply-{self._replies}"
-
-        def still_speculative() -> bool:
-            return speculative() if callable(speculative) else speculative
-
-        rank = Rank.SPECULATIVE if still_speculative() else Rank.FIRST
         budget = self.client.max_tokens
         streamed: list[str] = []
         tokens = 0
-        while tokens < budget:
-            slot = await self._acquire(rank, label)
-            yielded = False
-            finish: str | None = None
-            in_request = 0
-            remaining = budget - tokens
-            asked = min(remaining, self.first_slice_tokens if not streamed else (self.slice_tokens or remaining))
-            try:
+
+        def confirmed_rank() -> Rank:
+            return Rank.FIRST if tokens < self.first_slice_tokens else Rank.CONTINUATION
+
+        def rank_now() -> Rank:
+            return Rank.SPECULATIVE if confirmed is not None and not confirmed.is_set() else confirmed_rank()
+
+        slot: Slot | None = None
+        yielded = False
+        try:
+            while tokens < budget:
+                # the previous slice's slot is given back only once this slice is queued (scheduler.py)
+                slot = await self._acquire(rank_now(), label, confirmed, confirmed_rank(), slot, yielded)
+                yielded = False
+                finish: str | None = None
+                in_request = 0
+                remaining = budget - tokens
+                # the first slice ends where the first piece should; a speculation stopped inside it
+                # and confirmed since asks only for the rest of it (at FIRST rank)
+                first_left = self.first_slice_tokens - tokens
+                asked = min(remaining, first_left if first_left > 0 else (self.slice_tokens or remaining))
                 completion = self.client.stream_completion(chatml.prompt(messages, "".join(streamed)), asked, chatml.STOP)
                 async with contextlib.aclosing(completion) as deltas:
                     async for delta in deltas:
@@ -110,22 +119,30 @@ class SlicedChat:
                             in_request += 1
                             streamed.append(delta.text)
                             yield delta.text
+                        slot.rank = rank_now()  # confirmed meanwhile, or its first slice done
                         if finish is None and self.scheduler.outranked(slot):
                             yielded = True
                             break  # leaving the block closes this request upstream
-            finally:
+                if yielded:
+                    log.debug("%s stopped after %d tokens for another reply", label, tokens)
+                elif finish != "length" or asked >= remaining or not in_request:
+                    return  # the model ended its reply, the budget is spent, or the server closed the stream
+        finally:
+            if slot is not None:
                 self.scheduler.release(slot, yielded=yielded)
-            if yielded:
-                log.debug("%s stopped after %d tokens for another reply", label, tokens)
-            elif finish != "length" or asked >= remaining or not in_request:
-                return  # the model ended its reply, the budget is spent, or the server closed the stream
-            rank = Rank.SPECULATIVE if still_speculative() else Rank.CONTINUATION  # behind the waiting first slices
 
-    async def _acquire(self, rank: Rank, label: str):
-        """The slot, waited for at most the read timeout (as the server's own queue was)."""
+    async def _acquire(
+        self, rank: Rank, label: str, confirmed: asyncio.Event | None, promoted: Rank, previous: Slot | None, yielded: bool
+    ) -> Slot:
+        """The slot, waited for at most the read timeout (as the server's own queue was); a
+        speculation confirmed while it waits goes up to `promoted`; `previous` is given back."""
+        if rank is not Rank.SPECULATIVE:
+            confirmed = None
         try:
             async with asyncio.timeout(self.client.read_timeout_s):
-                return await self.scheduler.acquire(rank, label)
+                return await self.scheduler.acquire(
+                    rank, label, promote_on=confirmed, promoted=promoted, after=previous, yielded=yielded
+                )
         except TimeoutError:
             raise LlmTimeout(f"LLM server did not answer within {self.client.read_timeout_s} s") from None
 

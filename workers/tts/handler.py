@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
-from shared.fair import FairScheduler
+from shared.fair import FairScheduler, Job
 from shared.messages import (
     BusMessage,
     RequestCancel,
@@ -70,6 +70,7 @@ class TurnAudio:
     held_since: float | None = None  # perf_counter() when its first audio was held
     ended: bool = False  # its `TtsAudioDone` is among the held messages
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    synthesis: Job[bytes] | None = None  # the piece being synthesized (made urgent at a release)
 
     @classmethod
     def of(cls, message: TtsSpeak | TtsEnd) -> "TurnAudio":
@@ -297,6 +298,8 @@ class TtsWorker(Worker):
         turn = conv.turns.get(message.turn_id) if conv is not None else None
         if turn is None or turn.held is None:
             return
+        if turn.synthesis is not None and turn.rendered == 0:  # its first piece still waits for the voice:
+            self.scheduler.promote(turn.synthesis)  # its user is waiting on it now
         gateway = conv.route.inbox(GATEWAY, self.names)
         first = True
         while turn.held:
@@ -419,7 +422,11 @@ class TtsWorker(Worker):
                 # (a speculation's, whose user has not finished, never goes before anyone)
                 urgent = item.seq == 0 and turn.held is None
                 synthesis = self.scheduler.submit(conv.conversation_id, speak, f"speak:{item.turn_id}", urgent=urgent)
-                pcm = await synthesis
+                turn.synthesis = synthesis
+                try:
+                    pcm = await synthesis
+                finally:
+                    turn.synthesis = None
                 conv.guard(item.turn_id)
                 ms = synthesis.run_ms or 0.0
                 turn.tts_ms += ms
