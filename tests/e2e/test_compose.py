@@ -135,6 +135,7 @@ EXTERNAL_LLM = {
     "VOICEPIPE_LLM_BASE_URL": "http://host.docker.internal:11434/v1",
     "VOICEPIPE_LLM_MODEL": "llama3.2",
     "VOICEPIPE_SCALE_LLM_SERVER": "0",
+    "VOICEPIPE_LLM_SCHEDULING": "false",
 }
 
 
@@ -181,8 +182,9 @@ def test_docker_compose_up_starts_everything_a_turn_needs():
         assert urlsplit(env["VOICEPIPE_REDIS_URL"]).hostname == "redis"
         assert env["VOICEPIPE_LLM_BASE_URL"] == services["gateway"]["environment"]["VOICEPIPE_LLM_BASE_URL"]
         assert services[name]["depends_on"]["redis"] == {"condition": "service_healthy"}
-    # the orchestrator starts only once the LLM server answers
+    # the orchestrator starts only once the LLM server answers, and shares it out in slices
     assert services["llm_orchestrator"]["depends_on"]["llm"] == {"condition": "service_healthy"}
+    assert services["llm_orchestrator"]["environment"]["VOICEPIPE_LLM_SCHEDULING"] == "true"
     probe = " ".join(services["llm"]["healthcheck"]["test"])
     assert "127.0.0.1:8080/v1/models" in probe
 
@@ -194,6 +196,7 @@ def test_the_llm_is_switchable_to_any_openai_compatible_server():
     orchestrator = services["llm_orchestrator"]
     assert orchestrator["environment"]["VOICEPIPE_LLM_BASE_URL"] == "http://host.docker.internal:11434/v1"
     assert orchestrator["environment"]["VOICEPIPE_LLM_MODEL"] == "llama3.2"
+    assert orchestrator["environment"]["VOICEPIPE_LLM_SCHEDULING"] == "false"  # slices are for the bundled server
     assert "host.docker.internal:host-gateway" in orchestrator["extra_hosts"]
 
 

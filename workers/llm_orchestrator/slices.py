@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from shared.config import Settings
@@ -101,7 +102,11 @@ class SlicedChat:
         try:
             while tokens < budget:
                 # the previous slice's slot is given back only once this slice is queued (scheduler.py)
-                slot = await self._acquire(rank_now(), label, confirmed, confirmed_rank(), slot, yielded)
+                asked_at = time.perf_counter()
+                rank = rank_now()
+                slot = await self._acquire(rank, label, confirmed, confirmed_rank(), slot, yielded)
+                granted_at = time.perf_counter()
+                first_at: float | None = None
                 yielded = False
                 finish: str | None = None
                 in_request = 0
@@ -115,6 +120,7 @@ class SlicedChat:
                     async for delta in deltas:
                         finish = delta.finish_reason or finish
                         if delta.text:
+                            first_at = first_at or time.perf_counter()
                             tokens += 1  # llama.cpp's server streams one token a chunk
                             in_request += 1
                             streamed.append(delta.text)
@@ -123,9 +129,13 @@ class SlicedChat:
                         if finish is None and self.scheduler.outranked(slot):
                             yielded = True
                             break  # leaving the block closes this request upstream
-                if yielded:
-                    log.debug("%s stopped after %d tokens for another reply", label, tokens)
-                elif finish != "length" or asked >= remaining or not in_request:
+                log.debug(
+                    "%s slice %s: waited %.0f ms, first token after %.0f ms, %d tokens in %.0f ms%s",
+                    label, rank.name, (granted_at - asked_at) * 1000,
+                    ((first_at or granted_at) - granted_at) * 1000, in_request,
+                    (time.perf_counter() - granted_at) * 1000, ", stopped for another reply" if yielded else "",
+                )
+                if not yielded and (finish != "length" or asked >= remaining or not in_request):
                     return  # the model ended its reply, the budget is spent, or the server closed the stream
         finally:
             if slot is not None:

