@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     # replies' rest (workers/llm_orchestrator/slices.py). For a server that generates one request at a
     # time with a ChatML model (the embedded llama.cpp server, which `voicepipe up` turns this on for)
     llm_scheduling: bool = False
-    llm_first_slice_tokens: int = Field(default=16, ge=1)  # a turn's first slice (ranked first): about its first TTS piece
+    llm_first_slice_tokens: int = Field(default=8, ge=1)  # a turn's first slice (ranked first): about its first TTS piece (3 words)
     llm_slice_tokens: int = Field(default=32, ge=0)  # each later slice (0: the rest of the reply in one)
     system_prompt: str = (
         "You are a helpful voice assistant. Answer in one or two short spoken sentences, "

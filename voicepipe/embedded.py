@@ -67,7 +67,10 @@ def llm_argv(port: int, model_alias: str = "smollm2", threads: int | None = None
     Measured in the whole pipeline (docs/PERFORMANCE.md, "Concurrent spoken conversations"), it
     did not pay once replies were speculative and their first pieces short: with it, the first
     reply of a new conversation came about 100 ms later (541–551 ms against 418–448 at the median)
-    and four conversations at once were no faster (p95 999 ms against 1001 without)."""
+    and four conversations at once were no faster (p95 999 ms against 1001 without). With six
+    turns per conversation it does pay at four conversations (p95 1.3–1.5 s against 2.7–3.8 s,
+    with `threads=1`), but a single conversation's reply then comes 200 ms later (816 against
+    603 ms), so it stays off by default (docs/PERFORMANCE.md, "Four conversations on a slower day")."""
     argv = [
         sys.executable, "-m", "llama_cpp.server", "--model", smollm2_path(), "--model_alias", model_alias,
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",

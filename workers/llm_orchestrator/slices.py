@@ -25,7 +25,11 @@ long first pieces. The server's prompt cache (`--cache`, `embedded.llm_argv(prom
 keeps the state after every request that ends by itself and cut that to 0.2-0.4 s, but once replies
 were speculative and first pieces three words long it no longer paid: it delayed every new
 conversation's first token by ~100 ms and four conversations at once were no faster
-(docs/PERFORMANCE.md), so `voicepipe up` runs without it.
+(docs/PERFORMANCE.md), so `voicepipe up` runs without it. Measured again with six turns per
+conversation, where re-evaluation is most of the server's work, the cache (with a one-thread
+server) holds four conversations at p95 1.3-1.5 s, but a single conversation's reply comes 200 ms
+later: restoring a saved state copies it, with stalls of 300-450 ms. Keeping every
+conversation's KV state without copies (several sequences in one context) is what would serve both.
 
 The continued text is the model's own continuation of what was streamed, but not always word for
 word the same as one uninterrupted request at temperature 0: the streamed text is tokenized again
@@ -68,7 +72,7 @@ class SlicedChat:
         client: ChatClient,
         scheduler: GenerationScheduler | None = None,
         *,
-        first_slice_tokens: int = 16,
+        first_slice_tokens: int = 8,
         slice_tokens: int = 32,
     ) -> None:
         self.client = client

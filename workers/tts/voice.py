@@ -6,9 +6,9 @@ tests that share one voice between several workers).
 
 The ONNX session is built here rather than by `PiperVoice.load` for one option: onnxruntime's
 worker threads spin between operators by default, so a synthesis keeps every core busy even
-where it waits, and the LLM server and whisper on the same cores slowed to a crawl while piper
-spoke a long reply (SmolLM2's first token 0.4-1.7 s instead of 0.1 s, docs/PERFORMANCE.md). With
-spinning off they sleep instead; piper alone is as fast either way (measured)."""
+where it waits, and the LLM server on the same cores slowed to a crawl while piper spoke
+(SmolLM2's first token 0.4-1.7 s instead of 0.1 s; 0.22-0.29 s with spinning off, docs/PERFORMANCE.md).
+With spinning off the threads sleep instead; piper alone is as fast either way (measured)."""
 from __future__ import annotations
 
 import json
