@@ -9,10 +9,6 @@ import tempfile
 from pathlib import Path
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# the embedded server's prompt cache, counted in KV state (~20 KB a token on SmolLM2-135M; each
-# state also holds 12 MB of logits not counted here): a few dozen states, least recently used
-# ones go first
-LLM_CACHE_BYTES = 256 << 20
 
 
 def free_port() -> int:
@@ -59,41 +55,25 @@ def smollm2_path() -> str:
     return str(path)
 
 
-def llm_argv(port: int, model_alias: str = "smollm2", threads: int | None = None, prompt_cache: bool = False) -> list[str]:
-    """llama-cpp-python's OpenAI-compatible server with the SmolLM2 weights.
+def llm_argv(port: int, model_alias: str = "smollm2", threads: int | None = None) -> list[str]:
+    """voicepipe's own OpenAI-compatible server (voicepipe/llm_server) with the SmolLM2 weights:
+    one KV sequence per conversation, every request in flight advanced in one batch.
 
-    `prompt_cache` (off for `voicepipe up`) keeps the state after each request, so slices of
-    replies in different conversations (LLM_SCHEDULING) need not evaluate their prompts again.
-    Measured in the whole pipeline (docs/PERFORMANCE.md, "Concurrent spoken conversations"), it
-    did not pay once replies were speculative and their first pieces short: with it, the first
-    reply of a new conversation came about 100 ms later (541–551 ms against 418–448 at the median)
-    and four conversations at once were no faster (p95 999 ms against 1001 without). With six
-    turns per conversation it does pay at four conversations (p95 1.3–1.5 s against 2.7–3.8 s,
-    with `threads=1`), but a single conversation's reply then comes 200 ms later (816 against
-    603 ms), so it stays off by default (docs/PERFORMANCE.md, "Four conversations on a slower day")."""
-    argv = [
-        sys.executable, "-m", "llama_cpp.server", "--model", smollm2_path(), "--model_alias", model_alias,
-        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-        "--n_threads", str(threads or min(4, os.cpu_count() or 2)),
-        # its default (true) cuts a streaming reply whenever another request arrives, so one user's
-        # question would end another's answer; false queues concurrent requests instead
-        "--interrupt_requests", "false",
+    llama-cpp-python's server, used before, keeps one KV cache: with several conversations taking
+    turns, every request evaluated its whole prompt again (seconds by the fifth turn at four
+    conversations), and its prompt cache, which copies states in and out, delayed a single
+    conversation's reply by 200 ms (docs/PERFORMANCE.md, "Four conversations on a slower day")."""
+    return [
+        sys.executable, "-m", "voicepipe.llm_server", "--model", smollm2_path(), "--alias", model_alias,
+        "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads or min(4, os.cpu_count() or 2)),
     ]
-    if prompt_cache:
-        argv += [
-            # keep the state after each request: replies generated in slices interleave conversations,
-            # and without it each slice and each new turn evaluates its whole prompt again (slices.py)
-            "--cache", "true", "--cache_type", "ram", "--cache_size", str(LLM_CACHE_BYTES),
-            # a cached state carries n_batch rows of logits: at 512 (the default) ~80 MB, 250 ms to save
-            # and 450 ms to load; at 64, 12 MB, ~15 ms each, and prompts are evaluated as fast (measured)
-            "--n_batch", "64",
-        ]
-    return argv
 
 
 def llm_env() -> dict[str, str]:
-    """Settings for the orchestrators in front of the embedded server: it generates one request at
-    a time and SmolLM2 speaks ChatML, so replies are scheduled in slices (workers/llm_orchestrator/slices.py)."""
+    """Settings for the orchestrators in front of the embedded server: on a few CPU cores concurrent
+    requests slow each other (a batch of four tokens costs nearly four times one), and SmolLM2
+    speaks ChatML, so replies are scheduled in slices (workers/llm_orchestrator/slices.py), a new
+    turn's first slice before other replies' continuations."""
     return {"VOICEPIPE_LLM_SCHEDULING": "true"}
 
 

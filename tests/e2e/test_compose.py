@@ -220,9 +220,9 @@ class _Exec(Exception):
     pass
 
 
-def test_llm_service_command_is_the_embedded_llama_cpp_server(monkeypatch):
-    """The llm service's command, run up to its exec (which is caught): llama-cpp-python's
-    OpenAI-compatible server with the SmolLM2 weights, on every interface, on the port the
+def test_llm_service_command_is_the_embedded_llm_server(monkeypatch):
+    """The llm service's command, run up to its exec (which is caught): voicepipe's
+    OpenAI-compatible LLM server with the SmolLM2 weights, on every interface, on the port the
     default VOICEPIPE_LLM_BASE_URL and the healthcheck use."""
     service = load_compose()["services"]["llm"]
     command = service["command"]
@@ -238,15 +238,15 @@ def test_llm_service_command_is_the_embedded_llama_cpp_server(monkeypatch):
     with pytest.raises(_Exec):
         exec(compile(command[2], "<llm command>", "exec"), {"__name__": "__main__"})
     argv = seen[0]
-    assert argv[0] == sys.executable and argv[1:3] == ["-m", "llama_cpp.server"]
+    assert argv[0] == sys.executable and argv[1:3] == ["-m", "voicepipe.llm_server"]
     options = dict(zip(argv[3::2], argv[4::2]))
     assert options["--host"] == "0.0.0.0"
     assert options["--port"] == "8080"
-    assert options["--model_alias"] == load_compose()["services"]["llm_orchestrator"]["environment"]["VOICEPIPE_LLM_MODEL"]
+    assert options["--alias"] == load_compose()["services"]["llm_orchestrator"]["environment"]["VOICEPIPE_LLM_MODEL"]
     assert Path(options["--model"]).is_file()
     import importlib.util
 
-    assert importlib.util.find_spec("llama_cpp.server") is not None
+    assert importlib.util.find_spec("voicepipe.llm_server") is not None
 
 
 def test_dockerfile_builds_dependencies_before_the_source_and_runs_without_compilers():
@@ -477,7 +477,7 @@ def test_llm_service_command_serves_the_model_its_healthcheck_probes(tmp_path):
                 assert time.monotonic() < deadline, (tmp_path / "llm.log").read_text()[-3000:]
                 time.sleep(0.5)
             tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-            assert any("llama_cpp.server" in " ".join(p.cmdline()) for p in tree)
+            assert any("voicepipe.llm_server" in " ".join(p.cmdline()) for p in tree)
             answer = httpx.post(
                 f"http://127.0.0.1:{port}/v1/chat/completions",
                 json={"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "Say hello."}]},

@@ -128,7 +128,7 @@ def test_up_fully_embedded_answers_a_spoken_question(tmp_path):
         up.wait_ready(240)
         children = up.descendants()
         names = " ".join(" ".join(p.cmdline()) for p in children)
-        assert "redis-server" in names and "llama_cpp.server" in names
+        assert "redis-server" in names and "voicepipe.llm_server" in names
 
         async def speak():
             async with VoiceClient(f"ws://127.0.0.1:{up.port}/v1/ws") as client:
@@ -155,7 +155,7 @@ def test_up_fully_embedded_answers_a_spoken_question(tmp_path):
     run_dir = Path(re.search(r"the embedded services to (\S+)", after).group(1))
     assert (run_dir / "redis.log").exists()
     llm_log = (run_dir / "llm-server.log").read_text()
-    assert "llama_model_loader" in llm_log or "load_tensors" in llm_log  # llama.cpp's loading output went here
+    assert "voicepipe.llm_server serving" in llm_log  # the LLM server's own output went here
 
 
 def test_sigterm_with_50_open_sockets_cleans_everything_and_says_so(redis_url, tmp_path):

@@ -62,7 +62,7 @@ def test_up_with_a_worker_that_cannot_load_its_model_exits_with_its_last_lines(r
 
 
 def test_embedded_llm_server_lets_two_concurrent_streams_finish(tmp_path):
-    """With interrupt_requests off, a second request queues behind the first instead of cutting it."""
+    """A second request arriving while the first streams is served beside it, neither cut."""
     port = free_port()
     argv = embedded.llm_argv(port, threads=2)
     with open(tmp_path / "llm.log", "wb") as log_file:

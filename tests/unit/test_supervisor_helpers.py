@@ -43,11 +43,12 @@ def test_tail_lines_reads_the_end_of_a_file(tmp_path):
     assert tail_lines(path, 0) == []
 
 
-def test_llm_server_argv_queues_concurrent_requests_instead_of_interrupting():
+def test_llm_server_argv_is_voicepipes_own_server_on_the_bundled_weights():
     argv = embedded.llm_argv(12345, "smollm2", threads=2)
-    i = argv.index("--interrupt_requests")
-    assert argv[i + 1] == "false"  # llama_cpp.server parses this with its boolean argument parser
-    assert argv[argv.index("--port") + 1] == "12345"
+    assert argv[1:3] == ["-m", "voicepipe.llm_server"]
+    options = dict(zip(argv[3::2], argv[4::2]))
+    assert options["--port"] == "12345" and options["--alias"] == "smollm2" and options["--threads"] == "2"
+    assert options["--model"] == embedded.smollm2_path()
 
 
 def test_run_dir_is_new_and_under_xdg_runtime_dir_when_writable(tmp_path, monkeypatch):

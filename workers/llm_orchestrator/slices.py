@@ -1,4 +1,4 @@
-"""A reply generated in slices through the scheduler (scheduler.py), for a one-at-a-time server.
+"""A reply generated in slices through the scheduler (scheduler.py), first pieces before the rest.
 
 `SlicedChat.stream_chat(messages)` is the orchestrator's usual call (an async iterator of text
 deltas; leaving it early closes the upstream request), but underneath a reply is a series of
@@ -12,30 +12,27 @@ the scheduler's slot:
   before all of them;
 - a request whose rank is beaten by a waiter (a continuation, or speculative work, when a
   confirmed turn's first slice waits) stops at its next token: the upstream response is closed,
-  which llama.cpp's server notices at its next token.
+  which the server notices at its next token.
 
 With nobody waiting the slices follow each other at once, each costing an HTTP request; the
 previous slice left its tokens in the KV cache.
 
-After another conversation's slice, llama.cpp reuses its KV cache only for the longest common
-prefix with the previous request (the shared system prompt), so a continuation, and a new turn of
-a conversation with a long history, evaluates its whole prompt again: measured on SmolLM2-135M
-here, 0.4-3.4 s before the first token with three conversations of four turns interleaved and
-long first pieces. The server's prompt cache (`--cache`, `embedded.llm_argv(prompt_cache=True)`)
-keeps the state after every request that ends by itself and cut that to 0.2-0.4 s, but once replies
-were speculative and first pieces three words long it no longer paid: it delayed every new
-conversation's first token by ~100 ms and four conversations at once were no faster
-(docs/PERFORMANCE.md), so `voicepipe up` runs without it. Measured again with six turns per
-conversation, where re-evaluation is most of the server's work, the cache (with a one-thread
-server) holds four conversations at p95 1.3-1.5 s, but a single conversation's reply comes 200 ms
-later: restoring a saved state copies it, with stalls of 300-450 ms. Keeping every
-conversation's KV state without copies (several sequences in one context) is what would serve both.
+Slices are cheap on the embedded server (voicepipe/llm_server): it keeps each conversation's KV
+sequence, so a continuation evaluates only the tokens after its previous slice, and a new turn only
+its new messages, whatever other conversations ran in between. On a server with one KV cache
+(llama-cpp-python's, used before) each of them evaluated its whole prompt again after another
+conversation's slice: 1.8-3.7 s before the first token at four conversations of six turns
+(docs/PERFORMANCE.md). Why slices at all when that server batches: on a few CPU cores a batch of
+four tokens costs nearly four times one (measured: 7.8 ms a step for one sequence, 23 ms for
+four), so generating everything at once delays each new turn's first piece by every other reply
+under way; one at a time, the first piece goes first.
 
 The continued text is the model's own continuation of what was streamed, but not always word for
 word the same as one uninterrupted request at temperature 0: the streamed text is tokenized again
 (to the same tokens, checked) and evaluated as a batch, whose floating-point results may tip a
 close choice. Whether the server supports this is not detected: the chat template cannot be read
-through the OpenAI API, and a server that batches would only be slowed by one-at-a-time slices.
+through the OpenAI API, and a server on many cores or a GPU, where a batch costs little more than
+one request, would only be slowed by one-at-a-time slices.
 
 This needs the completions endpoint and the model's chat template on the client, so it is a
 setting (`LLM_SCHEDULING`) that `voicepipe up` turns on for its embedded SmolLM2 server; a generic
