@@ -2,7 +2,7 @@
 on the bundled SmolLM2, with the orchestrator's system prompt and ChatML completions at
 temperature 0, as the orchestrator sends them.
 
-    python -m bench.llm_server [--conversations 4] [--turns 6] [--tokens 24]
+    python -m bench.llm_server [--conversations 4] [--turns 6] [--tokens 24] [--env OMP_WAIT_POLICY=PASSIVE]
 
 Three loads, each on a fresh server, one server at a time:
 - alone: one conversation, turn after turn;
@@ -10,7 +10,8 @@ Three loads, each on a fresh server, one server at a time:
   go to a one-at-a-time server): each turn follows another conversation's;
 - at once: every conversation's turns in parallel (each conversation's turns in order).
 Printed per load: time to first token (p50 / p95 / max), the time per generated token after the
-first, prompt tokens evaluated (not found in a cache) and the wall time of the load.
+first, prompt tokens evaluated (not found in a cache), the wall time of the load and the CPU time
+the server used for it (its threads, busy or waiting on a spin).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import psutil
 
 from bench.stack import percentile
 from shared.config import Settings
@@ -54,6 +56,7 @@ class Load:
     per_token_ms: list[float] = field(default_factory=list)
     evaluated: int = 0
     wall_s: float = 0.0
+    cpu_s: float = 0.0
 
 
 async def turn(client: httpx.AsyncClient, messages: list[dict[str, str]], tokens: int, load: Load) -> str:
@@ -115,9 +118,9 @@ async def run_load(base: str, kind: str, conversations: int, turns: int, tokens:
     return load
 
 
-def serve(argv: list[str], port: int) -> subprocess.Popen[bytes]:
+def serve(argv: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     log = tempfile.NamedTemporaryFile(prefix="voicepipe-bench-llm-", suffix=".log", delete=False)
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
     deadline = time.monotonic() + 120
     while True:
         if process.poll() is not None or time.monotonic() > deadline:
@@ -135,28 +138,37 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=24, help="tokens per reply (about a spoken sentence)")
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 2))
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="also run voicepipe's server with this environment variable (repeatable, one variant each)")
     args = parser.parse_args()
     system = Settings(_env_file=None).system_prompt
     servers = {
-        "llama-cpp-python": lambda port: llama_cpp_argv(port, args.threads),
-        "voicepipe": lambda port: embedded.llm_argv(port, threads=args.threads),
+        "llama-cpp-python": (lambda port: llama_cpp_argv(port, args.threads), {}),
+        "voicepipe": (lambda port: embedded.llm_argv(port, threads=args.threads), {}),
     }
-    print(f"{'server':18} {'load':13} {'ttft p50':>9} {'p95':>6} {'max':>6} {'ms/token':>9} {'evaluated':>10} {'wall s':>7}")
+    for assignment in args.env:
+        key, _, value = assignment.partition("=")
+        servers[f"voicepipe {key}={value}"] = (servers["voicepipe"][0], {key: value})
+    print(f"{'server':28} {'load':13} {'ttft p50':>9} {'p95':>6} {'max':>6} {'ms/token':>9} {'evaluated':>10} {'wall s':>7} {'cpu s':>6}")
     for kind in ("alone", "taking turns", "at once"):
-        for name, argv in servers.items():
+        for name, (argv, env) in servers.items():
             port = embedded.free_port()
-            process = serve(argv(port), port)
+            process = serve(argv(port), port, env)
             try:
                 base = f"http://127.0.0.1:{port}"
                 asyncio.run(run_load(base, "alone", 1, 1, 4, system))  # warm-up
+                server = psutil.Process(process.pid)
+                before = sum(server.cpu_times()[:2])
                 load = asyncio.run(run_load(base, kind, args.conversations, args.turns, args.tokens, system))
+                load.cpu_s = sum(server.cpu_times()[:2]) - before
             finally:
                 process.terminate()
                 process.wait(30)
             t = load.ttft_ms
             print(
-                f"{name:18} {kind:13} {percentile(t, 50):9.0f} {percentile(t, 95):6.0f} {max(t):6.0f} "
-                f"{percentile(load.per_token_ms, 50):9.1f} {load.evaluated if load.evaluated else '-':>10} {load.wall_s:7.1f}",
+                f"{name:28} {kind:13} {percentile(t, 50):9.0f} {percentile(t, 95):6.0f} {max(t):6.0f} "
+                f"{percentile(load.per_token_ms, 50):9.1f} {load.evaluated if load.evaluated else '-':>10} {load.wall_s:7.1f} "
+                f"{load.cpu_s:6.1f}",
                 flush=True,
             )
 

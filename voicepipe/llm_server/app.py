@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from pydantic import BaseModel, ConfigDict, Field
 
-from voicepipe.llm_server.engine import Delta, Engine, PromptTooLong, Request, Sampling
+from voicepipe.llm_server.engine import Delta, Engine, PromptRejected, Request, Sampling
 
 
 class _Generation(BaseModel):
@@ -134,7 +134,7 @@ def create_app(engine: Engine, alias: str, *, max_waiting: int = 64) -> FastAPI:
             return _whole(body, request, [Delta("", "length")], chat)
         try:
             engine.submit(request)
-        except PromptTooLong as exc:
+        except PromptRejected as exc:
             return _error(400, str(exc))
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))

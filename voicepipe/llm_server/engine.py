@@ -37,8 +37,8 @@ log = logging.getLogger("voicepipe.llm_server")
 PENALTY_LAST_N = 64  # as llama-cpp-python's server: the repeat penalty looks at the last 64 tokens
 
 
-class PromptTooLong(ValueError):
-    """The prompt does not fit a sequence's context."""
+class PromptRejected(ValueError):
+    """The prompt is empty or does not fit a sequence's context."""
 
 
 @dataclass(frozen=True)
@@ -164,11 +164,11 @@ class Engine:
         return self.model.token_to_piece(token, special=True).rstrip(b"\0").decode("utf-8", "replace")
 
     def submit(self, request: Request) -> None:
-        """Queue a request (PromptTooLong when it cannot fit); its deltas arrive on request.events."""
+        """Queue a request (PromptRejected when it cannot fit); its deltas arrive on request.events."""
         if not request.prompt:
-            raise PromptTooLong("the prompt is empty")
+            raise PromptRejected("the prompt is empty")
         if len(request.prompt) >= self.ctx_per_sequence:
-            raise PromptTooLong(
+            raise PromptRejected(
                 f"the prompt is {len(request.prompt)} tokens; this server's context holds {self.ctx_per_sequence - 1}"
             )
         request.loop = asyncio.get_running_loop()

@@ -171,7 +171,7 @@ class VadSttWorker(Worker):
                 beam_size=s.stt_beam_size,
                 window_s=s.stt_window_s,
                 nice=s.inference_nice,
-                idle=s.inference_idle,
+                idle=False,  # on every turn's critical path: nice, not SCHED_IDLE (shared/priority.py)
             )
             await asyncio.to_thread(self.transcriber.warm_up)
 
