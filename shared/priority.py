@@ -21,8 +21,9 @@ OpenMP libraries (llama.cpp, CTranslate2 under whisper) are made to wait passive
 (`passive_openmp_waits`): GNU OpenMP's threads spin at every barrier while they wait for each
 other, and with the cores shared by three models the partner a thread waits for is often not
 running, so the spin burns the time others need. Measured: the LLM server used 58-87 s of CPU
-instead of 136-170 s for the same four conversations, and single-conversation replies came
-sooner, since piper no longer shares its cores with a spinning LLM."""
+instead of 136-170 s for the same four conversations, and a single conversation's replies came
+sooner than with spinning waits, since piper no longer shares its cores with a spinning LLM
+(docs/PERFORMANCE.md, "One KV sequence per conversation")."""
 from __future__ import annotations
 
 import logging
