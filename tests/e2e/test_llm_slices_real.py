@@ -1,4 +1,4 @@
-"""Replies in slices against the real embedded llama.cpp server (SmolLM2) at temperature 0: the
+"""Replies in slices against the real embedded LLM server (SmolLM2) at temperature 0: the
 client-side ChatML prompt is the model's own chat template, and a reply cut and continued while
 another conversation's reply takes the server goes on from where it stopped.
 
@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
-import time
 
-import httpx
 import pytest
 
-from voicepipe import embedded
-from voicepipe.embedded import free_port
+from tests.support.llm_server import llm_server
 from workers.llm_orchestrator.llm_client import ChatClient
 from workers.llm_orchestrator.scheduler import GenerationScheduler
 from workers.llm_orchestrator.slices import SlicedChat
@@ -30,26 +26,8 @@ def conversation(question: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def llm_base_url(tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("llm") / "llm.log"
-    with open(log_path, "wb") as log_file:
-        server = subprocess.Popen(embedded.llm_argv(port, threads=2), stdout=log_file, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the embedded LLM server did not start"
-            time.sleep(0.2)
-        yield base
-    finally:
-        server.terminate()
-        server.wait(10)
+    with llm_server(tmp_path_factory.mktemp("llm") / "llm.log") as root:
+        yield f"{root}/v1"
 
 
 async def reply(chat, question: str) -> str:

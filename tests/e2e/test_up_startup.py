@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.e2e.test_processes import VOICEPIPE, stack_env
-from voicepipe import embedded
+from tests.support.llm_server import llm_server
 from voicepipe.embedded import free_port
 
 pytestmark = pytest.mark.e2e
@@ -63,22 +63,8 @@ def test_up_with_a_worker_that_cannot_load_its_model_exits_with_its_last_lines(r
 
 def test_embedded_llm_server_lets_two_concurrent_streams_finish(tmp_path):
     """A second request arriving while the first streams is served beside it, neither cut."""
-    port = free_port()
-    argv = embedded.llm_argv(port, threads=2)
-    with open(tmp_path / "llm.log", "wb") as log_file:
-        server = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, (tmp_path / "llm.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the embedded LLM server did not start"
-            time.sleep(0.2)
+    with llm_server(tmp_path / "llm.log") as root:
+        base = f"{root}/v1"
 
         async def stream(client: httpx.AsyncClient, question: str) -> tuple[str, str]:
             body = {
@@ -109,6 +95,4 @@ def test_embedded_llm_server_lets_two_concurrent_streams_finish(tmp_path):
         (text1, last1), (text2, last2) = asyncio.run(both())
         assert last1 == "[DONE]" and last2 == "[DONE]"
         assert text1.strip() and text2.strip()
-    finally:
-        server.terminate()
-        server.wait(10)
+

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from voicepipe.embedded import free_port
+from tests.support.llm_server import llm_server
 
 SYSTEM = "You are a helpful voice assistant. Answer in one or two short spoken sentences."
 COUNTING = "<|im_start|>user\nCount from one to one hundred in digits, separated by commas.<|im_end|>\n<|im_start|>assistant\n1, 2, 3,"
@@ -22,28 +20,8 @@ COUNTING = "<|im_start|>user\nCount from one to one hundred in digits, separated
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("llm") / "llm.log"
-    argv = [sys.executable, "-m", "voicepipe.llm_server", "--port", str(port), "--threads", "2", "--sequences", "3", "--ctx", "512"]
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/v1/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the LLM server did not start"
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        # uvicorn stops gracefully on SIGTERM, then raises the signal again: killed by it, cleanly
-        assert proc.wait(15) in (0, -15), log_path.read_text()[-3000:]
+    with llm_server(tmp_path_factory.mktemp("llm") / "llm.log", "--sequences", "3", "--ctx", "512") as root:
+        yield root
 
 
 @pytest.fixture
