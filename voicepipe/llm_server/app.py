@@ -25,17 +25,19 @@ from voicepipe.llm_server.engine import Delta, Engine, PromptRejected, Request, 
 
 
 class _Generation(BaseModel):
+    """The generation fields both endpoints take; sampling defaults are the engine's (Sampling)."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=0)
-    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.95, ge=0.0, le=1.0)
-    top_k: int = Field(default=40, ge=0)
-    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(default=1.1, ge=0.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    temperature: float = Field(default=Sampling.temperature, ge=0.0, le=2.0)
+    top_p: float = Field(default=Sampling.top_p, ge=0.0, le=1.0)
+    top_k: int = Field(default=Sampling.top_k, ge=0)
+    min_p: float = Field(default=Sampling.min_p, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(default=Sampling.repeat_penalty, ge=0.0)
+    frequency_penalty: float = Field(default=Sampling.frequency_penalty, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=Sampling.presence_penalty, ge=-2.0, le=2.0)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
