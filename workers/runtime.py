@@ -207,6 +207,14 @@ class Worker(abc.ABC):
     def drain_requested(self) -> bool:
         return self._drain_requested.is_set()
 
+    async def wait_unless_draining(self, seconds: float) -> None:
+        """Sleep `seconds`, or less if a drain is requested (a draining worker finishes its turns
+        as fast as it can)."""
+        try:
+            await asyncio.wait_for(self._drain_requested.wait(), seconds)
+        except TimeoutError:
+            pass
+
     async def _drain_when_requested(self, tasks: list[asyncio.Task]) -> None:
         await self._drain_requested.wait()
         try:

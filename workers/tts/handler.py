@@ -13,7 +13,14 @@ id of its own and sent as the user's turn's. While the turn is not confirmed (`T
 first piece is rendered at once and its audio held here, and nothing more is rendered until
 `TtsRelease` sends the held audio (then the rest as usual), or a `TtsStop` of its id drops it. A held reply never blocks the queue for long: a piece of any other turn
 drops it (the orchestrator starts another reply only once the speculation is over), and so does
-`SPECULATION_HOLD_MAX_S` without a decision."""
+`SPECULATION_HOLD_MAX_S` without a decision.
+
+A reply's later pieces are paced to its playback: one is rendered only once less than `TTS_LEAD_S`
+of the reply's audio is ahead of where its listener is (counted from when its first audio left
+here, or its release). The LLM writes a reply far faster than it is spoken, and rendering all of it
+at once kept piper busy, and two cores with it, just when other conversations' first pieces,
+transcriptions and first tokens needed them; a reply that is interrupted is no longer rendered to
+its end for nothing either. A draining worker renders what is left at once."""
 from __future__ import annotations
 
 import asyncio
@@ -71,6 +78,15 @@ class TurnAudio:
     ended: bool = False  # its `TtsAudioDone` is among the held messages
     released: asyncio.Event = field(default_factory=asyncio.Event)
     synthesis: Job[bytes] | None = None  # the piece being synthesized (made urgent at a release)
+    audio_s: float = 0.0  # the audio rendered so far, in seconds
+    playing_since: float | None = None  # time.monotonic() when its audio started going out
+
+    def ahead_s(self) -> float:
+        """How much of the audio sent is still ahead of its listener, who plays it from the moment
+        it started going out."""
+        if self.playing_since is None:
+            return 0.0
+        return self.playing_since + self.audio_s - time.monotonic()
 
     @classmethod
     def of(cls, message: TtsSpeak | TtsEnd) -> "TurnAudio":
@@ -301,6 +317,7 @@ class TtsWorker(Worker):
         if turn.synthesis is not None and turn.rendered == 0:  # its first piece still waits for the voice:
             self.scheduler.promote(turn.synthesis)  # its user is waiting on it now
         gateway = conv.route.inbox(GATEWAY, self.names)
+        turn.playing_since = time.monotonic()
         first = True
         while turn.held:
             batch, turn.held = turn.held, []
@@ -416,6 +433,9 @@ class TtsWorker(Worker):
                     self._dropped(conv.drop_turn(item.turn_id))
                     continue
                 conv.guard(item.turn_id)
+            if isinstance(item, TtsSpeak) and turn.held is None and turn.rendered:
+                await self._pace(turn)
+                conv.guard(item.turn_id)
             if isinstance(item, TtsSpeak):
                 speak = functools.partial(self.voice.synthesize, item.text)
                 # a reply's first piece is what its user waits on: before other replies' later pieces
@@ -445,6 +465,13 @@ class TtsWorker(Worker):
             if conv.queue and conv.queue[0] is item:
                 conv.queue.popleft()
 
+    async def _pace(self, turn: TurnAudio) -> None:
+        """Wait until less than `TTS_LEAD_S` of the turn's audio is ahead of its listener."""
+        lead = self.settings.tts_lead_s
+        ahead = turn.ahead_s()
+        if lead and ahead > lead:
+            await self.wait_unless_draining(ahead - lead)
+
     async def _send_audio(
         self, conv: SpeechConversation, gateway: str, turn_id: str | None, turn: TurnAudio, pcm: bytes, piece: int, envelope: dict
     ) -> None:
@@ -457,6 +484,9 @@ class TtsWorker(Worker):
             turn.started = True
             head.append(TtsAudioStarted(sample_rate=self.voice.sample_rate, **envelope))
         first_seq = turn.chunks
+        turn.audio_s += len(pcm) / (2 * self.voice.sample_rate)
+        if turn.held is None and turn.playing_since is None and pcm:
+            turn.playing_since = time.monotonic()
         chunks = [
             TtsAudio(
                 seq=first_seq + i,
