@@ -2,7 +2,7 @@
 on the bundled SmolLM2, with the orchestrator's system prompt and ChatML completions at
 temperature 0, as the orchestrator sends them.
 
-    python -m bench.llm_server [--conversations 4] [--turns 6] [--tokens 24] [--env OMP_WAIT_POLICY=PASSIVE]
+    python -m bench.llm_server [--conversations 4] [--turns 6] [--tokens 24] [--env GOMP_SPINCOUNT=300000]
 
 Three loads, each on a fresh server, one server at a time:
 - alone: one conversation, turn after turn;

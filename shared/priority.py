@@ -17,13 +17,16 @@ nice value): every transcription is on a turn's critical path, and whisper takes
 threads instead of sharing the cores with them equally. Measured at four spoken conversations, a
 slow turn's end of speech to transcript went from 1.0-2.1 s to 0.4-0.7 s.
 
-OpenMP libraries (llama.cpp, CTranslate2 under whisper) are made to wait passively
-(`passive_openmp_waits`): GNU OpenMP's threads spin at every barrier while they wait for each
-other, and with the cores shared by three models the partner a thread waits for is often not
-running, so the spin burns the time others need. Measured: the LLM server used 58-87 s of CPU
-instead of 136-170 s for the same four conversations, and a single conversation's replies came
-sooner than with spinning waits, since piper no longer shares its cores with a spinning LLM
-(docs/PERFORMANCE.md, "One KV sequence per conversation")."""
+OpenMP libraries (llama.cpp, CTranslate2 under whisper; both bring GNU OpenMP) are made to spin
+only briefly before they sleep (`short_openmp_waits`): by default a GNU OpenMP thread spins for
+300,000 rounds at every barrier while it waits for its partners, and with the cores shared by three
+models the partner a thread waits for is often not running, so the spin burns the time others
+need (the LLM server used 136-170 s of CPU for four conversations, 58-87 s with no spinning). Not
+spinning at all (`OMP_WAIT_POLICY=PASSIVE`) costs a sleep and a wake-up at each of the hundreds of
+barriers of a token: SmolLM2 alone took 29 ms a token instead of 10. 3,000 rounds (well under a
+millisecond) cover a barrier whose partner is running, and sleep otherwise: 10.6 ms a token alone,
+the same time to first audio as passive waits at four and six conversations, and a single conversation's
+replies 10-30 ms sooner at the median (docs/PERFORMANCE.md, "Pacing a reply's later pieces")"""
 from __future__ import annotations
 
 import logging
@@ -49,10 +52,14 @@ def deprioritize(target: int, nice: int, idle: bool) -> None:
             log.debug("could not lower the thread priority: %s", exc)
 
 
-def passive_openmp_waits() -> None:
-    """Before an OpenMP library loads (it reads this once, when loaded): its threads sleep when
-    they wait instead of spinning. An explicit OMP_WAIT_POLICY in the environment wins."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+OPENMP_SPIN_COUNT = "3000"  # rounds a waiting OpenMP thread spins before it sleeps
+
+
+def short_openmp_waits() -> None:
+    """Before an OpenMP library loads (it reads this once, when loaded): its threads spin only
+    briefly when they wait, then sleep. An OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment wins."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
 
 
 def deprioritize_current_thread(nice: int, idle: bool = False) -> None:

@@ -19,9 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=256, help="tokens evaluated in one step at most")
     args = parser.parse_args(argv)
 
-    from shared.priority import passive_openmp_waits
+    from shared.priority import short_openmp_waits
 
-    passive_openmp_waits()  # before llama.cpp loads its OpenMP runtime (shared/priority.py)
+    short_openmp_waits()  # before llama.cpp loads its OpenMP runtime (shared/priority.py)
     import uvicorn
 
     from voicepipe import embedded

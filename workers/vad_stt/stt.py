@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from shared.priority import deprioritize_current_thread, passive_openmp_waits
+from shared.priority import deprioritize_current_thread, short_openmp_waits
 
 log = logging.getLogger("voicepipe.stt")
 
@@ -45,7 +45,7 @@ class Transcriber:
         nice: int = 0,
         idle: bool = False,
     ) -> None:
-        passive_openmp_waits()  # before CTranslate2 loads its OpenMP runtime (shared/priority.py)
+        short_openmp_waits()  # before CTranslate2 loads its OpenMP runtime (shared/priority.py)
         from faster_whisper import WhisperModel
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_suppressed_tokens
