@@ -51,6 +51,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.messages import BusMessage
 from shared.messages.codec import DecodeError, decode, encode
+from shared.tasks import stop_if_cancelled
 
 log = logging.getLogger("voicepipe.bus")
 
@@ -71,15 +72,6 @@ def command_retry() -> Retry:
     """The retry policy of every client: connection errors and timeouts, exponential backoff with jitter."""
     base, cap = RETRY_BACKOFF_S
     return Retry(EqualJitterBackoff(cap=cap, base=base), RETRY_ATTEMPTS, (RedisConnectionError, RedisTimeoutError))
-
-
-def _stop_if_cancelled() -> None:
-    """Raise CancelledError if the current task was asked to stop: redis-py can turn the
-    cancellation of a Redis call into a ConnectionError (redis-py#2028), which a loop that survives
-    Redis errors would otherwise swallow, and run for ever."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError("cancelled during a Redis call")
 
 
 def create_redis(url: str, max_connections: int = 64, name: str | None = None) -> aioredis.Redis:
@@ -250,14 +242,14 @@ async def run_subscriber(
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    _stop_if_cancelled()  # a library turned our cancellation into another error
+                    stop_if_cancelled()  # a library turned our cancellation into another error
                     stats.handler_failures += 1
                     if stats.should_warn("handler"):
                         log.exception("%s: handler failed for %s on %s (%d so far)", name, message.type, channel, stats.handler_failures)
                     else:
                         log.debug("%s: handler failed for %s on %s", name, message.type, channel, exc_info=True)
         except (RedisError, OSError) as exc:  # lost connection, refused AUTH, a Redis-side error
-            _stop_if_cancelled()  # redis-py can turn a cancelled read into a ConnectionError
+            stop_if_cancelled()  # redis-py can turn a cancelled read into a ConnectionError
             log.warning("%s: Redis subscription lost (%s); resubscribing in %.2f s", name, exc, backoff)
             if subscribed:
                 subscribed = False

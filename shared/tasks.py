@@ -12,6 +12,7 @@ process lives; only cancellation stops it."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -32,6 +33,25 @@ async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], timeout: float = 5.0) -
             for task in pending:
                 log.warning("task %s did not stop within %.1f s", task.get_name(), timeout)
             return
+
+
+def stop_if_cancelled() -> None:
+    """Raise CancelledError if the current task was asked to stop. For a loop that survives the
+    errors of a library which can turn our cancellation into one of its own (redis-py#2028): call
+    it in the handler of those errors, or the loop runs for ever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError("cancelled inside a library call")
+
+
+def log_running_tasks(logger: logging.Logger, why: str) -> None:
+    """Log every unfinished task of the running loop with where it waits: what a stuck shutdown
+    is waiting for."""
+    tasks = [t for t in asyncio.all_tasks() if not t.done()]
+    report = io.StringIO()
+    for task in sorted(tasks, key=lambda t: t.get_name()):
+        task.print_stack(limit=12, file=report)
+    logger.warning("%s; %d tasks still running:\n%s", why, len(tasks), report.getvalue())
 
 
 RESTART_BACKOFF_S = (0.1, 5.0)  # first and longest wait before a loop that ended is started again

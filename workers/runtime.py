@@ -70,7 +70,7 @@ from shared.messages import (
 )
 from shared.route import Route
 from shared.stages import Stage
-from shared.tasks import keep_running
+from shared.tasks import keep_running, log_running_tasks, stop_if_cancelled, stop_tasks
 from workers.handoff import reroute
 from workers.metrics import WorkerMetrics
 from workers.stats import WorkerStats
@@ -80,6 +80,7 @@ log = logging.getLogger("voicepipe.worker")
 ENDED_MEMORY = 10_000  # ended sockets remembered for fencing (and their cleanup time, for admin)
 ENDED_MEMORY_S = 120.0  # ... for at most this long: late messages arrive within milliseconds
 FORWARD_GRACE_S = 1.0  # a draining worker exits once nothing came to forward for this long
+SHUTDOWN_REPORT_AFTER_S = 3.0  # past the drain timeout: a shutdown this late logs what it still waits for
 
 
 class Worker(abc.ABC):
@@ -223,8 +224,9 @@ class Worker(abc.ABC):
             log.warning("drain stopped, Redis is unreachable: %s", exc)
         except Exception:
             log.exception("drain failed")
-        for task in tasks:
-            task.cancel()
+        # cancelled again while one still runs: a library may swallow one cancellation, and the
+        # TaskGroup (so the shutdown cleanup after it) would wait for that task for ever
+        await stop_tasks(tasks)
 
     async def drain(self) -> None:
         """Mark this worker draining, hand every conversation to another replica once its turn
@@ -491,6 +493,7 @@ class Worker(abc.ABC):
             try:
                 await self.sweep()
             except (RedisError, OSError) as exc:
+                stop_if_cancelled()  # redis-py can turn a cancelled call into a ConnectionError
                 log.warning("stale sweep failed: %s", exc)
 
     async def sweep(self, immediate: bool = False) -> int:
@@ -570,6 +573,7 @@ class Worker(abc.ABC):
             try:
                 await self._beat()
             except (RedisError, OSError) as exc:
+                stop_if_cancelled()  # redis-py can turn a cancelled call into a ConnectionError
                 log.warning("heartbeat failed: %s", exc)
             try:
                 await asyncio.wait_for(self._beat_now.wait(), self.settings.heartbeat_interval_s)
@@ -626,7 +630,9 @@ async def serve(worker_cls: type[Worker], settings: Settings, started: list[Work
 
 def main(worker_cls: type[Worker], settings: Settings | None = None) -> None:
     """Run one worker until SIGINT (release everything) or SIGTERM (drain first; a second SIGTERM
-    stops the drain), then exit 0."""
+    stops the drain), then exit 0. A shutdown still under way `SHUTDOWN_REPORT_AFTER_S` after the
+    drain timeout logs what it waits for: every task's stack, then every thread's (on stderr)."""
+    import faulthandler
     import signal
 
     from shared.logging import setup_logging
@@ -634,12 +640,18 @@ def main(worker_cls: type[Worker], settings: Settings | None = None) -> None:
     settings = settings or Settings()
     setup_logging(settings.log_level, settings.log_format, worker_cls.stage)
 
+    report_after_s = settings.drain_timeout_s + SHUTDOWN_REPORT_AFTER_S
+
     async def _main() -> None:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         started: list[Worker] = []
+        stopping: list[asyncio.TimerHandle] = []
 
         def terminate() -> None:
+            if not stopping:  # a shutdown that takes too long says what it waits for
+                stopping.append(loop.call_later(report_after_s, log_running_tasks, log, "shutdown is taking long"))
+                faulthandler.dump_traceback_later(report_after_s + 1)  # and the threads' stacks, if the loop is stuck
             if started and started[0].serving and not started[0].drain_requested:
                 started[0].request_drain()
             else:  # still loading models, or asked twice
@@ -651,6 +663,10 @@ def main(worker_cls: type[Worker], settings: Settings | None = None) -> None:
             await serve(worker_cls, settings, started)
         except asyncio.CancelledError:
             log.info("stopped")
+        finally:
+            for handle in stopping:
+                handle.cancel()
+            faulthandler.cancel_dump_traceback_later()
 
     try:
         import uvloop  # the faster event loop uvicorn also runs the gateway on

@@ -71,3 +71,17 @@ async def test_a_loop_that_swallows_its_cancellation_still_stops():
     task.cancel()
     await asyncio.wait([task], timeout=5)
     assert task.done() and task.cancelled() and runs == 1
+
+
+async def test_log_running_tasks_says_what_each_task_waits_on(caplog):
+    async def waiting_for_the_bus() -> None:
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(waiting_for_the_bus(), name="stuck-reader")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING, logger="voicepipe.test"):
+        tasks.log_running_tasks(logging.getLogger("voicepipe.test"), "shutdown is taking long")
+    task.cancel()
+    (record,) = caplog.records
+    assert record.getMessage().startswith("shutdown is taking long; ")
+    assert "stuck-reader" in record.getMessage() and "waiting_for_the_bus" in record.getMessage()
