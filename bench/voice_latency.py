@@ -56,8 +56,8 @@ async def one_turn(ws_url: str, pcm: bytes) -> dict[str, float] | None:
 
 
 async def speculations(metrics_port: int) -> dict[str, float]:
-    """Speculative replies started / confirmed / wasted and their wasted model seconds, summed over
-    the workers' /metrics pages."""
+    """Speculative replies started / confirmed / wasted, their wasted model seconds and the early
+    transcripts kept or stale, summed over the workers' /metrics pages."""
     total: dict[str, float] = {}
     async with httpx.AsyncClient(timeout=5) as client:
         for port in range(metrics_port, metrics_port + WORKERS):
@@ -73,6 +73,8 @@ async def speculations(metrics_port: int) -> dict[str, float]:
                         key = sample.labels["outcome"]
                     elif sample.name == "voicepipe_speculation_wasted_seconds_total":
                         key = f"wasted_s_{sample.labels['stage']}"
+                    elif sample.name == "voicepipe_early_transcripts_total":
+                        key = f"early_{sample.labels['outcome']}"
                     else:
                         continue
                     total[key] = total.get(key, 0) + sample.value
@@ -117,6 +119,8 @@ def report(rows: list[dict[str, float]], spec: dict[str, float]) -> None:
             f"wasted {wasted}{share}; model time wasted: LLM {spec.get('wasted_s_llm', 0):.2f} s, "
             f"TTS {spec.get('wasted_s_tts', 0):.2f} s"
         )
+        final, stale = int(spec.get("early_final", 0)), int(spec.get("early_stale", 0))
+        print(f"early transcripts of a pause: {final + stale}, {final} kept as the final transcript, {stale} stale")
 
 
 def main() -> None:

@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     vad_min_utterance_ms: int = 200  # voiced speech an utterance needs to be transcribed
     barge_in_min_speech_ms: int = 200  # voiced speech that interrupts a reply under way (0: only response.cancel)
     vad_max_utterance_ms: int = 15000
-    stt_speculate_after_ms: int = 60  # start transcribing after this much silence (0: only at the end)
+    stt_speculate_after_ms: int = 60  # start transcribing this far into a pause, from where the speech's energy ends (0: only at the end)
     # start the reply on that early transcript, held back until the end of the turn confirms it
     # (needs STT_SPECULATE_AFTER_MS > 0); the VAD/STT worker and the orchestrator both read it
     speculative_reply: bool = True

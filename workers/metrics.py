@@ -198,6 +198,18 @@ class _WorkerCollector(Collector):
             for direction in ("shortened", "extended"):
                 family.add_metric([*values, direction], adjusted.get(direction, 0))
             yield family
+        early = getattr(w, "early_transcripts", None)  # the VAD/STT worker's transcripts of a pause
+        if early is not None:
+            family = CounterMetricFamily(
+                "voicepipe_early_transcripts",
+                "Pauses transcribed before the end of the utterance was decided: kept as the final transcript "
+                "(final), or dropped because speech went on or the utterance ended otherwise (stale; whisper "
+                "time spent for nothing).",
+                labels=[*names, "outcome"],
+            )
+            for outcome in ("final", "stale"):
+                family.add_metric([*values, outcome], early.get(outcome, 0))
+            yield family
         speculations = getattr(w, "speculations", None)  # the orchestrator's speculative replies
         if speculations is not None:
             yield counter(

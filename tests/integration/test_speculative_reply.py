@@ -185,7 +185,7 @@ async def test_speaking_on_discards_the_speculation_without_a_trace(redis_url, t
     seen = await bus_log(settings.namespace)
     speculative = "Spoken too soon, never to be heard."
     fake_llm.reply, fake_llm.token_delay_s = speculative, 0.3  # still streaming when the user goes on
-    ports = {"llm": free_port(), "tts": free_port()}
+    ports = {"vad_stt": free_port(), "llm": free_port(), "tts": free_port()}
     async with run_stack(
         settings, transcriber=transcriber, voice=voice, llm_base_url=fake_llm.base_url, metrics_ports=ports
     ) as stack:
@@ -229,6 +229,10 @@ async def test_speaking_on_discards_the_speculation_without_a_trace(redis_url, t
         assert tts_page[("voicepipe_speculation_wasted_seconds_total", "tts")] == stack.workers["tts"].speculation_wasted_s
         tts = stack.workers["tts"].conversations.get(cid)
         assert tts is None or not tts.turns
+        # whisper heard the first pause early for nothing, and the last one early for the final transcript
+        vad_page = await scrape(ports["vad_stt"])
+        assert vad_page[("voicepipe_early_transcripts_total", "final")] == 1
+        assert vad_page[("voicepipe_early_transcripts_total", "stale")] >= 1
 
 
 async def test_with_speculative_replies_off_the_reply_starts_at_the_end_of_the_turn(redis_url, transcriber, voice, fake_llm):

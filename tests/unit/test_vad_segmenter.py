@@ -1,5 +1,11 @@
 """Segmenter: utterance boundaries from injected VAD decisions."""
-from workers.vad_stt.segmenter import Segmenter, SpeechEnd, SpeechPaused, SpeechResumed, SpeechStart, SpeechSustained
+from pathlib import Path
+
+import webrtcvad
+
+from voicepipe.wavio import read_audio_16k_mono
+from workers.vad_stt.handler import is_speech
+from workers.vad_stt.segmenter import Segmenter, SpeechEnd, SpeechPaused, SpeechResumed, SpeechStart, SpeechSustained, frame_db
 
 VOICED = b"\x01\x01" * 320  # one 20 ms frame
 SILENT = bytes(640)
@@ -103,3 +109,69 @@ def test_a_noise_burst_is_never_sustained_nor_transcribed_however_long_its_silen
 def test_sustain_off_by_default_and_at_start_when_shorter_than_the_start():
     assert SpeechSustained() not in feed(make(), [VOICED] * 40)
     assert feed(make(sustain_ms=40), [VOICED] * 3) == [SpeechStart(), SpeechSustained()]
+
+
+# frames the injected VAD calls voiced (first byte 1) at several levels
+LOUD = b"\x01\x10" * 320  # -18 dBFS
+HANGOVER = b"\x01\x00" * 320  # -90 dBFS: voiced only by the VAD's hangover
+CLICK = b"\x01\x7f" * 320  # about 0 dBFS
+
+
+def test_an_early_transcript_starts_where_the_energy_ends_not_after_the_vads_hangover():
+    seg = make(end_silence_ms=200, speculate_after_ms=60)
+    events = feed(seg, [LOUD] * 10 + [HANGOVER] * 2)
+    assert events == [SpeechStart()]
+    (paused,) = feed(seg, [HANGOVER])  # the third frame below the speech: 60 ms of it
+    assert isinstance(paused, SpeechPaused) and len(paused.audio) == 13 * 640
+    # the rest of the hangover is not speech resuming, and the end still follows the VAD's silence
+    assert feed(seg, [HANGOVER] * 3 + [SILENT] * 9) == []
+    (end,) = feed(seg, [SILENT], 1000)
+    assert isinstance(end, SpeechEnd) and end.audio.startswith(paused.audio)
+    assert len(end.audio) == (10 + 6 + 10) * 640
+
+
+def test_speech_resuming_loud_after_the_offer_makes_it_stale():
+    seg = make(end_silence_ms=200, speculate_after_ms=60)
+    feed(seg, [LOUD] * 10 + [HANGOVER] * 3)
+    assert feed(seg, [HANGOVER, LOUD]) == [SpeechResumed()]
+
+
+def test_quiet_voiced_audio_longer_than_any_hangover_is_speech_going_on():
+    seg = make(end_silence_ms=200, speculate_after_ms=60)
+    events = feed(seg, [LOUD] * 10 + [HANGOVER] * 10)  # 200 ms: a hangover could be this long
+    assert [type(e) for e in events] == [SpeechStart, SpeechPaused]
+    assert feed(seg, [HANGOVER]) == [SpeechResumed()]  # longer than that: someone speaking softly
+    assert feed(seg, [HANGOVER] * 20) == []  # and it goes on being speech, never offered again
+
+
+def test_a_click_does_not_set_the_speech_level():
+    seg = make(end_silence_ms=200, speculate_after_ms=60)
+    # speech at -42 dBFS with one frame near full scale in it: still speech after the click
+    events = feed(seg, [VOICED] * 10 + [CLICK] + [VOICED] * 10)
+    assert [type(e) for e in events] == [SpeechStart]
+
+
+def test_a_background_as_loud_as_the_threshold_leaves_the_vad_alone_to_decide():
+    seg = make(end_silence_ms=200, speculate_after_ms=60)
+    # hangover frames at -42 dBFS after speech at -18: within 30 dB, so they count as speech
+    events = feed(seg, [LOUD] * 10 + [VOICED] * 4 + [SILENT] * 2)
+    assert [type(e) for e in events] == [SpeechStart]
+    assert isinstance(feed(seg, [SILENT])[0], SpeechPaused)  # 60 ms of the VAD's own silence
+
+
+def test_real_speech_is_offered_early_by_its_energy_inside_webrtcvads_hangover():
+    """webrtcvad keeps calling the frames after a question voiced; the offer comes 60 ms after the
+    speech's last loud frame all the same."""
+    speech = read_audio_16k_mono(Path(__file__).parents[1] / "fixtures" / "capital.wav")
+    speech = speech[: len(speech) // 640 * 640]
+    frames = [speech[i : i + 640] for i in range(0, len(speech), 640)] + [SILENT] * 30
+    peak = max(frame_db(f) for f in frames)
+    last_loud = max(i for i, f in enumerate(frames) if frame_db(f) > peak - 30)
+    vad = webrtcvad.Vad(2)
+    last_voiced = max(i for i, f in enumerate(frames) if vad.is_speech(f, 16000))
+    assert last_voiced >= last_loud + 3  # the hangover this is about (several frames at agg 2)
+
+    vad = webrtcvad.Vad(2)
+    seg = Segmenter(lambda f: is_speech(vad, f, 16000), end_silence_ms=300, speculate_after_ms=60, min_utterance_ms=200)
+    offered = [i for i, f in enumerate(frames) if any(isinstance(e, SpeechPaused) for e in seg.feed(f, i * 20))]
+    assert offered == [last_loud + 3]

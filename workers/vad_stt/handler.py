@@ -154,6 +154,7 @@ class VadSttWorker(Worker):
         self.conversations: dict[str, AudioConversation] = {}
         self.completion: turn_end.Completion = turn_end.punctuation_rule  # text so far -> P(turn complete)
         self.end_adjusted = {"shortened": 0, "extended": 0}  # pauses whose end silence the transcript moved
+        self.early_transcripts = {"final": 0, "stale": 0}  # pauses transcribed early: kept as the final, or not
         self.scheduler = FairScheduler("whisper")  # whisper shared round-robin between conversations
         self.requests = OneShotRequests("transcriptions", settings.max_requests_per_worker)
 
@@ -354,6 +355,7 @@ class VadSttWorker(Worker):
             speculation, conv.speculation = conv.speculation, None
             if isinstance(event, seg.SpeechResumed):
                 if speculation is not None:
+                    self.early_transcripts["stale"] += 1
                     speculation.job.future.cancel()  # the user went on speaking: that early transcript is stale
                 await self._withdraw_early(conv, conv.turn_id)
                 continue
@@ -369,6 +371,7 @@ class VadSttWorker(Worker):
                 conv.partial.future.cancel()  # an interim transcript that has not started would only delay the final
             if not event.audio:
                 if speculation is not None:
+                    self.early_transcripts["stale"] += 1
                     speculation.job.future.cancel()
                 await self._withdraw_early(conv, turn_id)
                 await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=turn_id, text="", stt_ms=0, **envelope))
@@ -376,6 +379,7 @@ class VadSttWorker(Worker):
             waiting = conv.pending
             if waiting is not None and waiting.mergeable:  # the model is busy: one job for both utterances
                 if speculation is not None:
+                    self.early_transcripts["stale"] += 1
                     speculation.job.future.cancel()
                 superseded = waiting.merge(to_pipeline_rate(event.audio, conv.segmenter.sample_rate), turn_id, decided)
                 log.info("utterance merged into the previous one's transcription, which had not started yet")
@@ -383,6 +387,7 @@ class VadSttWorker(Worker):
                 continue
             utterance = speculation  # the early transcript is the final one: the utterance only gained silence
             if utterance is not None:
+                self.early_transcripts["final"] += 1
                 self.scheduler.promote(utterance.job)  # the user now waits on it
             if utterance is None:  # converted only when transcribed from scratch
                 audio = to_pipeline_rate(event.audio, conv.segmenter.sample_rate)

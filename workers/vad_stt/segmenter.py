@@ -19,6 +19,17 @@ begins, so transcription can overlap the end-of-speech wait; the final utterance
 it only by trailing silence, unless `SpeechResumed` came in between. Speculation only pays off when
 it starts before the end is decided, so it is off whenever it is not shorter than the end silence.
 
+For that offer, silence begins where the speech's energy ends, not where the VAD says so: webrtcvad
+keeps calling frames voiced for a while after speech stops (its hangover: 60-125 ms measured on our
+questions, at every frame length and aggressiveness), and every early transcript would start that
+much later. A voiced frame more than `QUIET_BELOW_PEAK_DB` below the utterance's loudest (its peak
+held over two frames, so a click does not set it) counts as quiet for the offer, unless the VAD
+keeps calling such frames voiced for longer than any hangover (`HANGOVER_MAX_MS`): then it is quiet
+speech, and counts as speech. Speech resumes, for `SpeechResumed`, by the same measure. Where the
+background is as loud as that threshold, nothing is quiet but what the VAD calls unvoiced, as
+before. The end of the utterance, `speech_end_ms` and the minimum length still follow the VAD alone,
+so turns end exactly as they did and the metrics keep their meaning.
+
 Each conversation's client may choose its turn detection (`configure`): another end silence, or
 manual turns, where only the client decides. In manual mode silence never ends an utterance and
 nothing short of a commit (or `max_utterance_ms`) does; the utterance is all audio since the last
@@ -35,12 +46,23 @@ resuming drops it) and ends the utterance at once when that much silence has pas
 with empty audio, as one too short to transcribe does, so its turn ends wherever it was announced."""
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 SAMPLE_RATE = 16000  # the pipeline's rate (whisper's); a segmenter may run at its client's rate
 BYTES_PER_MS = SAMPLE_RATE * 2 // 1000
+QUIET_BELOW_PEAK_DB = 30.0  # a voiced frame this far below the utterance's peak is the VAD's hangover
+HANGOVER_MAX_MS = 200  # webrtcvad's hangover is shorter: quiet voiced frames past it are quiet speech
+
+
+def frame_db(frame: bytes) -> float:
+    """A frame's energy in dB relative to full scale (digital silence: -120)."""
+    samples = np.frombuffer(frame, dtype="<i2").astype(np.float32)
+    return 10 * math.log10(float(np.dot(samples, samples)) / (samples.size * 32768.0**2) + 1e-12)
 
 
 @dataclass(frozen=True)
@@ -100,6 +122,7 @@ class Segmenter:
         self._start_frames = max(1, start_ms // frame_ms)
         self._min_frames = -(-min_utterance_ms // frame_ms)  # ceiling: a 100 ms minimum needs 5 frames of 20 ms
         self._sustain_frames = -(-sustain_ms // frame_ms) if sustain_ms > 0 else 0
+        self._hangover_max_frames = -(-HANGOVER_MAX_MS // frame_ms)
         self._speculate_after_ms = speculate_after_ms
         self._next: tuple[int, bool] | None = (end_silence_ms, False)  # settings for the next utterance
         self._apply_next()  # sets _manual, _end_frames, _speculate_frames
@@ -110,7 +133,11 @@ class Segmenter:
         self._voiced_run = 0
         self._speaking = False
         self._utterance = bytearray()
-        self._silent_frames = 0
+        self._silent_frames = 0  # unvoiced frames in a row (the VAD's silence: ends the utterance)
+        self._quiet_frames = 0  # frames in a row that are not speech by their energy (for the offer)
+        self._hangover_frames = 0  # voiced frames in a row below the peak (the VAD's hangover, or quiet speech)
+        self._peak_db = -math.inf  # the utterance's loudest voiced level, held over two frames
+        self._prev_db = -math.inf
         self._last_voiced_ms = 0.0
         self._last_frame_ms = 0.0  # receive time of the last whole frame
         self._onset_frame = 0  # frame number of the first voiced frame of the utterance
@@ -228,6 +255,8 @@ class Segmenter:
         self.frames_seen += 1
         self._last_frame_ms = received_ms
         voiced = self._is_speech(frame)
+        db = frame_db(frame)
+        held_db, self._prev_db = min(db, self._prev_db), db
         if not self._speaking:
             self._preroll.append(frame)
             self._voiced_run = self._voiced_run + 1 if voiced else 0
@@ -242,23 +271,40 @@ class Segmenter:
             if not self._voiced_frames:  # manual mode: the first speech of an utterance begun silent
                 self._onset_frame, self._onset_ms = self.frames_seen, received_ms
             self._silent_frames = 0
-            self._end_frames_now = None  # a pause's own end silence goes with the pause
             self._last_voiced_ms = received_ms
             self._last_voiced_frame = self.frames_seen
             self._voiced_frames += 1
             events += self._sustain()
+            self._peak_db = max(self._peak_db, held_db)
+        else:
+            self._silent_frames += 1
+        if self._is_speech_energy(voiced, db):
+            self._quiet_frames = 0
+            self._end_frames_now = None  # a pause's own end silence goes with the pause
             if self._paused:
                 self._paused = False
                 events.append(SpeechResumed())
         else:
-            self._silent_frames += 1
+            self._quiet_frames += 1
         end_frames = self._end_frames_now or self._end_frames
         if (not self._manual and self._silent_frames >= end_frames) or len(self._utterance) >= self._max_bytes:
             return [*events, self._end(received_ms)]
-        if self._speculate_frames and self._silent_frames == self._speculate_frames and self._long_enough():
+        if self._speculate_frames and self._quiet_frames == self._speculate_frames and self._long_enough():
             self._paused = True
             events.append(SpeechPaused(bytes(self._utterance)))
         return events
+
+    def _is_speech_energy(self, voiced: bool, db: float) -> bool:
+        """Voiced by the VAD and loud enough not to be its hangover; or voiced for longer than a
+        hangover lasts, however quiet (the module docstring)."""
+        if not voiced:
+            self._hangover_frames = 0
+            return False
+        if db >= self._peak_db - QUIET_BELOW_PEAK_DB:
+            self._hangover_frames = 0
+            return True
+        self._hangover_frames += 1
+        return self._hangover_frames > self._hangover_max_frames
 
     def _start(self, received_ms: float) -> list[Event]:
         """Speech starts with this frame: on `start_ms` of voiced audio, or in manual mode on any frame."""
@@ -309,4 +355,7 @@ class Segmenter:
         self._voiced_run = 0
         self._voiced_frames = 0
         self._silent_frames = 0
+        self._quiet_frames = 0
+        self._hangover_frames = 0
+        self._peak_db = -math.inf
         self._apply_next()
