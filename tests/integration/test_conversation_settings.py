@@ -274,15 +274,7 @@ async def test_clear_in_a_manual_conversation_drops_everything_since_the_last_co
 
 def llm_worker(settings: Settings, fake_llm) -> Callable[[object], LlmWorker]:
     def make(client) -> LlmWorker:
-        chat = ChatClient(
-            fake_llm.base_url,
-            "fake",
-            connect_timeout_s=settings.llm_connect_timeout_s,
-            read_timeout_s=settings.llm_read_timeout_s,
-            pool_size=settings.llm_pool_size,
-            retries=settings.llm_retries,
-            retry_backoff_s=settings.llm_retry_backoff_s,
-        )
+        chat = ChatClient.from_settings(settings, base_url=fake_llm.base_url, model="fake")
         return LlmWorker(settings, client, chat=chat)
 
     return make

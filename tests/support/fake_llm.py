@@ -92,36 +92,7 @@ class FakeLlm:
         )
         self.streams.append(record)
         tokens = self.tokens_for(body["messages"])
-
-        async def events():
-            gone = asyncio.Event()  # set when the client has left
-            watcher = asyncio.create_task(_watch_disconnect(request, gone))
-            try:
-                for i, token in enumerate(tokens):
-                    if self.malformed and i == 2:
-                        yield "data: {not json\n\n"
-                        return
-                    if self.drop_after is not None and i == self.drop_after:
-                        raise ConnectionAbortedError("fake LLM drops the connection")  # uvicorn closes it
-                    if self.stall_after is not None and i == self.stall_after:
-                        await _pause(None, gone)
-                        return
-                    chunk = {"choices": [{"index": 0, "delta": {"content": token}}]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                    record.tokens_sent += 1
-                    record.last_token_at = time.monotonic()
-                    if await _pause(self.token_delay_s, gone):
-                        return
-                if self.stall_after is not None and self.stall_after >= len(tokens):
-                    await _pause(None, gone)
-                    return
-                yield "data: [DONE]\n\n"
-                record.completed = True
-            finally:
-                watcher.cancel()
-                record.ended = time.monotonic()
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return self._stream(request, record, [{"choices": [{"index": 0, "delta": {"content": t}}]} for t in tokens])
 
     async def completions(self, request: Request):
         """`/v1/completions` on a ChatML prompt: the reply to its last user message (`reply_for`),
@@ -147,19 +118,38 @@ class FakeLlm:
         record = StreamRecord(messages=messages, started=time.monotonic(), prompt=prompt, max_tokens=max_tokens)
         self.streams.append(record)
 
+        chunks = []
+        for i, token in enumerate(tokens[:max_tokens]):
+            last = i == min(len(tokens), max_tokens) - 1
+            finish = None if not last else ("length" if max_tokens < len(tokens) else "stop")
+            chunks.append({"choices": [{"index": 0, "text": token, "finish_reason": finish}]})
+        return self._stream(request, record, chunks)
+
+    def _stream(self, request: Request, record: StreamRecord, chunks: list[dict]) -> StreamingResponse:
+        """`chunks` as server-sent events, `token_delay_s` apart, with the faults this fake is set to
+        (`malformed`, `drop_after`, `stall_after`); `record` follows what was sent and when it ended."""
+
         async def events():
-            gone = asyncio.Event()
+            gone = asyncio.Event()  # set when the client has left
             watcher = asyncio.create_task(_watch_disconnect(request, gone))
             try:
-                for i, token in enumerate(tokens[:max_tokens]):
-                    last = i == min(len(tokens), max_tokens) - 1
-                    finish = None if not last else ("length" if max_tokens < len(tokens) else "stop")
-                    chunk = {"choices": [{"index": 0, "text": token, "finish_reason": finish}]}
+                for i, chunk in enumerate(chunks):
+                    if self.malformed and i == 2:
+                        yield "data: {not json\n\n"
+                        return
+                    if self.drop_after is not None and i == self.drop_after:
+                        raise ConnectionAbortedError("fake LLM drops the connection")  # uvicorn closes it
+                    if self.stall_after is not None and i == self.stall_after:
+                        await _pause(None, gone)
+                        return
                     yield f"data: {json.dumps(chunk)}\n\n"
                     record.tokens_sent += 1
                     record.last_token_at = time.monotonic()
                     if await _pause(self.token_delay_s, gone):
                         return
+                if self.stall_after is not None and self.stall_after >= len(chunks):
+                    await _pause(None, gone)
+                    return
                 yield "data: [DONE]\n\n"
                 record.completed = True
             finally:

@@ -86,15 +86,7 @@ async def run_stack(
             of("llm"),
             client(f"{settings.namespace}-llm"),
             chat=scheduled(
-                ChatClient(
-                    llm_base_url or "http://127.0.0.1:9/v1",
-                    "fake",
-                    connect_timeout_s=settings.llm_connect_timeout_s,
-                    read_timeout_s=settings.llm_read_timeout_s,
-                    pool_size=settings.llm_pool_size,
-                    retries=settings.llm_retries,
-                    retry_backoff_s=settings.llm_retry_backoff_s,
-                ),
+                ChatClient.from_settings(settings, base_url=llm_base_url or "http://127.0.0.1:9/v1", model="fake"),
                 settings,
             ),
         ),

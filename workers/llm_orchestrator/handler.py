@@ -181,19 +181,7 @@ class LlmWorker(Worker):
             s = self.settings
             if not s.llm_base_url:
                 raise SystemExit("VOICEPIPE_LLM_BASE_URL is not set (voicepipe up starts an embedded LLM for you)")
-            self.chat = scheduled(ChatClient(
-                s.llm_base_url,
-                s.llm_model,
-                api_key=s.llm_api_key,
-                connect_timeout_s=s.llm_connect_timeout_s,
-                read_timeout_s=s.llm_read_timeout_s,
-                pool_size=s.llm_pool_size,
-                retries=s.llm_retries,
-                retry_backoff_s=s.llm_retry_backoff_s,
-                max_tokens=s.llm_max_tokens,
-                temperature=s.llm_temperature,
-                log_content=s.log_content,
-            ), s)
+            self.chat = scheduled(ChatClient.from_settings(s), s)
         self.llm_readiness = LlmReadiness(
             self.chat.check,
             self.settings.llm_check_interval_s,

@@ -21,11 +21,14 @@ import json
 import logging
 import random
 from collections.abc import AsyncIterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 
 from shared.logging import log_content
+
+if TYPE_CHECKING:
+    from shared.config import Settings
 
 log = logging.getLogger("voicepipe.llm")
 
@@ -155,6 +158,24 @@ class ChatClient:
         # requests: streams asked for (chat or completions); retries: extra attempts; failures: LlmFailure raised;
         # closed_early: responses closed before the server finished; connects: TCP connections made
         self.stats: dict[str, int] = {"requests": 0, "retries": 0, "failures": 0, "closed_early": 0, "connects": 0}
+
+    @classmethod
+    def from_settings(cls, s: Settings, base_url: str | None = None, model: str | None = None) -> ChatClient:
+        """The orchestrator's client: every option from the settings (`base_url` and `model`, when
+        given, instead of theirs)."""
+        return cls(
+            base_url or s.llm_base_url,
+            model or s.llm_model,
+            api_key=s.llm_api_key,
+            connect_timeout_s=s.llm_connect_timeout_s,
+            read_timeout_s=s.llm_read_timeout_s,
+            pool_size=s.llm_pool_size,
+            retries=s.llm_retries,
+            retry_backoff_s=s.llm_retry_backoff_s,
+            max_tokens=s.llm_max_tokens,
+            temperature=s.llm_temperature,
+            log_content=s.log_content,
+        )
 
     async def stream_chat(
         self, messages: list[dict[str, str]], *, confirmed: asyncio.Event | None = None
