@@ -19,16 +19,14 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import httpx
 import psutil
 
-from bench.stack import percentile
+from bench.stack import launch, percentile
 from shared.config import Settings
 from voicepipe import embedded
 from workers.llm_orchestrator import chatml
@@ -118,20 +116,6 @@ async def run_load(base: str, kind: str, conversations: int, turns: int, tokens:
     return load
 
 
-def serve(argv: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    log = tempfile.NamedTemporaryFile(prefix="voicepipe-bench-llm-", suffix=".log", delete=False)
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
-    deadline = time.monotonic() + 120
-    while True:
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"LLM server did not start; see {log.name}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=4)
@@ -153,7 +137,7 @@ def main() -> None:
     for kind in ("alone", "taking turns", "at once"):
         for name, (argv, env) in servers.items():
             port = embedded.free_port()
-            process = serve(argv(port), port, env)
+            process, _ = launch(argv(port), f"http://127.0.0.1:{port}/v1/models", "llm", env)
             try:
                 base = f"http://127.0.0.1:{port}"
                 asyncio.run(run_load(base, "alone", 1, 1, 4, system))  # warm-up
