@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -154,6 +154,13 @@ class _WorkerCollector(Collector):
             family.add_metric(values, value)
             return family
 
+        def counters(name: str, help_: str, label: str, counts: dict[str, float], keys: Iterable[str]) -> CounterMetricFamily:
+            """One series per key of `keys` (0 where `counts` has none), labelled `label`."""
+            family = CounterMetricFamily(name, help_, labels=[*names, label])
+            for key in keys:
+                family.add_metric([*values, key], counts.get(key, 0))
+            return family
+
         s = w.stats
         yield gauge("voicepipe_worker_conversations", "Conversations this worker holds now.", len(w.conversation_ids()))
         resources = GaugeMetricFamily(
@@ -180,36 +187,35 @@ class _WorkerCollector(Collector):
         yield counter(
             "voicepipe_bus_handler_failures", "Messages this worker read whose handling failed (logged and skipped).", bus.handler_failures
         )
-        restarts = CounterMetricFamily(
-            "voicepipe_loop_restarts", "Long-lived loops of this worker that ended and were started again.", labels=[*names, "loop"]
+        yield counters(
+            "voicepipe_loop_restarts",
+            "Long-lived loops of this worker that ended and were started again.",
+            "loop",
+            w.loop_restarts,
+            sorted({*WORKER_LOOPS, *w.loop_restarts}),
         )
-        for loop in sorted({*WORKER_LOOPS, *w.loop_restarts}):
-            restarts.add_metric([*values, loop], w.loop_restarts.get(loop, 0))
-        yield restarts
         yield from pool_families(w.pools(), labels)
         adjusted = getattr(w, "end_adjusted", None)  # the VAD/STT worker's adaptive end of turn
         if adjusted is not None:
-            family = CounterMetricFamily(
+            yield counters(
                 "voicepipe_vad_end_adjusted",
                 "Pauses whose end-of-utterance silence the early transcript moved: shortened (a finished "
                 "sentence or question) or extended (a clause left open).",
-                labels=[*names, "direction"],
+                "direction",
+                adjusted,
+                ("shortened", "extended"),
             )
-            for direction in ("shortened", "extended"):
-                family.add_metric([*values, direction], adjusted.get(direction, 0))
-            yield family
         early = getattr(w, "early_transcripts", None)  # the VAD/STT worker's transcripts of a pause
         if early is not None:
-            family = CounterMetricFamily(
+            yield counters(
                 "voicepipe_early_transcripts",
                 "Pauses transcribed before the end of the utterance was decided: kept as the final transcript "
                 "(final), or dropped because speech went on or the utterance ended otherwise (stale; whisper "
                 "time spent for nothing).",
-                labels=[*names, "outcome"],
+                "outcome",
+                early,
+                ("final", "stale"),
             )
-            for outcome in ("final", "stale"):
-                family.add_metric([*values, outcome], early.get(outcome, 0))
-            yield family
         speculations = getattr(w, "speculations", None)  # the orchestrator's speculative replies
         if speculations is not None:
             yield counter(
@@ -217,15 +223,14 @@ class _WorkerCollector(Collector):
                 "Replies started on an early transcript, before the end of the user's turn was decided.",
                 speculations.get("started", 0),
             )
-            family = CounterMetricFamily(
+            yield counters(
                 "voicepipe_speculative_replies",
                 "Speculative replies by outcome: confirmed (the turn ended with the same words; sent) or "
                 "wasted (discarded unheard: the user spoke on, or the final transcript differed).",
-                labels=[*names, "outcome"],
+                "outcome",
+                speculations,
+                ("confirmed", "wasted"),
             )
-            for outcome in ("confirmed", "wasted"):
-                family.add_metric([*values, outcome], speculations.get(outcome, 0))
-            yield family
         wasted = getattr(w, "speculation_wasted_s", None)  # orchestrator (LLM stream time) and TTS (synthesis)
         if wasted is not None:
             yield counter(
