@@ -354,9 +354,7 @@ class VadSttWorker(Worker):
                 continue
             speculation, conv.speculation = conv.speculation, None
             if isinstance(event, seg.SpeechResumed):
-                if speculation is not None:
-                    self.early_transcripts["stale"] += 1
-                    speculation.job.future.cancel()  # the user went on speaking: that early transcript is stale
+                self._stale(speculation)  # the user went on speaking
                 await self._withdraw_early(conv, conv.turn_id)
                 continue
             decided = time.perf_counter()
@@ -370,17 +368,13 @@ class VadSttWorker(Worker):
             if conv.partial is not None and not conv.partial.started:
                 conv.partial.future.cancel()  # an interim transcript that has not started would only delay the final
             if not event.audio:
-                if speculation is not None:
-                    self.early_transcripts["stale"] += 1
-                    speculation.job.future.cancel()
+                self._stale(speculation)
                 await self._withdraw_early(conv, turn_id)
                 await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=turn_id, text="", stt_ms=0, **envelope))
                 continue
             waiting = conv.pending
             if waiting is not None and waiting.mergeable:  # the model is busy: one job for both utterances
-                if speculation is not None:
-                    self.early_transcripts["stale"] += 1
-                    speculation.job.future.cancel()
+                self._stale(speculation)
                 superseded = waiting.merge(to_pipeline_rate(event.audio, conv.segmenter.sample_rate), turn_id, decided)
                 log.info("utterance merged into the previous one's transcription, which had not started yet")
                 await self.bus.publish(gateway_inbox, TranscriptFinal(turn_id=superseded, text="", stt_ms=0, **envelope))
@@ -395,6 +389,13 @@ class VadSttWorker(Worker):
             utterance.turn_id, utterance.decided = turn_id, decided
             conv.pending = utterance
             conv.tasks.spawn(self._finish(conv, utterance), name=f"transcript:{turn_id}")
+
+    def _stale(self, speculation: Utterance | None) -> None:
+        """The pause's early transcript, if any, will not be the final one: its whisper job is
+        cancelled (unless it already ran) and it is counted stale."""
+        if speculation is not None:
+            self.early_transcripts["stale"] += 1
+            speculation.job.future.cancel()
 
     async def _early_transcript(self, conv: AudioConversation, utterance: Utterance) -> None:
         """Once the pause's early transcript exists: it sets how much silence ends the utterance
